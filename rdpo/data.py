@@ -1,0 +1,148 @@
+"""OnPolicyDataModule: the rubric pool, each round's prompts, and the round's DPO pairs."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from rdpo.collate import collate_sequences, encode_prompt
+from rdpo.pool import PromptRecord, load_pool
+
+
+@dataclass(frozen=True)
+class TrainPair:
+    """One DPO pair of a round, with its reference log-probs computed when the round built it."""
+
+    record: PromptRecord
+    chosen: str
+    rejected: str
+    ref_chosen_logp: float
+    ref_rejected_logp: float
+
+
+class PairCollator:
+    """Collates `TrainPair`s into one batch of 2B sequences: the chosen ones, then the rejected.
+
+    Prompt encodings (processor output, image patches included) are cached per prompt id: a
+    round reuses each prompt for several steps.
+    """
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.prompts: dict[str, dict] = {}
+
+    def prompt(self, record: PromptRecord) -> dict:
+        if record.id not in self.prompts:
+            self.prompts[record.id] = encode_prompt(self.processor, record)
+        return self.prompts[record.id]
+
+    def sequences(self, records: Sequence[PromptRecord], completions: Sequence[str]) -> dict:
+        return collate_sequences(self.processor, [self.prompt(r) for r in records], completions)
+
+    def __call__(self, items: list[TrainPair | None]) -> dict:
+        pairs = [p for p in items if p is not None]
+        if not pairs:
+            # A rank whose round kept no pair still takes its steps (see RoundDataset).
+            return {"empty": True}
+        records = [p.record for p in pairs] * 2
+        completions = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+        return {
+            "sequences": self.sequences(records, completions),
+            "ref_chosen_logps": torch.tensor([p.ref_chosen_logp for p in pairs]),
+            "ref_rejected_logps": torch.tensor([p.ref_rejected_logp for p in pairs]),
+        }
+
+
+class RoundDataset(Dataset):
+    """A fixed-length view of the current round's pairs, read when a batch is fetched.
+
+    The length is the round's batch count × batch size whatever the filters kept, so every rank
+    takes the same number of optimizer steps per round and uneven pair counts cannot hang a
+    collective. Pairs are visited in shuffled passes; with no pairs every item is None.
+    """
+
+    def __init__(self, datamodule: OnPolicyDataModule, length: int):
+        self.dm = datamodule
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> TrainPair | None:
+        order = self.dm.order
+        return self.dm.pairs[order[index % len(order)]] if order else None
+
+
+class OnPolicyDataModule(L.LightningDataModule):
+    """Serves each round's pairs; the round itself is run by `RubricScoringCallback`.
+
+    Settings are plain arguments; the processor arrives late through `connect` (or is taken from
+    the LightningModule's ``processor`` attribute at setup).
+    """
+
+    def __init__(self, train_pool: str, heldout_pool: str | None = None, *,
+                 prompts_per_round: int = 32, batch_size: int = 8, steps_per_round: int = 10,
+                 accumulate_grad_batches: int = 1, seed: int = 0):
+        super().__init__()
+        self.train_pool = train_pool
+        self.heldout_pool = heldout_pool
+        self.prompts_per_round = prompts_per_round
+        self.batch_size = batch_size
+        self.steps_per_round = steps_per_round
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self.seed = seed
+        self.processor = None
+        self.collator: PairCollator | None = None
+        self.records: list[PromptRecord] = []
+        self.shard: list[PromptRecord] = []
+        self.heldout: list[PromptRecord] = []
+        self.pairs: list[TrainPair] = []
+        self.order: list[int] = []
+        self.round = -1
+
+    def connect(self, processor) -> None:
+        self.processor = processor
+        self.collator = PairCollator(processor)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.processor is None and self.trainer is not None:
+            self.connect(self.trainer.lightning_module.processor)
+        if not self.records:
+            self.records = load_pool(self.train_pool)
+            if self.heldout_pool:
+                self.heldout = load_pool(self.heldout_pool)
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        # Each rank rolls out its own, disjoint shard of the pool.
+        self.shard = self.records[rank::world]
+        if not self.shard:
+            raise ValueError(f"{self.train_pool}: {len(self.records)} prompts cannot be "
+                             f"sharded over {world} ranks")
+
+    def round_prompts(self, round_index: int) -> list[PromptRecord]:
+        """The prompts of round `round_index` on this rank: a seeded sample of the shard."""
+        rng = random.Random(f"{self.seed}:{round_index}")
+        n = min(self.prompts_per_round, len(self.shard))
+        return rng.sample(self.shard, n)
+
+    def set_pairs(self, pairs: list[TrainPair], round_index: int) -> None:
+        """Hand the round's pairs over; batches fetched from now on come from them."""
+        self.pairs = list(pairs)
+        self.round = round_index
+        rng = random.Random(f"{self.seed}:pairs:{round_index}")
+        self.order = []
+        while self.pairs and len(self.order) < self.items_per_round:
+            self.order += rng.sample(range(len(self.pairs)), len(self.pairs))
+
+    @property
+    def items_per_round(self) -> int:
+        return self.steps_per_round * self.accumulate_grad_batches * self.batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        # num_workers=0: items are read from `self.pairs` at fetch time, after the round ran.
+        return DataLoader(RoundDataset(self, self.items_per_round), batch_size=self.batch_size,
+                          shuffle=False, collate_fn=self.collator, num_workers=0)

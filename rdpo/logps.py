@@ -1,0 +1,80 @@
+"""Completion log-probabilities without materialising ``[batch, seq, vocab]`` logits.
+
+The policy's trunk runs once to hidden states; only the positions that predict completion
+tokens are projected through the output layer, a chunk of rows at a time. Under autograd each
+chunk is checkpointed, so the backward pass recomputes one chunk's logits at a time and peak
+memory is ``chunk_size × vocab`` instead of ``completion_tokens × vocab``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 targets: torch.Tensor) -> torch.Tensor:
+    logits = nn.functional.linear(hidden, weight, bias).float()
+    return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def token_logps(hidden: torch.Tensor, lm_head: nn.Linear, targets: torch.Tensor,
+                chunk_size: int = 1024) -> torch.Tensor:
+    """log p(targets[i] | hidden[i]) for rows hidden [N, H] and targets [N]; returns [N] float32."""
+    out = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+        if torch.is_grad_enabled() and h.requires_grad:
+            out.append(checkpoint(_chunk_logps, h, lm_head.weight, lm_head.bias, t,
+                                  use_reentrant=False))
+        else:
+            out.append(_chunk_logps(h, lm_head.weight, lm_head.bias, t))
+    if not out:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(out)
+
+
+def completion_logps(
+    hidden: torch.Tensor,
+    lm_head: nn.Linear,
+    input_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    average: bool = False,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Summed (or, with ``average``, mean) log-prob of the completion tokens of each sequence.
+
+    hidden: [B, T, H] last hidden states; input_ids: [B, T]; completion_mask: [B, T], 1 where the
+    token is part of the completion (the response and its end-of-turn token). Position t - 1
+    predicts token t, so hidden states are shifted one step against the targets. Returns [B].
+    """
+    mask = completion_mask[:, 1:].bool()
+    rows, cols = mask.nonzero(as_tuple=True)
+    targets = input_ids[:, 1:][rows, cols]
+    logps = token_logps(hidden[:, :-1][rows, cols], lm_head, targets, chunk_size)
+    per_seq = torch.zeros(input_ids.shape[0], dtype=logps.dtype, device=logps.device)
+    per_seq = per_seq.index_add(0, rows, logps)
+    if average:
+        per_seq = per_seq / mask.sum(1).clamp(min=1)
+    return per_seq
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers ``...ForConditionalGeneration`` under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def sequence_logps(model: nn.Module, batch: dict, *, average: bool = False,
+                   chunk_size: int = 1024) -> torch.Tensor:
+    """Completion log-probs [B] of a collated batch (processor outputs + ``completion_mask``).
+
+    Runs the multimodal trunk (``model.model`` of a transformers VLM, LoRA layers included) and
+    projects only the completion positions, never the full logits.
+    """
+    inputs = {k: v for k, v in batch.items() if k not in ("completion_mask",)}
+    base = unwrap(model)
+    hidden = base.model(**inputs, use_cache=False).last_hidden_state
+    return completion_logps(hidden, base.get_output_embeddings(), batch["input_ids"],
+                            batch["completion_mask"], average=average, chunk_size=chunk_size)

@@ -1,0 +1,77 @@
+"""Loading a VLM policy: transformers checkpoint + processor, optional 4-bit base, LoRA adapter."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from rdpo.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# bitsandbytes matches these from the start of each module name; a list replaces the default
+# skip list, so lm_head must be named again. Vision towers are small and quantising them costs
+# accuracy for no real memory gain.
+NF4_SKIP = ["model.visual", "visual", "lm_head"]
+
+
+def load_processor(path: str):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path)
+    if processor.tokenizer.pad_token_id is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    return processor
+
+
+def load_base(cfg: ModelConfig):
+    """The transformers VLM (frozen), 4-bit when ``cfg.quantization == 'nf4'``."""
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+
+    kwargs = {"dtype": DTYPES[cfg.dtype]}
+    if cfg.quantization == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=DTYPES[cfg.dtype],
+            llm_int8_skip_modules=NF4_SKIP,
+        )
+    model = AutoModelForImageTextToText.from_pretrained(cfg.path, **kwargs)
+    model.requires_grad_(False)
+    return model
+
+
+def add_lora(model, cfg: ModelConfig):
+    """Wrap `model` in a PEFT LoRA adapter on the modules matching ``cfg.lora.target_modules``."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.quantization == "nf4":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        bias="none",
+    )
+    return get_peft_model(model, lora)
+
+
+def load_policy(cfg: ModelConfig):
+    """(PEFT-wrapped policy, processor) for a model config."""
+    processor = load_processor(cfg.path)
+    model = add_lora(load_base(cfg), cfg)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable == 0:
+        raise ValueError(
+            f"model.lora.target_modules={cfg.lora.target_modules!r} matches no module of {cfg.path}")
+    log.info("policy %s: %d trainable LoRA parameters", cfg.path, trainable)
+    return model, processor

@@ -1,0 +1,130 @@
+"""Rubric-based filtering: turn each prompt's scored responses into at most one DPO pair.
+
+Per prompt, the best-scored response is chosen and the worst rejected, then filters drop
+pairs that would teach nothing (ties, small margins) or the wrong thing (a chosen response
+that misses an essential criterion). Every drop is counted by reason so the round's
+`pairs.jsonl` shows what was left out and why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+from rdpo.scoring import Score
+
+DROP_REASONS = (
+    "too_few_eligible",
+    "tie",
+    "below_margin",
+    "chosen_fails_essential",
+    "identical_text",
+)
+
+# Scores are sums of float fractions: two mathematically equal scores reached through different
+# weights may differ in the last bits, and must still count as a tie.
+_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One DPO pair; indices point into the prompt's response list."""
+
+    prompt_id: str
+    chosen: str
+    rejected: str
+    chosen_index: int
+    rejected_index: int
+    chosen_score: float
+    rejected_score: float
+
+
+@dataclass
+class PairSelection:
+    """The kept pairs of a round and, per drop reason, how many prompts it removed."""
+
+    pairs: list[Pair]
+    dropped: dict[str, int]
+    dropped_ids: dict[str, list[str]] = field(default_factory=dict)
+    """Reason -> prompt ids dropped for it, so artifacts can say which prompts went."""
+
+    def to_json(self) -> dict:
+        """A JSON-ready summary: kept count, drop counts and ids, and the pairs."""
+        return {
+            "kept": len(self.pairs),
+            "dropped": dict(self.dropped),
+            "dropped_ids": {k: list(v) for k, v in self.dropped_ids.items()},
+            "pairs": [asdict(p) for p in self.pairs],
+        }
+
+
+def select_pair(
+    prompt_id: str,
+    responses: Sequence[str],
+    scores: Sequence[Score],
+    *,
+    min_margin: float = 0.0,
+    require_chosen_essential: bool = True,
+) -> Pair | str:
+    """Pick (chosen, rejected) for one prompt, or return the reason (one of `DROP_REASONS`).
+
+    Responses with an unknown essential verdict are never used: their score could hide a
+    failed essential criterion. Among eligible responses, chosen is the highest score and
+    rejected the lowest; ties go to the lowest index (for rejected, the lowest index other
+    than the chosen one), so selection is deterministic. Filters apply in the order of
+    `DROP_REASONS`.
+    """
+    if len(responses) != len(scores):
+        raise ValueError(
+            f"prompt {prompt_id!r}: {len(responses)} responses but {len(scores)} scores"
+        )
+    eligible = [i for i, s in enumerate(scores) if s.unknown_essential == 0]
+    if len(eligible) < 2:
+        return "too_few_eligible"
+    # max/min return the first extreme element, i.e. the lowest index among equals.
+    best = max(eligible, key=lambda i: scores[i].value)
+    worst = min((i for i in eligible if i != best), key=lambda i: scores[i].value)
+    gap = scores[best].value - scores[worst].value
+    if gap <= _EPS:
+        return "tie"
+    if gap + _EPS < min_margin:
+        return "below_margin"
+    if require_chosen_essential and scores[best].essential_pass is not True:
+        return "chosen_fails_essential"
+    if responses[best].strip() == responses[worst].strip():
+        return "identical_text"
+    return Pair(
+        prompt_id=prompt_id,
+        chosen=responses[best],
+        rejected=responses[worst],
+        chosen_index=best,
+        rejected_index=worst,
+        chosen_score=scores[best].value,
+        rejected_score=scores[worst].value,
+    )
+
+
+def build_pairs(
+    groups: Iterable[tuple[str, Sequence[str], Sequence[Score]]],
+    *,
+    min_margin: float = 0.0,
+    require_chosen_essential: bool = True,
+) -> PairSelection:
+    """Apply `select_pair` to every (prompt_id, responses, scores) group of a round."""
+    selection = PairSelection(
+        pairs=[], dropped=dict.fromkeys(DROP_REASONS, 0), dropped_ids={r: [] for r in DROP_REASONS}
+    )
+    for prompt_id, responses, scores in groups:
+        result = select_pair(
+            prompt_id,
+            responses,
+            scores,
+            min_margin=min_margin,
+            require_chosen_essential=require_chosen_essential,
+        )
+        if isinstance(result, Pair):
+            selection.pairs.append(result)
+        else:
+            selection.dropped[result] += 1
+            selection.dropped_ids[result].append(prompt_id)
+    return selection

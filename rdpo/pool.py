@@ -1,0 +1,355 @@
+"""The rubric pool: one prompt per JSON line, with its images, instruction and rubric.
+
+The pool is written once, offline, and read at the start of every run, so loading validates
+everything and reports every problem in the file at once (file, line and field), rather than
+stopping at the first one or silently dropping bad records.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+RECORD_KEYS = frozenset({"id", "images", "instruction", "reference", "rubric"})
+RUBRIC_KEYS = frozenset({"essential", "additional"})
+CRITERION_KEYS = frozenset({"id", "text", "weight", "check"})
+CHECK_KEYS = ("any", "all", "none")
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """One rubric item; `check` holds optional regexes that only `RuleJudge` reads."""
+
+    id: str
+    text: str
+    weight: float = 1.0
+    check: dict | None = None
+
+
+@dataclass(frozen=True)
+class Rubric:
+    """Essential criteria (a good answer meets all) and weighted additional ones."""
+
+    essential: tuple[Criterion, ...]
+    additional: tuple[Criterion, ...]
+
+    def criteria(self) -> tuple[Criterion, ...]:
+        """All criteria, essential first."""
+        return self.essential + self.additional
+
+    def to_json(self) -> dict:
+        """The rubric in the pool's JSONL shape (essential criteria carry no weight)."""
+
+        def item(c: Criterion, weighted: bool) -> dict:
+            out: dict[str, Any] = {"id": c.id, "text": c.text}
+            if weighted:
+                out["weight"] = c.weight
+            if c.check is not None:
+                out["check"] = {k: list(v) for k, v in c.check.items()}
+            return out
+
+        return {
+            "essential": [item(c, False) for c in self.essential],
+            "additional": [item(c, True) for c in self.additional],
+        }
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """One prompt of the pool; `images` are absolute, `source` is "FILE:LINE"."""
+
+    id: str
+    images: tuple[Path, ...]
+    instruction: str
+    rubric: Rubric
+    reference: str | None = None
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One validation problem, located by file, 1-based line and field path."""
+
+    file: str
+    line: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.field}: {self.message}"
+
+
+class PoolError(ValueError):
+    """A pool with problems; `.problems` lists every one of them."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class _Collector:
+    """Problems of one line, so validators can report and carry on."""
+
+    def __init__(self, file: str, line: int, problems: list[Problem]):
+        self.file, self.line, self.problems = file, line, problems
+        self.count = 0
+
+    def __call__(self, field: str, message: str) -> None:
+        self.problems.append(Problem(self.file, self.line, field, message))
+        self.count += 1
+
+
+def _nonempty_str(value: Any) -> bool:
+    return isinstance(value, str) and value.strip() != ""
+
+
+def _unknown_keys(obj: dict, allowed: frozenset | tuple, field: str, report: _Collector) -> None:
+    extra = sorted(set(obj) - set(allowed))
+    if extra:
+        report(
+            field,
+            f"unknown key(s) {', '.join(map(repr, extra))}; allowed: {', '.join(sorted(allowed))}",
+        )
+
+
+def _check_check(check: Any, field: str, report: _Collector) -> dict | None:
+    if not isinstance(check, dict):
+        report(
+            field, f"must be an object with keys {'/'.join(CHECK_KEYS)}, got {type(check).__name__}"
+        )
+        return None
+    _unknown_keys(check, CHECK_KEYS, field, report)
+    if not check:
+        report(field, f"is empty; give at least one of {', '.join(CHECK_KEYS)}")
+    before = report.count
+    out = {}
+    for key in CHECK_KEYS:
+        if key not in check:
+            continue
+        patterns = check[key]
+        if not isinstance(patterns, list) or not patterns:
+            report(f"{field}.{key}", "must be a non-empty list of regex strings")
+            continue
+        for i, pattern in enumerate(patterns):
+            if not isinstance(pattern, str):
+                report(f"{field}.{key}[{i}]", f"must be a string, got {type(pattern).__name__}")
+                continue
+            try:
+                # Compile with the flags RuleJudge uses, so validation and judging agree.
+                re.compile(pattern, re.IGNORECASE)
+            except re.error as err:
+                report(f"{field}.{key}[{i}]", f"invalid regex {pattern!r}: {err}")
+        out[key] = tuple(patterns)
+    return out if report.count == before else None
+
+
+def _check_criterion(raw: Any, field: str, essential: bool, report: _Collector) -> Criterion | None:
+    if not isinstance(raw, dict):
+        report(field, f"must be an object, got {type(raw).__name__}")
+        return None
+    before = report.count
+    _unknown_keys(raw, CRITERION_KEYS, field, report)
+    for key in ("id", "text"):
+        if key not in raw:
+            report(f"{field}.{key}", "missing")
+        elif not _nonempty_str(raw[key]):
+            report(f"{field}.{key}", "must be a non-empty string")
+    weight = raw.get("weight", 1.0)
+    # bool is an int subclass: `"weight": true` is a typo, not a weight of 1.
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        report(f"{field}.weight", f"must be a number, got {type(weight).__name__}")
+    elif not math.isfinite(weight) or weight <= 0:
+        report(f"{field}.weight", f"must be a finite number > 0, got {weight}")
+    elif essential and weight != 1.0:
+        # Essential criteria are all-or-nothing; a weight there would be silently meaningless.
+        report(f"{field}.weight", f"essential criteria are unweighted (1.0), got {weight}")
+    check = None
+    if raw.get("check") is not None:  # null reads as "no check", like an absent key
+        check = _check_check(raw["check"], f"{field}.check", report)
+    if report.count > before:
+        return None
+    return Criterion(id=raw["id"], text=raw["text"], weight=float(weight), check=check)
+
+
+def _check_rubric(raw: Any, report: _Collector) -> Rubric | None:
+    if not isinstance(raw, dict):
+        report("rubric", f"must be an object, got {type(raw).__name__}")
+        return None
+    before = report.count
+    _unknown_keys(raw, RUBRIC_KEYS, "rubric", report)
+    groups: dict[str, list[Criterion | None]] = {"essential": [], "additional": []}
+    for name in ("essential", "additional"):
+        items = raw.get(name, [] if name == "additional" else None)
+        if items is None and name == "essential":
+            report("rubric.essential", "missing; a rubric needs at least one essential criterion")
+            continue
+        if not isinstance(items, list):
+            report(f"rubric.{name}", f"must be a list, got {type(items).__name__}")
+            continue
+        if name == "essential" and not items:
+            report("rubric.essential", "is empty; a rubric needs at least one essential criterion")
+        for i, item in enumerate(items):
+            groups[name].append(
+                _check_criterion(item, f"rubric.{name}[{i}]", name == "essential", report)
+            )
+    seen: dict[str, str] = {}
+    for name, items in groups.items():
+        for i, c in enumerate(items):
+            if c is None:
+                continue
+            if c.id in seen:
+                report(
+                    f"rubric.{name}[{i}].id",
+                    f"duplicate criterion id {c.id!r} (first at {seen[c.id]})",
+                )
+            else:
+                seen[c.id] = f"rubric.{name}[{i}]"
+    if report.count > before:
+        return None
+    return Rubric(essential=tuple(groups["essential"]), additional=tuple(groups["additional"]))
+
+
+def _check_images(
+    raw: Any, base: Path, open_images: bool, report: _Collector
+) -> tuple[Path, ...] | None:
+    if not isinstance(raw, list) or not raw:
+        report("images", "must be a non-empty list of image paths")
+        return None
+    before = report.count
+    paths = []
+    for i, item in enumerate(raw):
+        if not _nonempty_str(item):
+            report(f"images[{i}]", "must be a non-empty string")
+            continue
+        path = (base / item).resolve()
+        paths.append(path)
+        if not open_images:
+            continue
+        if not path.is_file():
+            report(f"images[{i}]", f"file not found: {path}")
+            continue
+        try:
+            with Image.open(path) as im:
+                im.verify()
+        except Exception as err:  # PIL raises many types for corrupt files
+            report(f"images[{i}]", f"unreadable image {path}: {err}")
+    return tuple(paths) if report.count == before else None
+
+
+def _check_record(
+    raw: Any, base: Path, open_images: bool, report: _Collector
+) -> PromptRecord | None:
+    if not isinstance(raw, dict):
+        report("record", f"must be a JSON object, got {type(raw).__name__}")
+        return None
+    _unknown_keys(raw, RECORD_KEYS, "record", report)
+    for key in ("id", "instruction", "images", "rubric"):
+        if key not in raw:
+            report(key, "missing")
+    for key in ("id", "instruction"):
+        if key in raw and not _nonempty_str(raw[key]):
+            report(key, "must be a non-empty string")
+    images = _check_images(raw["images"], base, open_images, report) if "images" in raw else None
+    rubric = _check_rubric(raw["rubric"], report) if "rubric" in raw else None
+    reference = raw.get("reference")
+    if reference is not None and not isinstance(reference, str):
+        report("reference", f"must be a string, got {type(reference).__name__}")
+    if report.count or images is None or rubric is None:
+        return None
+    return PromptRecord(
+        id=raw["id"],
+        images=images,
+        instruction=raw["instruction"],
+        rubric=rubric,
+        reference=reference,
+        source=f"{report.file}:{report.line}",
+    )
+
+
+def check_pool(
+    path: str | os.PathLike, *, open_images: bool = True
+) -> tuple[list[PromptRecord], list[Problem]]:
+    """Validate a pool file; return its good records and every problem found.
+
+    Records with problems are left out of the first list, so callers that train must use
+    `load_pool`, which refuses a pool with any problem. An empty pool is a problem too.
+    """
+    path = Path(path)
+    file = str(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return [], [Problem(file, 0, "file", "pool file not found")]
+    except OSError as err:
+        return [], [Problem(file, 0, "file", f"cannot read pool file: {err}")]
+    base = path.resolve().parent
+    records: list[PromptRecord] = []
+    problems: list[Problem] = []
+    first_line: dict[str, int] = {}
+    n_lines = 0
+    for lineno, raw_line in enumerate(data.splitlines(), start=1):
+        report = _Collector(file, lineno, problems)
+        try:
+            text = raw_line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            report("json", f"not UTF-8: {err}")
+            continue
+        if not text.strip():
+            continue
+        n_lines += 1
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as err:
+            report("json", f"invalid JSON: {err}")
+            continue
+        record = _check_record(raw, base, open_images, report)
+        # Track ids even of broken records, so a duplicate is caught whichever copy is bad.
+        rid = raw.get("id") if isinstance(raw, dict) else None
+        if _nonempty_str(rid):
+            if rid in first_line:
+                report("id", f"duplicate id {rid!r} (first on line {first_line[rid]})")
+                record = None
+            else:
+                first_line[rid] = lineno
+        if record is not None:
+            records.append(record)
+    if n_lines == 0:
+        problems.append(Problem(file, 0, "file", "pool has no records"))
+    return records, problems
+
+
+def load_pool(path: str | os.PathLike, *, open_images: bool = True) -> list[PromptRecord]:
+    """Load a pool, raising `PoolError` listing every problem if there is any."""
+    records, problems = check_pool(path, open_images=open_images)
+    if problems:
+        raise PoolError(problems)
+    return records
+
+
+def load_images(record: PromptRecord) -> list[Image.Image]:
+    """Open a record's images as RGB (fully loaded, files closed)."""
+    images = []
+    for path in record.images:
+        with Image.open(path) as im:
+            images.append(im.convert("RGB"))
+    return images
+
+
+def write_pool(path: str | os.PathLike, records_as_dicts: Iterable[dict]) -> None:
+    """Write records as JSON Lines; the file is replaced only once fully written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for record in records_as_dicts:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    # Atomic rename: a crash mid-build never leaves a truncated pool behind.
+    os.replace(tmp, path)
