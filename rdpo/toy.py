@@ -26,6 +26,7 @@ KINDS = ("color", "count", "position", "describe")
 FLAW_KINDS = ("hallucinate", "wrong", "terse", "ramble")
 RGB = {"red": (220, 30, 30), "green": (30, 170, 30), "blue": (30, 60, 220), "yellow": (230, 200, 20)}
 WIDTH, HEIGHT, SLOT = 112, 56, 56
+TOTAL_PAIRS = 528  # distinct (scene, instruction) pairs of the task
 FILLERS = ("It is a nice picture.", "I hope this helps.", "Let me know if you need more.")
 ABSENT_COLOR = "Does not name a colour that is absent from the image."
 ABSENT_SHAPE = "Does not name a shape that is absent from the image."
@@ -49,6 +50,7 @@ class ToyPools:
 
     train: Path
     heldout: Path
+    warmstart: Path
 
 
 def render(scene: Scene, seed: int) -> Image.Image:
@@ -208,23 +210,30 @@ def _write_if_changed(path: Path, data: bytes) -> None:
 
 
 def write_pools(out_dir: Path, *, n_train: int = 96, n_heldout: int = 48, seed: int = 0) -> ToyPools:
-    """Write ``train.jsonl``, ``heldout.jsonl`` and ``images/`` under ``out_dir``.
+    """Write ``train.jsonl``, ``heldout.jsonl``, ``warmstart.jsonl`` and ``images/``.
 
-    Both pools come from one draw without repeated (scene, instruction) pairs, so no held-out
-    prompt is ever trained on. Same arguments give byte-identical files; unchanged files are
-    not rewritten.
+    All pools come from one draw without repeated (scene, instruction) pairs, so no held-out
+    prompt is ever trained on. The warm-start pool is the train pool plus every other pair of
+    the task that is not held out (for the supervised warm start, which must learn to read the
+    images, not memorise 96 of them). Same arguments give byte-identical files; unchanged files
+    are not rewritten.
     """
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    n_extra = TOTAL_PAIRS - n_train - n_heldout
     ids = [f"train-{i:05d}" for i in range(n_train)] + [f"heldout-{i:05d}" for i in range(n_heldout)]
+    ids += [f"warm-{i:05d}" for i in range(max(0, n_extra))]
     records = []
     for rec, scene, render_seed in _draw_records(ids, seed):
         buf = io.BytesIO()
         render(scene, render_seed).save(buf, format="PNG")
         _write_if_changed(out_dir / rec["images"][0], buf.getvalue())
         records.append(rec)
-    pools = ToyPools(train=out_dir / "train.jsonl", heldout=out_dir / "heldout.jsonl")
-    for path, recs in ((pools.train, records[:n_train]), (pools.heldout, records[n_train:])):
+    pools = ToyPools(train=out_dir / "train.jsonl", heldout=out_dir / "heldout.jsonl",
+                     warmstart=out_dir / "warmstart.jsonl")
+    train, held = records[:n_train], records[n_train:n_train + n_heldout]
+    warm = train + records[n_train + n_heldout:]
+    for path, recs in ((pools.train, train), (pools.heldout, held), (pools.warmstart, warm)):
         _write_if_changed(path, "".join(json.dumps(r) + "\n" for r in recs).encode())
     return pools
 

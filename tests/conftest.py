@@ -1,0 +1,30 @@
+"""Session-wide tiny fixtures: one 2-layer Qwen2-VL with its processor, and small toy pools."""
+
+import pytest
+import torch
+
+from rdpo import toy
+from rdpo.tiny import build_tiny_vlm
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A random-init tiny Qwen2-VL (model + processor) saved once per session."""
+    return build_tiny_vlm(tmp_path_factory.mktemp("tiny_qwen2_vl"), toy.corpus())
+
+
+@pytest.fixture(scope="session")
+def tiny_model_and_processor(tiny_dir):
+    """(model, processor) loaded from `tiny_dir`: float32, eval mode."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_dir, dtype=torch.float32)
+    model.eval()
+    return model, processor
+
+
+@pytest.fixture(scope="session")
+def toy_pools(tmp_path_factory):
+    """`rdpo.toy.ToyPools` of the shapes task with 16 train and 8 held-out prompts."""
+    return toy.write_pools(tmp_path_factory.mktemp("toy_pools"), n_train=16, n_heldout=8, seed=0)
