@@ -56,9 +56,9 @@ class ToyConfig:
     """Held-out prompts (disjoint from training prompts)."""
     task_seed: int = 0
     """Seed of the shapes task (images, instructions, rubrics)."""
-    warmstart_steps: int = 400
+    warmstart_steps: int = 1200
     """Supervised warm-start steps that teach the random-init model the task's language."""
-    warmstart_lr: float = 3e-3
+    warmstart_lr: float = 2e-3
     """Warm-start learning rate (AdamW, full fine-tuning)."""
     flaw_rate: float = 0.7
     """Fraction of warm-start answers that carry a flaw (hallucination, wrong fact, terse,
@@ -151,6 +151,8 @@ class DPOConfig:
     """sigmoid, robust, hinge or ipo."""
     label_smoothing: float = 0.0
     """Label smoothing ε (conservative DPO / robust DPO)."""
+    sft_weight: float = 0.0
+    """Weight of a length-normalised NLL term on chosen responses (RPO); 0 turns it off."""
     lr: float = 1e-4
     """Peak learning rate (AdamW)."""
     weight_decay: float = 0.0
@@ -211,7 +213,7 @@ _POSITIVE = ("data.prompts_per_round", "data.batch_size", "data.accumulate_grad_
              "rollout.batch_size", "dpo.beta", "dpo.max_steps", "dpo.lr", "model.lora.r",
              "eval.samples_per_prompt", "run.devices", "run.num_nodes")
 _NON_NEGATIVE = ("rollout.temperature", "eval.temperature", "pairs.min_margin",
-                 "dpo.warmup_steps", "dpo.grad_clip", "dpo.weight_decay", "toy.warmstart_steps")
+                 "dpo.warmup_steps", "dpo.grad_clip", "dpo.sft_weight", "dpo.weight_decay", "toy.warmstart_steps")
 
 
 def _leaves(tree, prefix: str = ""):
@@ -262,7 +264,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         paths = toy_paths(OmegaConf.to_object(base.toy))
         for key, value in (("model.path", paths.policy), ("data.train_pool", paths.train_pool),
                            ("data.heldout_pool", paths.heldout_pool)):
-            if OmegaConf.is_missing(base, key) or OmegaConf.select(base, key) is None:
+            parent, _, leaf = key.rpartition(".")
+            if OmegaConf.is_missing(OmegaConf.select(base, parent), leaf) \
+                    or OmegaConf.select(base, key) is None:
                 OmegaConf.update(base, key, str(value))
     problems += validate(base)
     if problems:
@@ -274,7 +278,8 @@ def validate(cfg: DictConfig) -> list[str]:
     """Every value problem of a merged config (missing required values, ranges, choices)."""
     problems = []
     for key in ("run.dir", "model.path", "data.train_pool"):
-        if OmegaConf.is_missing(cfg, key):
+        parent, _, leaf = key.rpartition(".")
+        if OmegaConf.is_missing(OmegaConf.select(cfg, parent), leaf):
             problems.append(f"{key}: missing required value")
     for key, choices in _CHOICES.items():
         value = OmegaConf.select(cfg, key)

@@ -64,7 +64,8 @@ def fit(cfg: Config) -> FitResult:
     module = RubricDPOModule(
         model, processor, beta=cfg.dpo.beta, loss_type=cfg.dpo.loss_type,
         label_smoothing=cfg.dpo.label_smoothing, lr=cfg.dpo.lr, weight_decay=cfg.dpo.weight_decay,
-        warmup_steps=cfg.dpo.warmup_steps, schedule=cfg.dpo.schedule, max_steps=cfg.dpo.max_steps)
+        warmup_steps=cfg.dpo.warmup_steps, schedule=cfg.dpo.schedule, max_steps=cfg.dpo.max_steps,
+        sft_weight=cfg.dpo.sft_weight)
     datamodule = OnPolicyDataModule(
         cfg.data.train_pool, cfg.data.heldout_pool, prompts_per_round=cfg.data.prompts_per_round,
         batch_size=cfg.data.batch_size, steps_per_round=cfg.rollout.every_n_steps,

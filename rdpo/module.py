@@ -6,14 +6,10 @@ import math
 
 import lightning as L
 import torch
-from torchmetrics import MeanMetric
 
 from rdpo.logps import sequence_logps
 from rdpo.loss import dpo_loss
 from rdpo.rollout import SamplingSettings, generate
-
-METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy",
-           "logps/chosen", "logps/rejected")
 
 
 class RubricDPOModule(L.LightningModule):
@@ -26,7 +22,8 @@ class RubricDPOModule(L.LightningModule):
 
     def __init__(self, model, processor, *, beta: float = 0.1, loss_type: str = "sigmoid",
                  label_smoothing: float = 0.0, lr: float = 1e-4, weight_decay: float = 0.0,
-                 warmup_steps: int = 0, schedule: str = "constant", max_steps: int = 100):
+                 warmup_steps: int = 0, schedule: str = "constant", max_steps: int = 100,
+                 sft_weight: float = 0.0):
         super().__init__()
         self.model = model
         self.processor = processor
@@ -38,8 +35,7 @@ class RubricDPOModule(L.LightningModule):
         self.warmup_steps = warmup_steps
         self.schedule = schedule
         self.max_steps = max_steps
-        # torchmetrics averages over the steps between logs and syncs across ranks.
-        self.metrics = torch.nn.ModuleDict({m.replace("/", "_"): MeanMetric() for m in METRICS})
+        self.sft_weight = sft_weight
 
     def sequence_logps(self, batch: dict, *, average: bool = False) -> torch.Tensor:
         """Summed completion log-probs [N] of a collated batch under the current policy."""
@@ -59,24 +55,34 @@ class RubricDPOModule(L.LightningModule):
         logps = self.sequence_logps(batch["sequences"], average=average)
         chosen, rejected = logps.chunk(2)
         ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        n_chosen, n_rejected = batch["sequences"]["completion_mask"][:, 1:].sum(1).chunk(2)
         if average:
-            n_chosen, n_rejected = batch["sequences"]["completion_mask"][:, 1:].sum(1).chunk(2)
             ref_chosen, ref_rejected = ref_chosen / n_chosen, ref_rejected / n_rejected
         out = dpo_loss(chosen, rejected, ref_chosen.to(chosen), ref_rejected.to(rejected),
                        beta=self.beta, loss_type=self.loss_type,
                        label_smoothing=self.label_smoothing)
-        values = {
-            "loss": out.loss.detach(), "rewards/chosen": out.chosen_rewards,
+        loss = out.loss
+        values = {}
+        if self.sft_weight:
+            # RPO (Pang et al., 2024): a length-normalised NLL term on the chosen responses keeps
+            # DPO from lowering the likelihood of chosen and rejected alike ("likelihood
+            # displacement"), which collapses small policies into degenerate text.
+            chosen_sum = chosen * n_chosen if average else chosen
+            nll = -(chosen_sum / n_chosen.clamp(min=1)).mean()
+            loss = loss + self.sft_weight * nll
+            values["nll"] = nll.detach()
+        values |= {
+            "loss": loss.detach(), "dpo_loss": out.loss.detach(), "rewards/chosen": out.chosen_rewards,
             "rewards/rejected": out.rejected_rewards, "rewards/margins": out.margins,
             "rewards/accuracy": out.accuracy, "logps/chosen": chosen.detach(),
             "logps/rejected": rejected.detach(),
         }
         for name, value in values.items():
-            metric = self.metrics[name.replace("/", "_")]
-            metric.update(value)
-            self.log(f"train/{name}", metric, prog_bar=name in ("loss", "rewards/accuracy"),
-                     batch_size=chosen.shape[0])
-        return out.loss
+            # Lightning averages the step values over each round (epoch), weighted by batch
+            # size, and across ranks (sync_dist).
+            self.log(f"train/{name}", value.float().mean(), prog_bar=name in ("loss", "rewards/accuracy"),
+                     on_step=True, on_epoch=True, batch_size=chosen.shape[0], sync_dist=True)
+        return loss
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]

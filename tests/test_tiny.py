@@ -57,3 +57,8 @@ def test_build_load_and_forward(family, tmp_path, corpus):
         logits = model(**inputs).logits
     assert logits.shape == (1, inputs["input_ids"].shape[1], vocab)
     assert torch.isfinite(logits).all()
+    # the image reaches the language model: another image changes the logits
+    other = processor(text=[text], images=[Image.new("RGB", size, (30, 60, 220))],
+                      return_tensors="pt")
+    with torch.no_grad():
+        assert not torch.allclose(model(**other).logits, logits)
