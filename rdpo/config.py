@@ -56,11 +56,11 @@ class ToyConfig:
     """Held-out prompts (disjoint from training prompts)."""
     task_seed: int = 0
     """Seed of the shapes task (images, instructions, rubrics)."""
-    warmstart_steps: int = 1200
+    warmstart_steps: int = 1500
     """Supervised warm-start steps that teach the random-init model the task's language."""
     warmstart_lr: float = 2e-3
     """Warm-start learning rate (AdamW, full fine-tuning)."""
-    flaw_rate: float = 0.7
+    flaw_rate: float = 0.8
     """Fraction of warm-start answers that carry a flaw (hallucination, wrong fact, terse,
     rambling), so the starting policy samples both good and bad answers for DPO to sort."""
 
