@@ -17,7 +17,14 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from rdpo.pairs import PairSelection
 from rdpo.rollout import SamplingSettings, generate
-from rdpo.rounds import RoundSummary, reference_logps, score_rollouts, select_pairs, summarize, write_round
+from rdpo.rounds import (
+    RoundSummary,
+    reference_logps,
+    score_rollouts,
+    select_pairs,
+    summarize,
+    write_round,
+)
 
 log = logging.getLogger("rdpo")
 

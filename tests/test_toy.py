@@ -115,7 +115,8 @@ def test_write_pools_deterministic_and_idempotent(tmp_path):
     toy.write_pools(a, n_train=12, n_heldout=6, seed=1)
     toy.write_pools(b, n_train=12, n_heldout=6, seed=1)
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    assert len(files) == 2 + 18
+    # three pools + one image per (scene, instruction) pair of the whole task
+    assert len(files) == 3 + toy.TOTAL_PAIRS
     assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
     mtimes = {f: (a / f).stat().st_mtime_ns for f in files}
@@ -133,6 +134,16 @@ def test_pools_disjoint_with_images(pools):
     assert [r["id"] for r in train] == [f"train-{i:05d}" for i in range(40)]
     assert [r["id"] for r in held] == [f"heldout-{i:05d}" for i in range(20)]
     assert all(r["images"] == [f"images/{r['id']}.png"] for r in train + held)
+    warm = read_pool(paths.warmstart)
+    warm_ids = {r["id"] for r in warm}
+    # the warm start sees the train prompts and every other non-held-out pair, never held-out
+    assert {r["id"] for r in train} <= warm_ids and not warm_ids & {r["id"] for r in held}
+    assert len(warm) == toy.TOTAL_PAIRS - len(held)
+    def key(r):
+        with Image.open(out / r["images"][0]) as im:
+            return r["instruction"], toy.scene_from_image(im.convert("RGB"))
+
+    assert not {key(r) for r in warm} & {key(r) for r in held}
     train_keys = {(scene_on_disk(paths.train, r), r["instruction"]) for r in train}
     held_keys = {(scene_on_disk(paths.heldout, r), r["instruction"]) for r in held}
     assert len(train_keys) == 40 and len(held_keys) == 20
