@@ -42,17 +42,22 @@ def load_base(cfg: ModelConfig):
         )
     model = AutoModelForImageTextToText.from_pretrained(cfg.path, **kwargs)
     model.requires_grad_(False)
+    if cfg.quantization == "nf4":
+        # On AVX512-BF16 CPUs, bitsandbytes (0.50) repacks a 4-bit weight into an inference-only
+        # layout the first time it runs in eval mode, and never packs it back: the next training
+        # step then fails inside matmul_4bit. Rounds alternate sampling (eval) and training, so
+        # the repacking is switched off.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     return model
 
 
 def add_lora(model, cfg: ModelConfig):
     """Wrap `model` in a PEFT LoRA adapter on the modules matching ``cfg.lora.target_modules``."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
-    if cfg.quantization == "nf4":
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    elif cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     lora = LoraConfig(
