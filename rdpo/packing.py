@@ -1,0 +1,151 @@
+"""One image and prompt encoding per DPO pair: ``[prompt, chosen, rejected]`` as one sequence.
+
+Chosen and rejected share the image and the prompt. Instead of two sequences that each carry the
+image's patch tokens (and run the vision tower twice), a pair is packed into one row; an
+attention mask lets the rejected tokens see the prompt and themselves but not the chosen tokens,
+and the rejected tokens get the position ids they would have right after the prompt (Qwen's
+multimodal 3-D rotary ids included). The first rejected token is predicted from the prompt's
+last hidden state, like the first chosen token. The log-probs equal two separate forwards.
+
+Packing needs a custom 4-D attention mask, which transformers passes through to the ``eager``
+and ``sdpa`` attention kernels; other kernels (flash-attention) and models without
+``get_rope_index`` fall back to the plain batch of 2B sequences, with a logged notice.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from rdpo.collate import TOKEN_FIELDS, end_of_turn_id
+from rdpo.logps import token_logps, unwrap
+
+log = logging.getLogger(__name__)
+
+# Segment ids of a packed row.
+PAD, PROMPT, CHOSEN, REJECTED = 0, 1, 2, 3
+PACKABLE_ATTENTION = ("eager", "sdpa")
+
+
+def packing_support(model) -> str | None:
+    """None when `model` can run packed pairs, else the reason it cannot."""
+    base = unwrap(model)
+    trunk = getattr(base, "model", None)
+    if trunk is None or not hasattr(trunk, "get_rope_index"):
+        return f"{type(base).__name__} has no get_rope_index (multimodal rotary ids)"
+    attn = getattr(base.config, "_attn_implementation", None) or "eager"
+    if attn not in PACKABLE_ATTENTION:
+        return f"attention implementation {attn!r} takes no custom 4-D mask"
+    return None
+
+
+def pack_pairs(processor, prompts: Sequence[dict], chosen: Sequence[str],
+               rejected: Sequence[str]) -> dict[str, torch.Tensor]:
+    """A right-padded batch of B packed rows ``[prompt, chosen, rejected]``.
+
+    `prompts` are single-prompt processor outputs (batch dimension 1). Returns the processor's
+    per-image fields once per pair, ``input_ids``, ``mm_token_type_ids`` (when the processor
+    gives them) and ``segments`` [B, T] (PAD, PROMPT, CHOSEN, REJECTED). Each completion ends
+    with the end-of-turn token, as in `rdpo.collate.append_completion`.
+    """
+    tok = processor.tokenizer
+    eot = end_of_turn_id(processor)
+    rows, segs, mm_rows = [], [], []
+    for prompt, c, r in zip(prompts, chosen, rejected, strict=True):
+        p_ids = prompt["input_ids"][0]
+        c_ids = torch.tensor([*tok(c, add_special_tokens=False)["input_ids"], eot])
+        r_ids = torch.tensor([*tok(r, add_special_tokens=False)["input_ids"], eot])
+        rows.append(torch.cat([p_ids, c_ids, r_ids]))
+        segs.append(torch.cat([torch.full_like(p_ids, PROMPT), torch.full_like(c_ids, CHOSEN),
+                               torch.full_like(r_ids, REJECTED)]))
+        if "mm_token_type_ids" in prompt:
+            mm = prompt["mm_token_type_ids"][0]
+            mm_rows.append(torch.cat([mm, mm.new_zeros(len(c_ids) + len(r_ids))]))
+    length = max(len(row) for row in rows)
+
+    def pad(items: list[torch.Tensor], value: int) -> torch.Tensor:
+        return torch.stack([torch.cat([x, x.new_full((length - len(x),), value)]) for x in items])
+
+    batch = {"input_ids": pad(rows, tok.pad_token_id), "segments": pad(segs, PAD)}
+    if mm_rows:
+        batch["mm_token_type_ids"] = pad(mm_rows, 0)
+    for key in prompts[0]:
+        if key not in TOKEN_FIELDS:
+            batch[key] = torch.cat([p[key] for p in prompts], 0)
+    return batch
+
+
+def pair_attention_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive 4-D mask [B, 1, T, T]: causal, no padding, rejected tokens blind to chosen ones.
+
+    Masked entries hold the dtype's minimum rather than -inf, so a padding row (which sees
+    nothing) gives a uniform softmax instead of NaN; padding rows are never read.
+    """
+    t = segments.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()
+    valid = segments != PAD
+    allowed = causal[None] & valid[:, None, :] & valid[:, :, None]
+    allowed &= ~((segments[:, :, None] == REJECTED) & (segments[:, None, :] == CHOSEN))
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def _rope_index(trunk, batch: dict, keep: torch.Tensor) -> torch.Tensor:
+    """The model's own position ids for the tokens selected by `keep` [B, T]."""
+    params = inspect.signature(trunk.get_rope_index).parameters
+    kwargs = {k: batch[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts",
+                                    "mm_token_type_ids") if k in batch and k in params}
+    positions, _ = trunk.get_rope_index(batch["input_ids"], attention_mask=keep.long(), **kwargs)
+    return positions
+
+
+def pair_position_ids(model, batch: dict) -> torch.Tensor:
+    """Position ids [3, B, T]: prompt and chosen as in ``[prompt, chosen]``, rejected as in
+    ``[prompt, rejected]`` — each computed by the model's own ``get_rope_index``."""
+    trunk = unwrap(model).model
+    seg = batch["segments"]
+    with_chosen = _rope_index(trunk, batch, (seg == PROMPT) | (seg == CHOSEN))
+    with_rejected = _rope_index(trunk, batch, (seg == PROMPT) | (seg == REJECTED))
+    return torch.where(seg[None] == REJECTED, with_rejected, with_chosen)
+
+
+def packed_logps(model, batch: dict, *, average: bool = False,
+                 chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) completion log-probs, each [B], from one forward of packed pairs.
+
+    `batch` comes from `pack_pairs`. Only completion positions are projected through the
+    output layer (in chunks, as in `rdpo.logps`); with ``average`` the sums are divided by the
+    completion lengths.
+    """
+    base = unwrap(model)
+    seg = batch["segments"]
+    dtype = base.get_input_embeddings().weight.dtype
+    if not dtype.is_floating_point:
+        dtype = torch.float32
+    inputs = {k: v for k, v in batch.items() if k != "segments"}
+    inputs["attention_mask"] = pair_attention_mask(seg, dtype)
+    inputs["position_ids"] = pair_position_ids(model, batch)
+    hidden = base.model(**inputs, use_cache=False).last_hidden_state
+
+    # Token t is predicted from position t - 1, except the first rejected token: its context is
+    # the prompt, so it is predicted from the prompt's last position.
+    b, t = seg.shape
+    index = torch.arange(t, device=seg.device).expand(b, t)
+    predictor = index - 1
+    first_rejected = (seg == REJECTED) & (torch.roll(seg, 1, 1) != REJECTED)
+    last_prompt = (seg == PROMPT).sum(1, keepdim=True) - 1
+    predictor = torch.where(first_rejected, last_prompt.expand(b, t), predictor)
+    target = (seg == CHOSEN) | (seg == REJECTED)
+    rows, cols = target.nonzero(as_tuple=True)
+    logps = token_logps(hidden[rows, predictor[rows, cols]], base.get_output_embeddings(),
+                        batch["input_ids"][rows, cols], chunk_size)
+    is_chosen = (seg[rows, cols] == CHOSEN).to(logps.dtype)
+    chosen = torch.zeros(b, dtype=logps.dtype, device=logps.device).index_add(0, rows, logps * is_chosen)
+    rejected = torch.zeros_like(chosen).index_add(0, rows, logps * (1 - is_chosen))
+    if average:
+        chosen = chosen / (seg == CHOSEN).sum(1).clamp(min=1)
+        rejected = rejected / (seg == REJECTED).sum(1).clamp(min=1)
+    return chosen, rejected
