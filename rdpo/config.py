@@ -35,6 +35,8 @@ class RunConfig:
     """Show Lightning's progress bar."""
     threads: int = 0
     """torch CPU threads (0: leave torch's default)."""
+    report: bool = True
+    """At the end, write report.png and report.md (plots and summary, `rdpo.report`) in run.dir."""
 
 
 @dataclass

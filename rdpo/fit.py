@@ -123,7 +123,11 @@ def fit(cfg: Config) -> FitResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rdpo.fit", description=__doc__.splitlines()[0])
+    from rdpo.confighelp import render_text
+
+    parser = argparse.ArgumentParser(prog="python -m rdpo.fit", description=__doc__.splitlines()[0],
+                                     epilog=render_text(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = parser.parse_args(argv)

@@ -1,0 +1,119 @@
+"""The config reference: every schema key with type, default and docstring, in --help and README."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from rdpo.config import Config
+from rdpo.confighelp import (
+    README_END,
+    README_START,
+    field_docs,
+    main,
+    readme_is_current,
+    reference,
+    render_markdown,
+    update_readme,
+)
+from rdpo.fit import main as fit_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _schema_keys(tree, prefix=""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _schema_keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+SCHEMA_KEYS = list(_schema_keys(OmegaConf.to_container(OmegaConf.structured(Config))))
+
+
+def test_field_docs_reads_the_literal_after_each_field():
+    source = '''
+class A:
+    x: int = 1
+    """First line
+    continues here."""
+    y: str = "a"
+    z: float = 0.5
+    """Zed."""
+'''
+    assert field_docs(source) == {("A", "x"): "First line continues here.", ("A", "z"): "Zed."}
+
+
+def test_every_schema_key_is_listed_once_and_documented():
+    keys = [k for s in reference() for k in s.keys]
+    assert [k.name for k in keys] == SCHEMA_KEYS
+    undocumented = [k.name for k in keys if not k.doc]
+    assert not undocumented, f"schema fields without a docstring: {undocumented}"
+    assert [s.name for s in reference()] == list(OmegaConf.structured(Config).keys())
+
+
+def test_types_and_defaults():
+    keys = {k.name: k for s in reference() for k in s.keys}
+    assert (keys["dpo.beta"].type, keys["dpo.beta"].default) == ("float", "0.1")
+    assert (keys["run.dir"].type, keys["run.dir"].default) == ("str", "??? (required)")
+    assert (keys["data.heldout_pool"].type, keys["data.heldout_pool"].default) == ("str | None", "null")
+    assert (keys["toy.enabled"].type, keys["toy.enabled"].default) == ("bool", "false")
+    assert keys["model.lora.r"].default == "16" and keys["model.lora.r"].doc == "LoRA rank."
+    assert keys["run.report"].default == "true"
+    # a docstring spanning lines comes out as one paragraph
+    assert keys["toy.enabled"].doc.startswith("Build (first run) or reuse") and "\n" not in keys["toy.enabled"].doc
+
+
+def test_fit_help_lists_every_key(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        fit_main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    keys = {k.name: k for s in reference() for k in s.keys}
+    for name, key in keys.items():
+        assert f"  {name}: {key.type} = {key.default}\n" in out, name
+    assert "dpo.beta: float = 0.1\n      KL strength β of the DPO objective." in out
+
+
+def test_fit_help_from_the_command_line():
+    proc = subprocess.run([sys.executable, "-m", "rdpo.fit", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert all(f"  {key}: " in proc.stdout for key in SCHEMA_KEYS)
+
+
+def test_readme_reference_is_current():
+    assert readme_is_current(ROOT / "README.md"), (
+        "README.md's configuration reference is stale: run python -m rdpo.confighelp --update-readme")
+
+
+def test_update_and_check_readme(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nintro\n{README_START}\n| stale | table |\n{README_END}\n\nafter\n")
+    assert not readme_is_current(readme)
+    assert main(["--check-readme", str(readme)]) == 1
+    assert "stale" in capsys.readouterr().err
+    assert update_readme(readme) is True
+    text = readme.read_text()
+    assert text.startswith("# x\n\nintro\n") and text.endswith(f"{README_END}\n\nafter\n")
+    assert render_markdown() in text and "| stale |" not in text
+    assert main(["--check-readme", str(readme)]) == 0
+    assert update_readme(readme) is False  # idempotent
+
+
+def test_readme_without_markers_is_a_clear_error(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    with pytest.raises(ValueError, match="config reference markers"):
+        readme_is_current(readme)
+
+
+def test_markdown_escapes_pipes():
+    md = render_markdown()
+    row = next(line for line in md.splitlines() if line.startswith("| `model.lora.target_modules`"))
+    # the regex default holds '|': escaped, so the row still has exactly four cells
+    assert "q_proj\\|k_proj" in row
+    assert len([c for c in row.replace("\\|", "").split("|") if c.strip()]) == 4
