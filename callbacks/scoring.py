@@ -39,7 +39,8 @@ class RubricScoringCallback(L.Callback):
 
     def __init__(self, judge, sampling: SamplingSettings, *, aggregation: str = "lexicographic",
                  min_margin: float = 0.1, require_chosen_essential: bool = True,
-                 run_dir: str | Path | None = None, ref_batch_size: int = 8):
+                 run_dir: str | Path | None = None, ref_batch_size: int = 8,
+                 reference: str = "base", reference_model=None):
         self.judge = judge
         self.sampling = sampling
         self.aggregation = aggregation
@@ -47,6 +48,8 @@ class RubricScoringCallback(L.Callback):
         self.require_chosen_essential = require_chosen_essential
         self.run_dir = Path(run_dir) if run_dir else None
         self.ref_batch_size = ref_batch_size
+        self.reference = reference
+        self.reference_model = reference_model
         self.history: list[dict] = []
         self._prompt_cache: dict = {}
 
@@ -63,7 +66,8 @@ class RubricScoringCallback(L.Callback):
         selection = select_pairs(scored, min_margin=self.min_margin,
                                  require_chosen_essential=self.require_chosen_essential)
         train_pairs = reference_logps(pl_module.model, dm.collator, scored, selection,
-                                      self.ref_batch_size)
+                                      self.ref_batch_size, reference=self.reference,
+                                      reference_model=self.reference_model)
         dm.set_pairs(train_pairs, index)
         summary = summarize(scored, selection)
         if self.run_dir is not None:

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from rdpo.collate import collate_sequences, encode_prompt
+from rdpo.packing import pack_pairs
 from rdpo.pool import PromptRecord, load_pool
 
 
@@ -26,14 +27,17 @@ class TrainPair:
 
 
 class PairCollator:
-    """Collates `TrainPair`s into one batch of 2B sequences: the chosen ones, then the rejected.
+    """Collates `TrainPair`s into one DPO batch.
 
-    Prompt encodings (processor output, image patches included) are cached per prompt id: a
-    round reuses each prompt for several steps.
+    With ``packed`` (the default) each pair is one row ``[prompt, chosen, rejected]`` that
+    carries the image and the prompt once (`rdpo.packing`); otherwise the batch holds 2B
+    sequences, the chosen ones then the rejected. Prompt encodings (processor output, image
+    patches included) are cached per prompt id: a round reuses each prompt for several steps.
     """
 
-    def __init__(self, processor):
+    def __init__(self, processor, packed: bool = True):
         self.processor = processor
+        self.packed = packed
         self.prompts: dict[str, dict] = {}
 
     def prompt(self, record: PromptRecord) -> dict:
@@ -44,18 +48,24 @@ class PairCollator:
     def sequences(self, records: Sequence[PromptRecord], completions: Sequence[str]) -> dict:
         return collate_sequences(self.processor, [self.prompt(r) for r in records], completions)
 
+    def pairs(self, records: Sequence[PromptRecord], chosen: Sequence[str],
+              rejected: Sequence[str]) -> dict:
+        """The model inputs of B pairs: ``{"packed": ...}`` or ``{"sequences": ...}``."""
+        if self.packed:
+            return {"packed": pack_pairs(self.processor, [self.prompt(r) for r in records],
+                                         chosen, rejected)}
+        return {"sequences": self.sequences(list(records) * 2, [*chosen, *rejected])}
+
     def __call__(self, items: list[TrainPair | None]) -> dict:
         pairs = [p for p in items if p is not None]
         if not pairs:
             # A rank whose round kept no pair still takes its steps (see RoundDataset).
             return {"empty": True}
-        records = [p.record for p in pairs] * 2
-        completions = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-        return {
-            "sequences": self.sequences(records, completions),
-            "ref_chosen_logps": torch.tensor([p.ref_chosen_logp for p in pairs]),
-            "ref_rejected_logps": torch.tensor([p.ref_rejected_logp for p in pairs]),
-        }
+        batch = self.pairs([p.record for p in pairs], [p.chosen for p in pairs],
+                           [p.rejected for p in pairs])
+        batch["ref_chosen_logps"] = torch.tensor([p.ref_chosen_logp for p in pairs])
+        batch["ref_rejected_logps"] = torch.tensor([p.ref_rejected_logp for p in pairs])
+        return batch
 
 
 class RoundDataset(Dataset):
@@ -87,8 +97,9 @@ class OnPolicyDataModule(L.LightningDataModule):
 
     def __init__(self, train_pool: str, heldout_pool: str | None = None, *,
                  prompts_per_round: int = 32, batch_size: int = 8, steps_per_round: int = 10,
-                 accumulate_grad_batches: int = 1, seed: int = 0):
+                 accumulate_grad_batches: int = 1, seed: int = 0, packed: bool = True):
         super().__init__()
+        self.packed = packed
         self.train_pool = train_pool
         self.heldout_pool = heldout_pool
         self.prompts_per_round = prompts_per_round
@@ -107,7 +118,7 @@ class OnPolicyDataModule(L.LightningDataModule):
 
     def connect(self, processor) -> None:
         self.processor = processor
-        self.collator = PairCollator(processor)
+        self.collator = PairCollator(processor, packed=self.packed)
 
     def setup(self, stage: str | None = None) -> None:
         if self.processor is None and self.trainer is not None:

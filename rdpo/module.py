@@ -6,10 +6,18 @@ import math
 
 import lightning as L
 import torch
+from torchmetrics import MeanMetric
 
 from rdpo.logps import sequence_logps
-from rdpo.loss import dpo_loss
+from rdpo.loss import DPOOutput, dpo_loss
+from rdpo.packing import completion_lengths, pair_logps
 from rdpo.rollout import SamplingSettings, generate
+
+# Metric name (a torchmetrics module key: no dots) -> logged name (TRL's names).
+METRICS = {"loss": "train/loss", "dpo_loss": "train/dpo_loss", "nll": "train/nll",
+           "rewards_chosen": "train/rewards/chosen", "rewards_rejected": "train/rewards/rejected",
+           "rewards_margins": "train/rewards/margins", "rewards_accuracy": "train/rewards/accuracy",
+           "logps_chosen": "train/logps/chosen", "logps_rejected": "train/logps/rejected"}
 
 
 class RubricDPOModule(L.LightningModule):
@@ -36,6 +44,7 @@ class RubricDPOModule(L.LightningModule):
         self.schedule = schedule
         self.max_steps = max_steps
         self.sft_weight = sft_weight
+        self.metrics = torch.nn.ModuleDict({name: MeanMetric() for name in METRICS})
 
     def sequence_logps(self, batch: dict, *, average: bool = False) -> torch.Tensor:
         """Summed completion log-probs [N] of a collated batch under the current policy."""
@@ -45,44 +54,59 @@ class RubricDPOModule(L.LightningModule):
         """Sample responses from the current policy: a generator of `Rollout`s."""
         return generate(self.model, self.processor, records, settings)
 
+    def pair_logps(self, batch: dict, *, average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen, rejected) completion log-probs [B] of a `PairCollator` batch."""
+        return pair_logps(self.model, batch, average=average)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if batch.get("empty"):
             # No pair on this rank this round: a zero loss still touching every trainable
-            # parameter keeps DDP's gradient all-reduce in step with the other ranks.
+            # parameter keeps DDP's gradient all-reduce in step with the other ranks. The metrics
+            # get a zero-weight update, so every rank joins their sync at the end of the round.
+            for name in METRICS:
+                if name != "nll" or self.sft_weight:
+                    self._log_metric(name, torch.zeros(()), 0)
             return sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
-        # IPO regresses length-averaged log-ratios (as TRL does); the others use sums.
-        average = self.loss_type == "ipo"
-        logps = self.sequence_logps(batch["sequences"], average=average)
-        chosen, rejected = logps.chunk(2)
-        ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-        n_chosen, n_rejected = batch["sequences"]["completion_mask"][:, 1:].sum(1).chunk(2)
-        if average:
-            ref_chosen, ref_rejected = ref_chosen / n_chosen, ref_rejected / n_rejected
-        out = dpo_loss(chosen, rejected, ref_chosen.to(chosen), ref_rejected.to(rejected),
-                       beta=self.beta, loss_type=self.loss_type,
-                       label_smoothing=self.label_smoothing)
+        chosen, rejected = self.pair_logps(batch)
+        n_chosen, n_rejected = completion_lengths(batch)
+        ref_chosen = batch["ref_chosen_logps"].to(chosen)
+        ref_rejected = batch["ref_rejected_logps"].to(rejected)
+        if self.loss_type == "ipo":
+            # IPO regresses length-averaged log-ratios (as TRL does); the others use sums.
+            out = dpo_loss(chosen / n_chosen, rejected / n_rejected, ref_chosen / n_chosen,
+                           ref_rejected / n_rejected, beta=self.beta, loss_type="ipo")
+            # Rewards are reported on summed log-probs whatever the loss, as TRL does.
+            out = DPOOutput(out.losses, self.beta * (chosen - ref_chosen).detach(),
+                            self.beta * (rejected - ref_rejected).detach())
+        else:
+            out = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=self.beta,
+                           loss_type=self.loss_type, label_smoothing=self.label_smoothing)
         loss = out.loss
         values = {}
         if self.sft_weight:
-            # RPO (Pang et al., 2024): a length-normalised NLL term on the chosen responses keeps
-            # DPO from lowering the likelihood of chosen and rejected alike ("likelihood
-            # displacement"), which collapses small policies into degenerate text.
-            chosen_sum = chosen * n_chosen if average else chosen
-            nll = -(chosen_sum / n_chosen.clamp(min=1)).mean()
+            # RPO (Pang et al., 2024): an NLL term on the chosen responses keeps DPO from
+            # lowering the likelihood of chosen and rejected alike ("likelihood displacement"),
+            # which collapses small policies into degenerate text. Mean over all chosen tokens
+            # of the batch, as TRL's "sft" loss type.
+            nll = -chosen.sum() / n_chosen.sum().clamp(min=1)
             loss = loss + self.sft_weight * nll
             values["nll"] = nll.detach()
         values |= {
-            "loss": loss.detach(), "dpo_loss": out.loss.detach(), "rewards/chosen": out.chosen_rewards,
-            "rewards/rejected": out.rejected_rewards, "rewards/margins": out.margins,
-            "rewards/accuracy": out.accuracy, "logps/chosen": chosen.detach(),
-            "logps/rejected": rejected.detach(),
+            "loss": loss.detach(), "dpo_loss": out.loss.detach(), "rewards_chosen": out.chosen_rewards,
+            "rewards_rejected": out.rejected_rewards, "rewards_margins": out.margins,
+            "rewards_accuracy": out.accuracy, "logps_chosen": chosen.detach(),
+            "logps_rejected": rejected.detach(),
         }
         for name, value in values.items():
-            # Lightning averages the step values over each round (epoch), weighted by batch
-            # size, and across ranks (sync_dist).
-            self.log(f"train/{name}", value.float().mean(), prog_bar=name in ("loss", "rewards/accuracy"),
-                     on_step=True, on_epoch=True, batch_size=chosen.shape[0], sync_dist=True)
+            self._log_metric(name, value.float().mean(), chosen.shape[0])
         return loss
+
+    def _log_metric(self, name: str, value: torch.Tensor, weight: int) -> None:
+        # torchmetrics means weighted by pairs: ``_step`` is this batch's value, ``_epoch`` the
+        # round's, synced across ranks by torchmetrics when Lightning computes it.
+        metric = self.metrics[name]
+        metric(value.to(self.device), weight=weight)
+        self.log(METRICS[name], metric, prog_bar=name in ("loss", "rewards_accuracy"), on_step=True, on_epoch=True)
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]

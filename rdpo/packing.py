@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from rdpo.collate import TOKEN_FIELDS, end_of_turn_id
-from rdpo.logps import token_logps, unwrap
+from rdpo.logps import sequence_logps, token_logps, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -149,3 +149,18 @@ def packed_logps(model, batch: dict, *, average: bool = False,
         chosen = chosen / (seg == CHOSEN).sum(1).clamp(min=1)
         rejected = rejected / (seg == REJECTED).sum(1).clamp(min=1)
     return chosen, rejected
+
+
+def pair_logps(model, batch: dict, *, average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) log-probs [B] of a `PairCollator` batch, packed or plain."""
+    if "packed" in batch:
+        return packed_logps(model, batch["packed"], average=average)
+    return sequence_logps(model, batch["sequences"], average=average).chunk(2)
+
+
+def completion_lengths(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) completion token counts [B] of a `PairCollator` batch."""
+    if "packed" in batch:
+        seg = batch["packed"]["segments"]
+        return (seg == CHOSEN).sum(1), (seg == REJECTED).sum(1)
+    return batch["sequences"]["completion_mask"][:, 1:].sum(1).chunk(2)

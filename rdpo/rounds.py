@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 
 from rdpo.data import PairCollator, TrainPair
-from rdpo.logps import sequence_logps
+from rdpo.packing import pair_logps
 from rdpo.pairs import PairSelection, build_pairs
 from rdpo.rollout import Rollout
 from rdpo.scoring import Score, score_response
@@ -28,11 +29,43 @@ class ScoredRollout:
     scores: list[Score]
 
 
-def score_rollouts(judge, rollouts: Iterable[Rollout], aggregation: str) -> list[ScoredRollout]:
-    """Judge every response against its prompt's rubric and aggregate the verdicts."""
+def outcome_score(score: int | None) -> Score:
+    """A holistic 1-10 judge score as a `Score`: value (score-1)/9; None is unknown.
+
+    Outcome mode has no essential criteria, so a known score passes them vacuously and an
+    unknown one counts as an unknown essential verdict: pair selection never uses it.
+    """
+    if score is None:
+        return Score(0.0, 0.0, 1.0, None, unknown=1, unknown_essential=1)
+    value = (score - 1) / 9
+    return Score(value, 1.0, value, True, unknown=0, unknown_essential=0)
+
+
+def score_rollouts(judge, rollouts: Iterable[Rollout], aggregation: str,
+                   strategy: str | None = None) -> list[ScoredRollout]:
+    """Judge every response and score it: against its prompt's rubric (strategy ``rubric``), or
+    with one holistic verdict (``outcome``; verdicts are then ``{"outcome": score}``).
+
+    `strategy` defaults to the judge's own ``strategy`` attribute (``rubric`` if it has none).
+    Judges with ``judge_many``/``outcome_many`` get all prompts at once (remote judges then
+    run them concurrently).
+    """
+    rollouts = list(rollouts)
+    strategy = strategy or getattr(judge, "strategy", "rubric")
+    items = [(r.record, r.responses) for r in rollouts]
     scored = []
-    for rollout in rollouts:
-        verdicts = judge.judge(rollout.record, rollout.responses)
+    if strategy == "outcome":
+        many = getattr(judge, "outcome_many", None)
+        outcomes = many(items) if many else [judge.outcome(*item) for item in items]
+        for rollout, values in zip(rollouts, outcomes, strict=True):
+            scored.append(ScoredRollout(rollout, [{"outcome": v} for v in values],
+                                        [outcome_score(v) for v in values]))
+        return scored
+    if strategy != "rubric":
+        raise ValueError(f"pairs.strategy: {strategy!r} is not one of rubric, outcome")
+    many = getattr(judge, "judge_many", None)
+    all_verdicts = many(items) if many else [judge.judge(*item) for item in items]
+    for rollout, verdicts in zip(rollouts, all_verdicts, strict=True):
         scores = [score_response(rollout.record.rubric, v, aggregation) for v in verdicts]
         scored.append(ScoredRollout(rollout, verdicts, scores))
     return scored
@@ -69,34 +102,57 @@ def summarize(scored: Sequence[ScoredRollout], selection: PairSelection) -> Roun
     )
 
 
+REFERENCES = ("base", "round_start")
+
+
+def _reference_context(model, reference: str):
+    if reference == "round_start":
+        # Iterative DPO: the policy as it is now, when the round begins.
+        return contextlib.nullcontext()
+    if not hasattr(model, "disable_adapter"):
+        raise TypeError("reference 'base' needs a PEFT model (adapters disabled) or a frozen "
+                        "reference_model")
+    return model.disable_adapter()
+
+
 @torch.no_grad()
 def reference_logps(model, collator: PairCollator, scored: Sequence[ScoredRollout],
-                    selection: PairSelection, batch_size: int = 8) -> list[TrainPair]:
-    """`TrainPair`s for the kept pairs, reference log-probs from the base model (adapters off).
+                    selection: PairSelection, batch_size: int = 8, *, reference: str = "base",
+                    reference_model=None) -> list[TrainPair]:
+    """`TrainPair`s for the kept pairs, with reference log-probs computed once, here.
 
-    Computed once here, when the round builds its pairs, instead of at every DPO step.
+    `reference`: ``base`` — the model without its adapters (or `reference_model`, a frozen copy,
+    for full fine-tuning); ``round_start`` — the policy as it is when the round builds its pairs
+    (iterative DPO; free, since it is computed at the same moment). Instead of a reference
+    forward at every DPO step, each pair costs one reference forward per round.
     """
-    if not hasattr(model, "disable_adapter"):
-        raise TypeError("reference log-probs with adapters disabled need a PEFT model")
+    if reference not in REFERENCES:
+        raise ValueError(f"reference {reference!r} is not one of {', '.join(REFERENCES)}")
     by_id = {s.rollout.record.id: s.rollout.record for s in scored}
     pairs = selection.pairs
     out: list[TrainPair] = []
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    ref = reference_model if reference_model is not None and reference == "base" else model
+    context = (contextlib.nullcontext() if ref is not model
+               else _reference_context(model, reference))
+    device = next(ref.parameters()).device
+    was_training = ref.training
+    ref.eval()
     try:
-        with model.disable_adapter():
+        with context:
             for start in range(0, len(pairs), batch_size):
                 chunk = pairs[start:start + batch_size]
-                records = [by_id[p.prompt_id] for p in chunk] * 2
-                batch = collator.sequences(records, [p.chosen for p in chunk] + [p.rejected for p in chunk])
-                logps = sequence_logps(model, {k: v.to(device) for k, v in batch.items()}).cpu()
-                chosen, rejected = logps.chunk(2)
+                batch = collator.pairs([by_id[p.prompt_id] for p in chunk],
+                                       [p.chosen for p in chunk], [p.rejected for p in chunk])
+                chosen, rejected = pair_logps(ref, _to(batch, device))
                 for p, c, r in zip(chunk, chosen.tolist(), rejected.tolist(), strict=True):
                     out.append(TrainPair(by_id[p.prompt_id], p.chosen, p.rejected, c, r))
     finally:
-        model.train(was_training)
+        ref.train(was_training)
     return out
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: _to(v, device) if isinstance(v, dict) else v.to(device) for k, v in batch.items()}
 
 
 def write_round(directory: Path, scored: Sequence[ScoredRollout], selection: PairSelection,

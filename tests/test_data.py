@@ -45,7 +45,7 @@ def test_batches_per_round_do_not_depend_on_pairs_kept(dm, n_pairs):
     seen = []
     for b in batches:
         n = b["ref_chosen_logps"].shape[0]
-        assert b["sequences"]["input_ids"].shape[0] == 2 * n  # chosen block, then rejected
+        assert b["packed"]["input_ids"].shape[0] == n  # one packed row per pair
         seen += [round(-x - 1) for x in b["ref_chosen_logps"].tolist()]
     # shuffled passes: every pair is used before any is repeated
     assert len(seen) == 12
