@@ -1,29 +1,48 @@
-"""Evaluation: a policy's mean rubric score and essential pass rate on held-out prompts."""
+"""Evaluation: a policy's mean rubric score on held-out prompts, and a judge's accuracy on
+pairwise preference data.
+
+    python -m rdpo.evaluate judge --data PAIRS.jsonl [--kind openai --model M --base-url URL ...]
+
+Preference records: ``id``, ``images`` (paths relative to the file), ``instruction``,
+``responses`` (two strings), ``preferred`` (0 or 1), optional ``rubric`` (pool schema). Each
+response is scored with the rubric (records that have one) and without it (a holistic 1-10
+score); the pair counts as correct when the preferred response scores strictly higher.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
+import sys
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
-from rdpo.pool import PromptRecord
+from rdpo.pool import PromptRecord, Rubric, _check_images, _check_rubric, _Collector, _nonempty_str
 from rdpo.rollout import SamplingSettings, generate
 from rdpo.rounds import score_rollouts
+from rdpo.scoring import score_response
 
 
 def evaluate_policy(model, processor, records: Sequence[PromptRecord], judge,
                     settings: SamplingSettings, aggregation: str = "lexicographic",
                     seed: int = 0) -> dict:
-    """Sample ``settings.num_samples`` responses per prompt and judge them.
+    """Sample ``settings.num_samples`` responses per prompt and judge them against the rubric.
 
     Returns ``rubric_score`` (mean score over all responses), ``essential_pass_rate`` (fraction
     of responses meeting every essential criterion), the counts, and ``unknown_verdicts``.
     Sampling is seeded (and the global RNG state restored), so the same policy scores the same.
+    Always the rubric score, whatever the judge's pairs strategy, so rubric- and outcome-trained
+    policies are compared on one scale.
     """
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        scored = score_rollouts(judge, generate(model, processor, records, settings), aggregation)
+        scored = score_rollouts(judge, generate(model, processor, records, settings), aggregation,
+                                strategy="rubric")
     finally:
         torch.random.set_rng_state(state)
     scores = [s for item in scored for s in item.scores]
@@ -37,3 +56,204 @@ def evaluate_policy(model, processor, records: Sequence[PromptRecord], judge,
         "temperature": settings.temperature,
         "samples_per_prompt": settings.num_samples,
     }
+
+
+# -- judge evaluation ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One pairwise preference record; `record` carries images, instruction and rubric."""
+
+    record: PromptRecord
+    responses: tuple[str, str]
+    preferred: int
+    has_rubric: bool
+
+
+PAIR_KEYS = frozenset({"id", "images", "instruction", "responses", "preferred", "rubric"})
+
+
+def load_preferences(path: str | Path) -> list[PreferencePair]:
+    """Read and validate a preference file; raise ValueError listing every FILE:LINE problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: preference data file not found")
+    base, problems, out, seen = path.resolve().parent, [], [], {}
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        report = _Collector(str(path), lineno, problems)
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as err:
+            report("json", f"invalid JSON: {err}")
+            continue
+        if not isinstance(raw, dict):
+            report("record", "must be a JSON object")
+            continue
+        extra = sorted(set(raw) - PAIR_KEYS)
+        if extra:
+            report("record", f"unknown key(s) {extra}; allowed: {', '.join(sorted(PAIR_KEYS))}")
+        for key in ("id", "instruction"):
+            if not _nonempty_str(raw.get(key)):
+                report(key, "missing or not a non-empty string")
+        if raw.get("id") in seen:
+            report("id", f"duplicate id {raw['id']!r} (first on line {seen[raw['id']]})")
+        elif _nonempty_str(raw.get("id")):
+            seen[raw["id"]] = lineno
+        responses = raw.get("responses")
+        if (not isinstance(responses, list) or len(responses) != 2
+                or not all(isinstance(r, str) for r in responses)):
+            report("responses", "must be a list of exactly two strings")
+        preferred = raw.get("preferred")
+        if isinstance(preferred, bool) or preferred not in (0, 1):
+            report("preferred", f"must be 0 or 1, got {preferred!r}")
+        images = _check_images(raw.get("images"), base, True, report)
+        rubric = None
+        if raw.get("rubric") is not None:
+            rubric = _check_rubric(raw["rubric"], report)
+        if report.count:
+            continue
+        record = PromptRecord(id=raw["id"], images=images, instruction=raw["instruction"],
+                              rubric=rubric or Rubric(essential=(), additional=()),
+                              source=f"{path}:{lineno}")
+        out.append(PreferencePair(record, tuple(responses), preferred, rubric is not None))
+    if problems:
+        raise ValueError("\n".join(str(p) for p in problems))
+    if not out:
+        raise ValueError(f"{path}: no preference records")
+    return out
+
+
+def wilson(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score 95% interval of a binomial proportion (sound near 0, 1 and for small n)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+@dataclass(frozen=True)
+class ModeResult:
+    """Accuracy of one judging mode: ties and unknowns count as not correct in `accuracy`."""
+
+    n: int
+    correct: int
+    ties: int
+    unknown: int
+    accuracy: float
+    ci95: tuple[float, float]
+    accuracy_decided: float | None
+    """Accuracy over pairs that were neither tied nor unknown (None if there are none)."""
+
+
+def _tally(outcomes: list[str]) -> ModeResult:
+    n, correct = len(outcomes), outcomes.count("correct")
+    ties, unknown = outcomes.count("tie"), outcomes.count("unknown")
+    decided = n - ties - unknown
+    return ModeResult(n, correct, ties, unknown, correct / n if n else 0.0, wilson(correct, n),
+                      correct / decided if decided else None)
+
+
+def _compare(a: float | None, b: float | None, preferred: int) -> str:
+    if a is None or b is None:
+        return "unknown"
+    if a == b:
+        return "tie"
+    return "correct" if (a > b) == (preferred == 0) else "wrong"
+
+
+def evaluate_judge(judge, pairs: Sequence[PreferencePair],
+                   aggregation: str = "lexicographic") -> dict:
+    """Accuracy with the rubric (pairs that have one) and without it, ties, unknowns, 95% CI.
+
+    With the rubric, a response whose essential verdicts are not all known is unknown (its
+    score could hide a failed essential criterion, as in pair selection). Without the rubric,
+    the judge's holistic score decides; a score it could not give is unknown.
+    """
+    with_rubric = [p for p in pairs if p.has_rubric]
+    rubric_outcomes = []
+    if with_rubric:
+        verdicts = judge.judge_many([(p.record, p.responses) for p in with_rubric]) \
+            if hasattr(judge, "judge_many") else [judge.judge(p.record, p.responses)
+                                                   for p in with_rubric]
+        for p, vs in zip(with_rubric, verdicts, strict=True):
+            scores = [score_response(p.record.rubric, v, aggregation) for v in vs]
+            a, b = (None if s.unknown_essential else s.value for s in scores)
+            rubric_outcomes.append(_compare(a, b, p.preferred))
+    holistic = judge.outcome_many([(p.record, p.responses) for p in pairs]) \
+        if hasattr(judge, "outcome_many") else [judge.outcome(p.record, p.responses) for p in pairs]
+    plain_outcomes = [_compare(s[0], s[1], p.preferred) for p, s in zip(pairs, holistic, strict=True)]
+    return {"pairs": len(pairs), "interval": "wilson",
+            "with_rubric": asdict(_tally(rubric_outcomes)),
+            "without_rubric": asdict(_tally(plain_outcomes))}
+
+
+def _cmd_judge(args: argparse.Namespace) -> int:
+    from rdpo.chat import ChatError
+    from rdpo.judges import make_judge
+
+    try:
+        pairs = load_preferences(args.data)
+        judge = make_judge(args.kind, model=args.model, base_url=args.base_url,
+                           api_key_env=args.api_key_env, concurrency=args.concurrency,
+                           timeout=args.timeout, max_retries=args.max_retries,
+                           parse_retries=args.parse_retries, max_tokens=args.max_tokens,
+                           batch_size=args.batch_size, cache=args.cache)
+        result = evaluate_judge(judge, pairs, args.aggregation)
+    except (ValueError, ChatError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    result = {"data": str(args.data), "judge": {"kind": args.kind, "model": args.model},
+              **result, "judge_stats": getattr(judge, "stats", {})}
+    text = json.dumps(result, indent=2)
+    print(text)
+    out = Path(args.out or Path(args.data).with_suffix(".judge_eval.json"))
+    out.write_text(text + "\n")
+    print(f"written to {out}", file=sys.stderr)
+    return 0
+
+
+def add_judge_options(p: argparse.ArgumentParser, *, role: str = "judge") -> None:
+    """The chat-backend options shared by `evaluate judge` and `rubrics build`."""
+    p.add_argument("--kind", choices=("rule", "transformers", "openai"), default="openai",
+                   help=f"{role} backend (default openai)")
+    p.add_argument("--model", help="checkpoint directory (transformers) or served model name")
+    p.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
+    p.add_argument("--api-key-env", help="NAME of the environment variable holding the API key")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight (openai)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request attempt")
+    p.add_argument("--max-retries", type=int, default=4, help="HTTP retries with backoff")
+    p.add_argument("--max-tokens", type=int, default=1024, help="longest answer")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (transformers)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m rdpo.evaluate",
+                                     description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("judge", help="judge accuracy on pairwise preference data",
+                       description="Judge accuracy with and without the rubric on pairwise "
+                       "preference data; ties and unknowns count as not correct; 95%% Wilson "
+                       "interval. Prints JSON and writes it to --out.")
+    p.add_argument("--data", required=True, help="preference JSONL (id, images, instruction, "
+                   "responses, preferred, optional rubric)")
+    p.add_argument("--out", help="result JSON (default: DATA with suffix .judge_eval.json)")
+    add_judge_options(p)
+    p.add_argument("--parse-retries", type=int, default=2,
+                   help="re-asks of an answer without parseable JSON")
+    p.add_argument("--cache", help="sqlite judge cache file (default: none)")
+    p.add_argument("--aggregation", default="lexicographic", choices=("lexicographic", "weighted"))
+    p.set_defaults(func=_cmd_judge)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

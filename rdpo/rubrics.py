@@ -3,6 +3,9 @@
 Subcommands:
 
     validate POOL.jsonl [--no-images]   check every record; list every problem, or summarise
+    build --input PROMPTS.jsonl --out POOL.jsonl [generator options]
+                                        write a rubric per prompt with a generator model
+    stats POOL.jsonl [--json]           counts and distribution of criteria
 
 Each subcommand is a `_cmd_*` function of the parsed arguments returning the exit code, added
 to the parser by its own `_add_*` function, so new subcommands slot in beside it.
@@ -11,6 +14,7 @@ to the parser by its own `_add_*` function, so new subcommands slot in beside it
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -70,6 +74,86 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_build(subparsers: argparse._SubParsersAction) -> None:
+    from rdpo.evaluate import add_judge_options
+
+    p = subparsers.add_parser(
+        "build", help="build a rubric pool from prompts with a generator model",
+        description="Ask a generator model for a checklist rubric per prompt (guided by the "
+        "reference answer when present), validate it with the pool schema, retry invalid "
+        "output, and append each record to --out as soon as it is built. Re-running skips ids "
+        "already in --out; records that still fail are listed in the failures file.")
+    p.add_argument("--input", required=True, help="prompts JSONL: id, images, instruction, "
+                   "optional reference")
+    p.add_argument("--out", required=True, help="the pool to write (JSON Lines, appended)")
+    p.add_argument("--failures", help="failures JSONL (default: OUT.failures.jsonl)")
+    p.add_argument("--attempts", type=int, default=3,
+                   help="generator calls per record before it is reported as failed")
+    add_judge_options(p, role="generator")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_build)
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from rdpo.chat import BACKENDS, ChatError
+    from rdpo.rubric_build import build_pool
+
+    if args.kind == "rule":
+        print("error: --kind rule cannot write rubrics; use transformers or openai",
+              file=sys.stderr)
+        return 2
+    if not args.model or (args.kind == "openai" and not args.base_url):
+        print("error: --model (and --base-url for openai) are required", file=sys.stderr)
+        return 2
+    try:
+        if args.kind == "openai":
+            chat = BACKENDS["openai"](args.base_url, args.model, api_key_env=args.api_key_env,
+                                      concurrency=args.concurrency, timeout=args.timeout,
+                                      max_retries=args.max_retries, max_tokens=args.max_tokens,
+                                      temperature=0.0)
+        else:
+            chat = BACKENDS["transformers"](args.model, batch_size=args.batch_size,
+                                            max_new_tokens=args.max_tokens)
+        summary = build_pool(args.input, args.out, chat, failures=args.failures,
+                             attempts=args.attempts, progress=not args.no_progress)
+    except (ValueError, ChatError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(summary.text())
+    return 1 if summary.failed else 0
+
+
+def _add_stats(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("stats", help="counts and distribution of a pool's criteria",
+                              description="Counts and distributions of a valid pool's criteria.")
+    p.add_argument("pool", help="the pool file (JSON Lines)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=_cmd_stats)
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from rdpo.rubric_build import pool_stats
+
+    records, problems = check_pool(args.pool, open_images=False)
+    if problems:
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        return 1
+    stats = pool_stats(records)
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    print(f"{args.pool}: {PoolStats.of(records).summary()}")
+    for key in ("images_per_record", "essential_per_record", "additional_per_record",
+                "criteria_per_record", "additional_weight"):
+        d = stats[key]
+        hist = ", ".join(f"{k}: {v}" for k, v in d["histogram"].items())
+        print(f"  {key}: min {d['min']}, mean {d['mean']:.2f}, max {d['max']} ({hist})")
+    for key in ("pitfalls", "with_checks", "with_reference", "with_outcome"):
+        print(f"  {key}: {stats[key]}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `rdpo.rubrics` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -77,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_validate(subparsers)
+    _add_build(subparsers)
+    _add_stats(subparsers)
     return parser
 
 
