@@ -130,13 +130,36 @@ class RolloutConfig:
 @dataclass
 class JudgeConfig:
     kind: str = "rule"
-    """rule: the regex `check` of each criterion (RuleJudge)."""
+    """rule: the regex `check` of each criterion (RuleJudge); transformers: a local VLM
+    (TransformersJudge); openai: an OpenAI-compatible server such as vLLM or SGLang (OpenAIJudge)."""
+    model: str | None = None
+    """transformers: checkpoint directory of the judge VLM; openai: the served model name."""
+    base_url: str | None = None
+    """openai: the endpoint's base URL, e.g. http://localhost:8000/v1."""
+    api_key_env: str | None = None
+    """openai: NAME of the environment variable holding the API key (the key itself is never
+    saved); null for servers that need none."""
+    concurrency: int = 8
+    """openai: requests in flight at once."""
+    timeout: float = 60.0
+    """openai: seconds per request attempt."""
+    max_retries: int = 4
+    """openai: retries (exponential backoff) on connection errors, timeouts, 429 and 5xx."""
+    parse_retries: int = 2
+    """Times an answer without parseable JSON is asked again before its verdicts become null."""
+    max_tokens: int = 1024
+    """Longest judge answer (tokens)."""
+    batch_size: int = 8
+    """transformers: judge prompts per generation batch."""
+    cache: str | None = "${run.dir}/judge_cache.sqlite"
+    """sqlite file caching model judgments across rounds and runs (null: no cache; unused by rule)."""
 
 
 @dataclass
 class PairsConfig:
     strategy: str = "rubric"
-    """rubric: pairs from the per-criterion rubric score."""
+    """rubric: pairs from the per-criterion rubric score; outcome: from one holistic judge score
+    per response (the paper's outcome-filtering baseline), same selection rules."""
     aggregation: str = "lexicographic"
     """How verdicts aggregate to a score: lexicographic (essential first) or weighted."""
     min_margin: float = 0.1
@@ -204,17 +227,18 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.quantization": ("none", "nf4"),
     "toy.family": ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"),
-    "judge.kind": ("rule",),
-    "pairs.strategy": ("rubric",),
+    "judge.kind": ("rule", "transformers", "openai"),
+    "pairs.strategy": ("rubric", "outcome"),
     "pairs.aggregation": ("lexicographic", "weighted"),
     "dpo.loss_type": ("sigmoid", "robust", "hinge", "ipo"),
     "dpo.schedule": ("constant", "cosine"),
 }
-_POSITIVE = ("data.prompts_per_round", "data.batch_size", "data.accumulate_grad_batches",
+_POSITIVE = ("judge.concurrency", "judge.timeout", "judge.max_tokens", "judge.batch_size",
+             "data.prompts_per_round", "data.batch_size", "data.accumulate_grad_batches",
              "rollout.every_n_steps", "rollout.samples_per_prompt", "rollout.max_new_tokens",
              "rollout.batch_size", "dpo.beta", "dpo.max_steps", "dpo.lr", "model.lora.r",
              "eval.samples_per_prompt", "run.devices", "run.num_nodes")
-_NON_NEGATIVE = ("rollout.temperature", "eval.temperature", "pairs.min_margin",
+_NON_NEGATIVE = ("judge.max_retries", "judge.parse_retries", "rollout.temperature", "eval.temperature", "pairs.min_margin",
                  "dpo.warmup_steps", "dpo.grad_clip", "dpo.sft_weight", "dpo.weight_decay", "toy.warmstart_steps")
 
 
@@ -299,6 +323,10 @@ def validate(cfg: DictConfig) -> list[str]:
         problems.append(f"rollout.top_p: must be in (0, 1], got {cfg.rollout.top_p}")
     if not 0 <= cfg.toy.flaw_rate <= 1:
         problems.append(f"toy.flaw_rate: must be in [0, 1], got {cfg.toy.flaw_rate}")
+    if cfg.judge.kind != "rule" and not cfg.judge.model:
+        problems.append(f"judge.model: a {cfg.judge.kind} judge needs a model")
+    if cfg.judge.kind == "openai" and not cfg.judge.base_url:
+        problems.append("judge.base_url: an openai judge needs the server URL")
     if cfg.rollout.samples_per_prompt < 2:
         problems.append("rollout.samples_per_prompt: a pair needs at least 2 samples per prompt")
     return problems

@@ -30,9 +30,14 @@ class FitResult:
 
 
 def _judge(cfg: Config):
-    from rdpo.judges import RuleJudge
+    """The judge `cfg.judge` describes; rounds use its `strategy` (pairs.strategy) for pairs."""
+    from rdpo.judges import make_judge
 
-    return {"rule": RuleJudge}[cfg.judge.kind]()
+    j = cfg.judge
+    return make_judge(j.kind, model=j.model, base_url=j.base_url, api_key_env=j.api_key_env,
+                      concurrency=j.concurrency, timeout=j.timeout, max_retries=j.max_retries,
+                      parse_retries=j.parse_retries, max_tokens=j.max_tokens,
+                      batch_size=j.batch_size, cache=j.cache, strategy=cfg.pairs.strategy)
 
 
 def fit(cfg: Config) -> FitResult:

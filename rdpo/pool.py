@@ -18,7 +18,8 @@ from typing import Any
 
 from PIL import Image
 
-RECORD_KEYS = frozenset({"id", "images", "instruction", "reference", "rubric"})
+RECORD_KEYS = frozenset({"id", "images", "instruction", "reference", "rubric", "outcome"})
+OUTCOME_KEYS = frozenset({"check", "text"})
 RUBRIC_KEYS = frozenset({"essential", "additional"})
 CRITERION_KEYS = frozenset({"id", "text", "weight", "check"})
 CHECK_KEYS = ("any", "all", "none")
@@ -72,6 +73,8 @@ class PromptRecord:
     rubric: Rubric
     reference: str | None = None
     source: str = ""
+    outcome: dict | None = None
+    """Optional coarse check of the main answer (`check` syntax): the outcome baseline's verdict."""
 
 
 @dataclass(frozen=True)
@@ -217,6 +220,20 @@ def _check_rubric(raw: Any, report: _Collector) -> Rubric | None:
     return Rubric(essential=tuple(groups["essential"]), additional=tuple(groups["additional"]))
 
 
+def _check_outcome(raw: Any, report: _Collector) -> dict | None:
+    """`{"check": {...}, "text": optional}`: one coarse rule for the outcome baseline."""
+    if not isinstance(raw, dict):
+        report("outcome", f"must be an object with a 'check', got {type(raw).__name__}")
+        return None
+    _unknown_keys(raw, OUTCOME_KEYS, "outcome", report)
+    if "text" in raw and not _nonempty_str(raw["text"]):
+        report("outcome.text", "must be a non-empty string")
+    if "check" not in raw:
+        report("outcome.check", "missing")
+        return None
+    return _check_check(raw["check"], "outcome.check", report)
+
+
 def _check_images(
     raw: Any, base: Path, open_images: bool, report: _Collector
 ) -> tuple[Path, ...] | None:
@@ -262,6 +279,9 @@ def _check_record(
     reference = raw.get("reference")
     if reference is not None and not isinstance(reference, str):
         report("reference", f"must be a string, got {type(reference).__name__}")
+    outcome = None
+    if raw.get("outcome") is not None:
+        outcome = _check_outcome(raw["outcome"], report)
     if report.count or images is None or rubric is None:
         return None
     return PromptRecord(
@@ -271,6 +291,7 @@ def _check_record(
         rubric=rubric,
         reference=reference,
         source=f"{report.file}:{report.line}",
+        outcome=outcome,
     )
 
 

@@ -166,10 +166,20 @@ def _question(scene: Scene, kind: str, target: tuple[str, str] | None) -> tuple[
     return instruction, reference, rubric
 
 
+def _outcome(rubric: dict) -> dict:
+    """The coarse outcome check: "is the main answer right" = every positive essential fact is
+    stated. Pitfalls (absent colours, a wrong side) are ignored, as a holistic verdict on the
+    main answer ignores a hallucinated extra: that is what rubric filtering catches and outcome
+    filtering does not."""
+    facts = ["|".join(f"(?:{p})" for p in c["check"]["any"])
+             for c in rubric["essential"] if "any" in c["check"]]
+    return {"text": "States the main fact(s) of the reference answer.", "check": {"all": facts}}
+
+
 def _record(rid: str, scene: Scene, kind: str, target) -> dict:
     instruction, reference, rubric = _question(scene, kind, target)
     return {"id": rid, "images": [f"images/{rid}.png"], "instruction": instruction,
-            "reference": reference, "rubric": rubric}
+            "reference": reference, "rubric": rubric, "outcome": _outcome(rubric)}
 
 
 def _random_scene(rng: random.Random) -> Scene:

@@ -23,7 +23,7 @@ from rdpo.config import ToyConfig
 log = logging.getLogger("rdpo")
 
 # Bump when the task, the tiny model or the warm start changes in a way the settings don't show.
-TOY_VERSION = 2
+TOY_VERSION = 3  # 3: records carry an `outcome` check (outcome baseline)
 
 
 @dataclass(frozen=True)

@@ -153,7 +153,7 @@ def test_pools_disjoint_with_images(pools):
 def test_records_hold_only_pool_keys(pools):
     _, paths = pools
     for r in read_pool(paths.train) + read_pool(paths.heldout):
-        assert set(r) == {"id", "images", "instruction", "reference", "rubric"}
+        assert set(r) == {"id", "images", "instruction", "reference", "rubric", "outcome"}
         assert set(r["rubric"]) == {"essential", "additional"}
         for c in r["rubric"]["essential"] + r["rubric"]["additional"]:
             assert set(c) <= {"id", "text", "weight", "check"}
