@@ -91,3 +91,50 @@ def dpo_loss(
         chosen_rewards=beta * chosen_ratio.detach(),
         rejected_rewards=beta * rejected_ratio.detach(),
     )
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The training objective of a batch: DPO plus the optional SFT term."""
+
+    loss: torch.Tensor
+    dpo: DPOOutput
+    nll: torch.Tensor | None
+
+
+def dpo_objective(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    *,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    sft_weight: float = 0.0,
+) -> Objective:
+    """`dpo_loss` on summed log-probs [B] (IPO on length-averaged ones) plus ``sft_weight`` × NLL.
+
+    As TRL's DPOTrainer: IPO regresses the length-averaged log-ratio difference while the
+    rewards stay ``β·(log π - log π_ref)`` on sums; the SFT term (RPO, Pang et al., 2024) is
+    the mean negative log-likelihood over all chosen tokens of the batch. It keeps DPO from
+    lowering the likelihood of chosen and rejected alike ("likelihood displacement"), which
+    collapses small policies into degenerate text.
+    """
+    if loss_type == "ipo":
+        averaged = dpo_loss(policy_chosen_logps / chosen_lengths, policy_rejected_logps / rejected_lengths,
+                            ref_chosen_logps / chosen_lengths, ref_rejected_logps / rejected_lengths,
+                            beta=beta, loss_type="ipo")
+        out = DPOOutput(averaged.losses, beta * (policy_chosen_logps - ref_chosen_logps).detach(),
+                        beta * (policy_rejected_logps - ref_rejected_logps).detach())
+    else:
+        out = dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                       ref_rejected_logps, beta=beta, loss_type=loss_type,
+                       label_smoothing=label_smoothing)
+    loss, nll = out.loss, None
+    if sft_weight:
+        nll = -policy_chosen_logps.sum() / chosen_lengths.sum().clamp(min=1)
+        loss = loss + sft_weight * nll
+    return Objective(loss, out, nll)

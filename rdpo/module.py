@@ -9,7 +9,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from rdpo.logps import sequence_logps
-from rdpo.loss import DPOOutput, dpo_loss
+from rdpo.loss import dpo_objective
 from rdpo.packing import completion_lengths, pair_logps
 from rdpo.rollout import SamplingSettings, generate
 
@@ -69,28 +69,12 @@ class RubricDPOModule(L.LightningModule):
             return sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
         chosen, rejected = self.pair_logps(batch)
         n_chosen, n_rejected = completion_lengths(batch)
-        ref_chosen = batch["ref_chosen_logps"].to(chosen)
-        ref_rejected = batch["ref_rejected_logps"].to(rejected)
-        if self.loss_type == "ipo":
-            # IPO regresses length-averaged log-ratios (as TRL does); the others use sums.
-            out = dpo_loss(chosen / n_chosen, rejected / n_rejected, ref_chosen / n_chosen,
-                           ref_rejected / n_rejected, beta=self.beta, loss_type="ipo")
-            # Rewards are reported on summed log-probs whatever the loss, as TRL does.
-            out = DPOOutput(out.losses, self.beta * (chosen - ref_chosen).detach(),
-                            self.beta * (rejected - ref_rejected).detach())
-        else:
-            out = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=self.beta,
-                           loss_type=self.loss_type, label_smoothing=self.label_smoothing)
-        loss = out.loss
-        values = {}
-        if self.sft_weight:
-            # RPO (Pang et al., 2024): an NLL term on the chosen responses keeps DPO from
-            # lowering the likelihood of chosen and rejected alike ("likelihood displacement"),
-            # which collapses small policies into degenerate text. Mean over all chosen tokens
-            # of the batch, as TRL's "sft" loss type.
-            nll = -chosen.sum() / n_chosen.sum().clamp(min=1)
-            loss = loss + self.sft_weight * nll
-            values["nll"] = nll.detach()
+        obj = dpo_objective(chosen, rejected, batch["ref_chosen_logps"].to(chosen),
+                            batch["ref_rejected_logps"].to(rejected), n_chosen, n_rejected,
+                            beta=self.beta, loss_type=self.loss_type,
+                            label_smoothing=self.label_smoothing, sft_weight=self.sft_weight)
+        loss, out = obj.loss, obj.dpo
+        values = {"nll": obj.nll.detach()} if obj.nll is not None else {}
         values |= {
             "loss": loss.detach(), "dpo_loss": out.loss.detach(), "rewards_chosen": out.chosen_rewards,
             "rewards_rejected": out.rejected_rewards, "rewards_margins": out.margins,
