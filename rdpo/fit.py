@@ -122,6 +122,14 @@ def fit(cfg: Config) -> FitResult:
         log.info("held-out after: rubric score %.3f (before %.3f, gain %+.3f), essential pass "
                  "%.1f%%", results["after"]["rubric_score"], results["before"]["rubric_score"],
                  results["gain"], 100 * results["after"]["essential_pass_rate"])
+    if cfg.run.report and trainer.is_global_zero:
+        from rdpo.report import write_report
+
+        try:
+            report = write_report([run_dir])
+            log.info("report: %s and %s", report.png, report.markdown)
+        except Exception:  # the run's own files are written: a plotting failure must not fail it
+            log.exception("could not write the report; retry with python -m rdpo.report %s", run_dir)
     result = FitResult(run_dir, adapter_dir, results, scoring.history, time.perf_counter() - start)
     log.info("run finished in %.0fs: %s", result.seconds, run_dir)
     return result

@@ -1,0 +1,189 @@
+"""The report figure: seven panels, every run in its own colour on shared axes.
+
+Drawn on a bare `matplotlib.figure.Figure` (no pyplot state, no GUI backend), so it is safe to
+call from inside a training process.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
+
+from rdpo.rundir import RunData
+
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
+          "#7f7f7f", "#bcbd22", "#17becf"]
+REASON_MARKERS = ["x", "^", "v", "s", "D", "P", "*"]
+TOP_CRITERIA = 10
+
+
+def _rolling(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def _empty(ax, text: str = "no data yet") -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.5")
+
+
+def _after_step(run: RunData) -> int | None:
+    return (run.config.get("dpo") or {}).get("max_steps") or run.last_step
+
+
+def _score_panel(ax, runs: list[RunData], key: str, eval_key: str, title: str) -> None:
+    drawn = False
+    for color, run in zip(COLORS, runs, strict=False):
+        if run.rounds:
+            ax.plot([r.step for r in run.rounds], [getattr(r, key) for r in run.rounds], "o-",
+                    color=color, ms=4, lw=1.5)
+            drawn = True
+        # held-out: before (step 0), any evaluation logged during training, after (last step)
+        points = run.metric(f"eval/{eval_key}")
+        if "before" in run.eval:
+            points = [(0, run.eval["before"][eval_key])] + points
+        if "after" in run.eval and _after_step(run) is not None:
+            points = points + [(_after_step(run), run.eval["after"][eval_key])]
+        if points:
+            ax.plot(*zip(*sorted(points), strict=True), "*--", color=color, ms=11, lw=1.2)
+            drawn = True
+    if not drawn:
+        _empty(ax)
+    ax.set_title(title)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(handles=[Line2D([], [], color="0.3", marker="o", ms=4, label="rounds (training prompts)"),
+                       Line2D([], [], color="0.3", marker="*", ms=10, ls="--", label="held-out evaluation")],
+              loc="lower right", fontsize=8)
+
+
+def _pairs_panel(ax, runs: list[RunData]) -> None:
+    reasons = sorted({k for run in runs for r in run.rounds for k, v in r.dropped.items() if v})
+    if not any(run.rounds for run in runs):
+        _empty(ax)
+    elif len(runs) == 1:
+        # One run: stacked bars, kept at the bottom, each drop reason on top.
+        rounds = runs[0].rounds
+        x = [r.index for r in rounds]
+        bottom = [r.kept for r in rounds]
+        ax.bar(x, bottom, color=COLORS[2], label="kept (pairs)")
+        palette = ["#d62728", "#ff7f0e", "#9467bd", "#8c564b", "#7f7f7f", "#bcbd22", "#17becf"]
+        for color, reason in zip(palette, reasons, strict=False):
+            counts = [r.dropped.get(reason, 0) for r in rounds]
+            ax.bar(x, counts, bottom=bottom, color=color, label=f"dropped: {reason}")
+            bottom = [b + c for b, c in zip(bottom, counts, strict=True)]
+        ax.legend(fontsize=8, loc="upper center", ncols=2)
+    else:
+        for color, run in zip(COLORS, runs, strict=False):
+            x = [r.index for r in run.rounds]
+            ax.plot(x, [r.kept for r in run.rounds], "o-", color=color, ms=4)
+            for marker, reason in zip(REASON_MARKERS, reasons, strict=False):
+                ax.plot(x, [r.dropped.get(reason, 0) for r in run.rounds], ls=":", marker=marker,
+                        color=color, ms=5, lw=1)
+        handles = [Line2D([], [], color="0.3", marker="o", ms=4, label="kept (pairs)")]
+        handles += [Line2D([], [], color="0.3", marker=m, ls=":", label=f"dropped: {reason}")
+                    for m, reason in zip(REASON_MARKERS, reasons, strict=False)]
+        ax.legend(handles=handles, fontsize=8, loc="upper center", ncols=2)
+    totals = [r.prompts for run in runs for r in run.rounds]
+    if totals:
+        ax.set_ylim(0, 1.35 * max(totals))  # headroom for the legend
+    ax.set_title("Prompts per round: pair kept, or why dropped")
+    ax.set_xlabel("round")
+    ax.grid(alpha=0.3, axis="y")
+
+
+def _unknown_panel(ax, runs: list[RunData]) -> None:
+    for color, run in zip(COLORS, runs, strict=False):
+        ax.plot([r.index for r in run.rounds], [r.unknown_verdicts for r in run.rounds], "o-",
+                color=color, ms=4)
+    if not any(run.rounds for run in runs):
+        _empty(ax)
+    elif not any(r.unknown_verdicts for run in runs for r in run.rounds):
+        ax.text(0.5, 0.6, "no unknown verdicts", ha="center", transform=ax.transAxes, color="0.4")
+    ax.set_title("Unknown verdicts per round (judge could not tell)")
+    ax.set_xlabel("round")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+
+
+def _step_panel(ax, runs: list[RunData], name: str, title: str, reference: float | None) -> None:
+    drawn = False
+    for color, run in zip(COLORS, runs, strict=False):
+        points = run.metric(name)
+        if not points:
+            continue
+        steps, values = zip(*points, strict=True)
+        # Per-step values are noisy (a batch of a few pairs): the raw line is faint, a rolling
+        # mean over ~1/20 of the run is drawn on top.
+        ax.plot(steps, values, color=color, alpha=0.25, lw=0.8)
+        ax.plot(steps, _rolling(list(values), max(1, len(values) // 20)), color=color, lw=1.6)
+        drawn = True
+    if not drawn:
+        _empty(ax)
+    if reference is not None:
+        ax.axhline(reference, color="0.5", lw=0.8, ls="--")
+    ax.set_title(title)
+    ax.set_xlabel("optimizer step")
+    ax.grid(alpha=0.3)
+
+
+def _criteria_panel(ax, runs: list[RunData], moves: list[tuple[str, list]]) -> None:
+    best: dict[str, float] = {}
+    for _, run_moves in moves:
+        for m in run_moves:
+            best[m.text] = max(best.get(m.text, 0.0), abs(m.z))
+    texts = sorted(best, key=lambda t: (-best[t], t))[:TOP_CRITERIA]
+    if not texts:
+        _empty(ax, "no criterion judged often enough yet")
+        ax.set_axis_off()
+        return
+    step = 0.8 / max(1, len(runs))
+    for k, (color, (_, run_moves)) in enumerate(zip(COLORS, moves, strict=False)):
+        by_text = {m.text: m for m in run_moves}
+        for row, text in enumerate(texts):
+            if text not in by_text:
+                continue
+            m, y = by_text[text], row + (k - (len(runs) - 1) / 2) * step
+            ax.annotate("", (m.after, y), (m.before, y),
+                        arrowprops={"arrowstyle": "->", "color": color, "lw": 1.8})
+            ax.plot([m.before], [y], "o", mfc="white", mec=color, ms=6)
+            ax.plot([m.after], [y], "o", color=color, ms=6)
+    ax.set_yticks(range(len(texts)), [textwrap.shorten(t, 70) for t in texts], fontsize=8)
+    ax.set_ylim(len(texts) - 0.5, -0.5)
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_xlabel("pass rate (unknown verdicts left out)")
+    sources = sorted({source for source, _ in moves})
+    ax.set_title(f"Criteria that moved most: before (open) → after (filled); {'; '.join(sources)}")
+    ax.grid(alpha=0.3, axis="x")
+
+
+def plot_runs(runs: list[RunData], moves: list[tuple[str, list]], png: Path) -> None:
+    """Write the report figure for `runs` (overlaid, one colour each) to `png`."""
+    fig = Figure(figsize=(18, 15), dpi=100, layout="constrained")
+    # Two sub-figures, so the long criterion labels below do not squeeze the panels above.
+    top, bottom = fig.subfigures(2, 1, height_ratios=[2, 1.25])
+    axes = top.subplots(2, 3).ravel()
+    _score_panel(axes[0], runs, "mean_score", "rubric_score", "Mean rubric score")
+    _score_panel(axes[1], runs, "essential_pass_rate", "essential_pass_rate",
+                 "Essential pass rate (all essential criteria met)")
+    _pairs_panel(axes[2], runs)
+    _unknown_panel(axes[3], runs)
+    _step_panel(axes[4], runs, "train/rewards/margins", "DPO reward margin (chosen − rejected)", 0.0)
+    _step_panel(axes[5], runs, "train/rewards/accuracy", "DPO reward accuracy", 0.5)
+    for ax in axes[2:4]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _criteria_panel(bottom.subplots(), runs, moves)
+    top.suptitle("rdpo run report: " + ", ".join(run.name for run in runs), fontsize=15)
+    bottom.legend(handles=[Line2D([], [], color=c, lw=3, label=run.name)
+                           for c, run in zip(COLORS, runs, strict=False)],
+                  loc="outside lower center", ncols=min(len(runs), 6), fontsize=11)
+    fig.savefig(png)

@@ -1,0 +1,191 @@
+"""Reading a run directory back: per-round numbers, step metrics, held-out evaluation.
+
+Works on a run that is still going: a round counts once its ``pairs.jsonl`` ends with the
+summary line (written last), and a half-written last line of ``metrics.csv`` is skipped. Bad
+content anywhere else is an error naming the file and line.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    """One round over all ranks: score, pass rate, pairs and drops, per-criterion counts."""
+
+    index: int
+    step: int
+    prompts: int
+    responses: int
+    mean_score: float
+    essential_pass_rate: float
+    unknown_verdicts: int
+    kept: int
+    dropped: dict[str, int]
+    criteria: dict[str, tuple[int, int]]
+    """Criterion label → (met, judged); unknown verdicts are in neither count."""
+
+
+@dataclass
+class RunData:
+    """What a run directory holds so far."""
+
+    name: str
+    path: Path
+    config: dict = field(default_factory=dict)
+    rounds: list[RoundStats] = field(default_factory=list)
+    series: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    """metrics.csv column → [(step, value)] of its non-empty cells."""
+    eval: dict = field(default_factory=dict)
+    last_step: int | None = None
+
+    def metric(self, name: str) -> list[tuple[int, float]]:
+        """A step metric by its logged name (Lightning's ``_step`` variant when there is one)."""
+        return self.series.get(f"{name}_step") or self.series.get(name) or []
+
+
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) of every non-blank line; bad JSON names the file and line."""
+    out = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    out.append((lineno, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+    return out
+
+
+def _criterion_labels(pool: str | None) -> dict[str, dict[str, str]]:
+    """prompt id → {criterion id: "E · text" / "A · text"}; {} when the pool is not readable."""
+    if not pool or not Path(pool).is_file():
+        return {}
+    labels = {}
+    for _, record in read_jsonl(Path(pool)):
+        rubric = record.get("rubric", {})
+        labels[record.get("id")] = {c["id"]: f"{kind[0].upper()} · {c.get('text', c['id'])}"
+                                    for kind in ("essential", "additional")
+                                    for c in rubric.get(kind, [])}
+    return labels
+
+
+def _round_parts(directory: Path) -> list[Path] | None:
+    """The folders holding one round's files (one per rank); None while it is being written."""
+    parts = [directory] if (directory / "rollouts.jsonl").exists() else sorted(directory.glob("rank*"))
+    for part in parts:
+        pairs = part / "pairs.jsonl"
+        if not pairs.is_file():
+            return None
+        lines = pairs.read_text().rstrip("\n").rsplit("\n", 1)
+        if not lines[-1].startswith('{"summary"'):
+            return None
+    return parts or None
+
+
+def read_round(directory: Path, index: int, step: int,
+               labels: dict[str, dict[str, str]]) -> RoundStats | None:
+    """One round's numbers from its files (summed over ranks); None if it is not complete."""
+    parts = _round_parts(directory)
+    if parts is None:
+        return None
+    responses = score_sum = passed = unknown = kept = prompts = 0
+    dropped: dict[str, int] = {}
+    criteria: dict[str, list[int]] = {}
+    for part in parts:
+        path = part / "rollouts.jsonl"
+        for lineno, row in read_jsonl(path):
+            try:
+                score, verdicts = float(row["score"]), row["verdicts"]
+                passed += row["essential_pass"] is True
+                unknown += int(row.get("unknown", 0))
+                names = labels.get(row["prompt_id"], {})
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{path}:{lineno}: bad rollout record ({e!r})") from None
+            responses += 1
+            score_sum += score
+            for cid, met in verdicts.items():
+                if met is None:  # unknown: neither met nor failed
+                    continue
+                counts = criteria.setdefault(names.get(cid, cid), [0, 0])
+                counts[0] += met is True
+                counts[1] += 1
+        path = part / "pairs.jsonl"
+        lineno, last = read_jsonl(path)[-1]
+        try:
+            summary = last["summary"]
+            prompts += int(summary["prompts"])
+            kept += int(summary["kept"])
+            for reason, n in summary["dropped"].items():
+                dropped[reason] = dropped.get(reason, 0) + int(n)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}:{lineno}: bad summary line ({e!r})") from None
+    n = max(1, responses)
+    return RoundStats(index, step, prompts, responses, score_sum / n, passed / n, unknown, kept,
+                      dropped, {k: (v[0], v[1]) for k, v in criteria.items()})
+
+
+def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """metrics.csv as column → [(step, value)]; a half-written last line is skipped."""
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    series: dict[str, list[tuple[int, float]]] = {}
+    for i, row in enumerate(rows):
+        lineno = i + 2  # after the header
+        try:
+            step = int(float(row["step"]))
+            values = {k: float(v) for k, v in row.items()
+                      if k not in ("step", "epoch") and k is not None and v not in ("", None)}
+        except (KeyError, TypeError, ValueError) as e:
+            if i == len(rows) - 1:
+                break  # the logger may be rewriting the file right now
+            raise ValueError(f"{path}:{lineno}: bad metrics row ({e!r})") from None
+        for key, value in values.items():
+            if math.isfinite(value):
+                series.setdefault(key, []).append((step, value))
+    return series
+
+
+def load_run(path: str | Path, name: str | None = None) -> RunData:
+    """Everything a run directory holds so far (see the module docstring)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such run directory")
+    config_file, rounds_dir = path / "config.yaml", path / "rounds"
+    metrics_file = path / "logs" / "metrics.csv"
+    if not (config_file.is_file() or rounds_dir.is_dir() or metrics_file.is_file()):
+        raise ValueError(f"{path}: not an rdpo run directory (no config.yaml, rounds/ or "
+                         "logs/metrics.csv)")
+    config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file}: expected a mapping of config sections")
+    every = (config.get("rollout") or {}).get("every_n_steps") or 1
+    labels = _criterion_labels((config.get("data") or {}).get("train_pool"))
+    rounds = []
+    for directory in sorted(rounds_dir.glob("[0-9]*")) if rounds_dir.is_dir() else []:
+        if directory.name.isdigit():
+            # Rounds are periodic in optimizer steps: round r begins at step r × every_n_steps.
+            index = int(directory.name)
+            stats = read_round(directory, index, index * every, labels)
+            if stats is not None:
+                rounds.append(stats)
+    series = read_metrics(metrics_file)
+    eval_file = path / "eval.json"
+    results = {}
+    if eval_file.is_file():
+        try:
+            results = json.loads(eval_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{eval_file}:{e.lineno}: invalid JSON ({e.msg})") from None
+    steps = [s for points in series.values() for s, _ in points] + [r.step for r in rounds]
+    return RunData(name or path.name, path, config, rounds, series, results,
+                   max(steps) if steps else None)
