@@ -144,15 +144,15 @@ def render_markdown(runs: list[RunData], moves: list[tuple[str, list[CriterionMo
                     png_name: str) -> str:
     """The summary: one row per run, then per run the drop reasons and the criteria that moved."""
     out = ["# rdpo run report", "", f"![run report]({png_name})", "",
-           "| run | rounds | last step | held-out rubric score | held-out essential pass | "
-           "last round score | last round essential pass | pairs kept | unknown verdicts |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| run | pairs from | rounds | last step | held-out rubric score | held-out essential pass "
+           "| last round score | last round essential pass | pairs kept | unknown verdicts |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         last = run.rounds[-1] if run.rounds else None
         kept = sum(r.kept for r in run.rounds)
         prompts = sum(r.prompts for r in run.rounds)
         out.append(
-            f"| {run.name} | {len(run.rounds)} | {run.last_step if run.last_step is not None else '–'} "
+            f"| {run.name} | {run.strategy} | {len(run.rounds)} | {run.last_step if run.last_step is not None else '–'} "
             f"| {_before_after(run, 'rubric_score', _num)} "
             f"| {_before_after(run, 'essential_pass_rate', _pct)} "
             f"| {_num(last.mean_score if last else None)} "

@@ -61,7 +61,8 @@ def _score_panel(ax, runs: list[RunData], key: str, eval_key: str, title: str) -
     ax.set_xlabel("optimizer step")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(handles=[Line2D([], [], color="0.3", marker="o", ms=4, label="rounds (training prompts)"),
+    ax.legend(handles=[Line2D([], [], color="0.3", marker="o", ms=4,
+                              label="rounds (training prompts, the score pairs were built from)"),
                        Line2D([], [], color="0.3", marker="*", ms=10, ls="--", label="held-out evaluation")],
               loc="lower right", fontsize=8)
 
@@ -183,7 +184,9 @@ def plot_runs(runs: list[RunData], moves: list[tuple[str, list]], png: Path) -> 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _criteria_panel(bottom.subplots(), runs, moves)
     top.suptitle("rdpo run report: " + ", ".join(run.name for run in runs), fontsize=15)
-    bottom.legend(handles=[Line2D([], [], color=c, lw=3, label=run.name)
+    mixed = any(run.strategy != "rubric" for run in runs)
+    bottom.legend(handles=[Line2D([], [], color=c, lw=3,
+                                  label=f"{run.name} (pairs: {run.strategy})" if mixed else run.name)
                            for c, run in zip(COLORS, runs, strict=False)],
                   loc="outside lower center", ncols=min(len(runs), 6), fontsize=11)
     fig.savefig(png)

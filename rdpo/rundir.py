@@ -46,6 +46,11 @@ class RunData:
     eval: dict = field(default_factory=dict)
     last_step: int | None = None
 
+    @property
+    def strategy(self) -> str:
+        """What the rounds scored pairs with: rubric, or outcome (one holistic verdict)."""
+        return (self.config.get("pairs") or {}).get("strategy") or "rubric"
+
     def metric(self, name: str) -> list[tuple[int, float]]:
         """A step metric by its logged name (Lightning's ``_step`` variant when there is one)."""
         return self.series.get(f"{name}_step") or self.series.get(name) or []
@@ -112,7 +117,9 @@ def read_round(directory: Path, index: int, step: int,
             responses += 1
             score_sum += score
             for cid, met in verdicts.items():
-                if met is None:  # unknown: neither met nor failed
+                if not isinstance(met, bool):
+                    # None: unknown, neither met nor failed; a number: an outcome-mode score
+                    # (pairs.strategy=outcome), which has no criteria to count.
                     continue
                 counts = criteria.setdefault(names.get(cid, cid), [0, 0])
                 counts[0] += met is True

@@ -82,7 +82,7 @@ def test_overlay_of_two_runs(runs, tmp_path):
     # both directories are called "run": the legend names them by their parents
     assert [r.name for r in result.runs] == ["a/run", "b/run"]
     md = result.markdown.read_text()
-    assert "| a/run | 3 |" in md and "| b/run | 1 |" in md
+    assert "| a/run | rubric | 3 |" in md and "| b/run | rubric | 1 |" in md
     assert "round 0 vs round 2" in md and "round 0 vs round 0" in md  # single-round run
 
 
@@ -102,7 +102,7 @@ def test_run_still_going(runs, tmp_path):
     run = load_run(run_dir)
     assert [r.index for r in run.rounds] == [0, 1]
     md = (run_dir / "report.md").read_text()
-    assert "| going | 2 |" in md and "| – | – |" in md  # no held-out numbers yet
+    assert "| going | rubric | 2 |" in md and "| – | – |" in md  # no held-out numbers yet
 
 
 def test_run_with_nothing_yet(tmp_path):
@@ -160,3 +160,17 @@ def test_bad_input_names_the_file_and_line(runs, tmp_path, capsys):
     rollouts.write_text("".join(lines[:4] + ["{not json\n"]))
     with pytest.raises(ValueError, match=r"rollouts\.jsonl:5: invalid JSON"):
         write_report([broken])
+
+
+def test_outcome_rounds_have_no_criteria(tmp_path):
+    """pairs.strategy=outcome writes {"outcome": 1-10} verdicts: scores, not criteria."""
+    d = tmp_path / "run" / "rounds" / "0000"
+    d.mkdir(parents=True)
+    rows = [{"prompt_id": "p", "sample": i, "response": "x", "verdicts": {"outcome": v},
+             "score": (v - 1) / 9, "essential_pass": True, "unknown": 0} for i, v in enumerate([10, 1])]
+    (d / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "pairs.jsonl").write_text(json.dumps(
+        {"summary": {"prompts": 1, "kept": 1, "dropped": {}}}) + "\n")
+    stats = load_run(tmp_path / "run").rounds[0]
+    assert stats.criteria == {} and stats.mean_score == 0.5
+    _check_png(write_report([tmp_path / "run"]).png)
