@@ -74,6 +74,9 @@ class FakeOpenAIServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body go out in separate writes; with Nagle's algorithm and the
+            # client's delayed ACK each response would stall ~40 ms (real servers set NODELAY).
+            disable_nagle_algorithm = True
 
             def log_message(self, *args):  # keep test output clean
                 pass

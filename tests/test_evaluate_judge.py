@@ -85,3 +85,38 @@ def test_bad_preference_file(tmp_path, toy_pools, capsys):
         assert where in err, where
     with pytest.raises(ValueError, match="not found"):
         load_preferences(tmp_path / "none.jsonl")
+
+
+def test_vlrewardbench_converter(tmp_path, toy_pools):
+    import importlib.util
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    spec = importlib.util.spec_from_file_location("conv", "scripts/convert_vlrewardbench.py")
+    conv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conv)
+    png = (toy_pools.train.parent / "images" / "train-00000.png").read_bytes()
+    rows = [
+        {"id": "a/1", "query": "What?", "response": ["good", "bad"], "human_ranking": [0, 1],
+         "image": {"bytes": png, "path": None}},
+        {"id": "b", "query": "Where?", "response": ["bad", "good"], "human_ranking": [1, 0],
+         "image": {"bytes": png, "path": None}},
+        {"id": "c", "query": "Tie?", "response": ["x", "y"], "human_ranking": [0, 0],
+         "image": {"bytes": png, "path": None}},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "vl.parquet")
+    assert conv.main([str(tmp_path / "vl.parquet"), str(tmp_path / "out")]) == 0
+    pairs = load_preferences(tmp_path / "out" / "pairs.jsonl")
+    assert [(p.record.id, p.preferred, p.responses) for p in pairs] == [
+        ("a_1", 0, ("good", "bad")), ("b", 1, ("bad", "good"))]
+    assert pairs[0].record.images[0].read_bytes() == png and not pairs[0].has_rubric
+    # JSONL with a path image; a record missing a field is an error naming it
+    (tmp_path / "vl.jsonl").write_text(
+        json.dumps({"id": "p", "query": "Q", "response": ["a", "b"], "human_ranking": [1, 0],
+                    "image": str(toy_pools.train.parent / "images" / "train-00001.png")}) + "\n"
+        + json.dumps({"id": "q", "query": "Q", "response": ["a", "b"]}) + "\n")
+    assert conv.main([str(tmp_path / "vl.jsonl"), str(tmp_path / "out2")]) == 1
+    (tmp_path / "vl.jsonl").write_text(
+        (tmp_path / "vl.jsonl").read_text().splitlines()[0] + "\n")
+    assert conv.convert(tmp_path / "vl.jsonl", tmp_path / "out3")["written"] == 1
