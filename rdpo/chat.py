@@ -212,7 +212,10 @@ class OpenAIChat:
 
 
 def _limits(concurrency: int):
-    import httpx2 as httpx
+    try:  # openai >= 3 ships on httpx2; older releases on httpx
+        import httpx2 as httpx
+    except ImportError:
+        import httpx
 
     return httpx.Limits(max_connections=max(concurrency, 1),
                         max_keepalive_connections=max(concurrency, 1))
