@@ -16,12 +16,22 @@ from torch.utils.checkpoint import checkpoint
 def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  targets: torch.Tensor) -> torch.Tensor:
     logits = nn.functional.linear(hidden, weight, bias).float()
-    return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    # gather - logsumexp instead of log_softmax: no second [rows, vocab] tensor.
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+# Elements of one chunk's logits: 2^24 float32 values are 64 MiB, so with Qwen's 152k vocabulary
+# a chunk is ~110 rows, and its log-softmax and gradient stay within a few hundred MiB.
+CHUNK_ELEMENTS = 2**24
 
 
 def token_logps(hidden: torch.Tensor, lm_head: nn.Linear, targets: torch.Tensor,
-                chunk_size: int = 1024) -> torch.Tensor:
-    """log p(targets[i] | hidden[i]) for rows hidden [N, H] and targets [N]; returns [N] float32."""
+                chunk_size: int | None = None) -> torch.Tensor:
+    """log p(targets[i] | hidden[i]) for rows hidden [N, H] and targets [N]; returns [N] float32.
+
+    `chunk_size` rows are projected at a time (default: as many as fit `CHUNK_ELEMENTS` logits).
+    """
+    chunk_size = chunk_size or max(1, CHUNK_ELEMENTS // lm_head.weight.shape[0])
     out = []
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
@@ -42,7 +52,7 @@ def completion_logps(
     completion_mask: torch.Tensor,
     *,
     average: bool = False,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Summed (or, with ``average``, mean) log-prob of the completion tokens of each sequence.
 
@@ -67,7 +77,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def sequence_logps(model: nn.Module, batch: dict, *, average: bool = False,
-                   chunk_size: int = 1024) -> torch.Tensor:
+                   chunk_size: int | None = None) -> torch.Tensor:
     """Completion log-probs [B] of a collated batch (processor outputs + ``completion_mask``).
 
     Runs the multimodal trunk (``model.model`` of a transformers VLM, LoRA layers included) and

@@ -113,7 +113,7 @@ def pair_position_ids(model, batch: dict) -> torch.Tensor:
 
 
 def packed_logps(model, batch: dict, *, average: bool = False,
-                 chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                 chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) completion log-probs, each [B], from one forward of packed pairs.
 
     `batch` comes from `pack_pairs`. Only completion positions are projected through the

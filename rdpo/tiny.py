@@ -89,31 +89,36 @@ def train_tokenizer(corpus: list[str], vocab_size: int = 512):
     )
 
 
-def _model_config(family: str, tokenizer, hidden: int, layers: int):
+def _model_config(family: str, tokenizer, hidden: int, layers: int, *, head_dim: int = 16,
+                  intermediate: int | None = None, vocab_size: int | None = None,
+                  vision_hidden: int | None = None, vision_layers: int | None = None,
+                  kv_heads: int | None = None):
     from transformers import AutoConfig
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    head_dim = 16
     heads = hidden // head_dim
     text = dict(
-        vocab_size=len(tokenizer),
+        vocab_size=max(len(tokenizer), vocab_size or 0),
         hidden_size=hidden,
-        intermediate_size=2 * hidden,
+        intermediate_size=intermediate or 2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 2),
-        max_position_embeddings=1024,
+        num_key_value_heads=kv_heads or max(1, heads // 2),
+        max_position_embeddings=4096,
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
         tie_word_embeddings=False,
     )
     # mrope sections split head_dim/2 rotary frequencies over (temporal, height, width).
-    mrope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
-    vision = dict(depth=layers, num_heads=4, patch_size=14, spatial_merge_size=2,
+    # (Qwen's own split is 2:3:3 of head_dim/2: [16, 24, 24] for head_dim 128.)
+    quarter = head_dim // 8
+    mrope = {"rope_type": "default", "mrope_section": [quarter, 3 * quarter // 2, 3 * quarter // 2],
+             "rope_theta": 10000.0}
+    vision = dict(depth=vision_layers or layers, num_heads=4, patch_size=14, spatial_merge_size=2,
                   temporal_patch_size=2, in_channels=3)
     if family == "qwen2_vl":
-        vision.update(embed_dim=hidden, hidden_size=hidden, mlp_ratio=2)
+        vision.update(embed_dim=vision_hidden or hidden, hidden_size=hidden, mlp_ratio=2)
         text["rope_parameters"] = mrope
     elif family == "qwen2_5_vl":
         vision.update(hidden_size=hidden, out_hidden_size=hidden, intermediate_size=2 * hidden,
@@ -148,17 +153,20 @@ def build_tiny_vlm(
     image_pixels: int = 112 * 56,
     vocab_size: int = 512,
     seed: int = 0,
+    **shape,
 ) -> Path:
     """Build a random-init tiny VLM with its processor and save both under `out_dir`.
 
     `image_pixels` pins the image processor's min and max pixel budget, so every toy image keeps
     its size (112×56 → 8 patches wide × 4 high → 8 image tokens after the 2×2 merge).
+    `shape` passes through to the config (head_dim, intermediate, vocab_size of the model,
+    vision_hidden, vision_layers, kv_heads), for realistic shapes such as the benchmark's.
     """
     import transformers
     from transformers import AutoModelForImageTextToText
 
     tokenizer = train_tokenizer(corpus, vocab_size=vocab_size)
-    config = _model_config(family, tokenizer, hidden, layers)
+    config = _model_config(family, tokenizer, hidden, layers, **shape)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config)
     proc_cls, video_cls = _PROCESSORS[family]
