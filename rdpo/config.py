@@ -190,6 +190,12 @@ class DPOConfig:
     """Optimizer steps in the whole run."""
     grad_clip: float = 1.0
     """Gradient norm clip (0: off)."""
+    reference: str = "base"
+    """Reference policy of the DPO log-ratios, computed once per pair when the round builds it:
+    base (adapters disabled) or round_start (the policy as the round begins: iterative DPO)."""
+    prefix_sharing: bool = True
+    """Pack each pair as one sequence [prompt, chosen, rejected] so the image and the prompt are
+    encoded once per pair; models that cannot (no 4-D mask support) fall back with a notice."""
 
 
 @dataclass
@@ -232,6 +238,7 @@ _CHOICES = {
     "pairs.aggregation": ("lexicographic", "weighted"),
     "dpo.loss_type": ("sigmoid", "robust", "hinge", "ipo"),
     "dpo.schedule": ("constant", "cosine"),
+    "dpo.reference": ("base", "round_start"),
 }
 _POSITIVE = ("judge.concurrency", "judge.timeout", "judge.max_tokens", "judge.batch_size",
              "data.prompts_per_round", "data.batch_size", "data.accumulate_grad_batches",

@@ -40,6 +40,17 @@ def _judge(cfg: Config):
                       batch_size=j.batch_size, cache=j.cache, strategy=cfg.pairs.strategy)
 
 
+def _can_pack(cfg: Config, model) -> bool:
+    from rdpo.packing import packing_support
+
+    if not cfg.dpo.prefix_sharing:
+        return False
+    reason = packing_support(model)
+    if reason:
+        log.warning("prefix sharing off (%s): chosen and rejected are encoded separately", reason)
+    return reason is None
+
+
 def fit(cfg: Config) -> FitResult:
     """Train a policy with on-policy rubric DPO as `cfg` says; write the run directory."""
     import lightning as L
@@ -74,7 +85,8 @@ def fit(cfg: Config) -> FitResult:
     datamodule = OnPolicyDataModule(
         cfg.data.train_pool, cfg.data.heldout_pool, prompts_per_round=cfg.data.prompts_per_round,
         batch_size=cfg.data.batch_size, steps_per_round=cfg.rollout.every_n_steps,
-        accumulate_grad_batches=cfg.data.accumulate_grad_batches, seed=cfg.run.seed)
+        accumulate_grad_batches=cfg.data.accumulate_grad_batches, seed=cfg.run.seed,
+        packed=_can_pack(cfg, model))
     datamodule.connect(processor)
     datamodule.setup("fit")
     judge = _judge(cfg)
@@ -100,7 +112,7 @@ def fit(cfg: Config) -> FitResult:
     scoring = RubricScoringCallback(
         judge, sampling, aggregation=cfg.pairs.aggregation, min_margin=cfg.pairs.min_margin,
         require_chosen_essential=cfg.pairs.require_chosen_essential, run_dir=run_dir,
-        ref_batch_size=cfg.data.batch_size)
+        ref_batch_size=cfg.data.batch_size, reference=cfg.dpo.reference)
     trainer = L.Trainer(
         accelerator=cfg.run.accelerator, devices=cfg.run.devices, num_nodes=cfg.run.num_nodes,
         strategy=cfg.run.strategy, precision=cfg.run.precision, max_steps=cfg.dpo.max_steps,
