@@ -91,6 +91,9 @@ class ModelConfig:
     quantization: str = "none"
     """none, or nf4 (QLoRA: 4-bit base weights through bitsandbytes; vision tower and lm_head
     stay unquantised)."""
+    finetune: str = "lora"
+    """lora: train a LoRA adapter (reference = adapters off); full: train every language-model
+    weight (vision tower frozen; reference = a frozen copy, twice the weights in memory)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA adapter on the language model."""
     gradient_checkpointing: bool = False
@@ -232,6 +235,7 @@ class ConfigError(ValueError):
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.quantization": ("none", "nf4"),
+    "model.finetune": ("lora", "full"),
     "toy.family": ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"),
     "judge.kind": ("rule", "transformers", "openai"),
     "pairs.strategy": ("rubric", "outcome"),
@@ -334,6 +338,9 @@ def validate(cfg: DictConfig) -> list[str]:
         problems.append(f"judge.model: a {cfg.judge.kind} judge needs a model")
     if cfg.judge.kind == "openai" and not cfg.judge.base_url:
         problems.append("judge.base_url: an openai judge needs the server URL")
+    if cfg.model.finetune == "full" and cfg.model.quantization != "none":
+        problems.append("model.finetune: full fine-tuning cannot train 4-bit weights "
+                        f"(model.quantization={cfg.model.quantization}); use lora (QLoRA)")
     if cfg.rollout.samples_per_prompt < 2:
         problems.append("rollout.samples_per_prompt: a pair needs at least 2 samples per prompt")
     return problems

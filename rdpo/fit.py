@@ -40,6 +40,14 @@ def _judge(cfg: Config):
                       batch_size=j.batch_size, cache=j.cache, strategy=cfg.pairs.strategy)
 
 
+def _frozen_copy(model):
+    """The reference of full fine-tuning: the starting weights, frozen."""
+    import copy
+
+    ref = copy.deepcopy(model).eval()
+    return ref.requires_grad_(False)
+
+
 def _can_pack(cfg: Config, model) -> bool:
     from rdpo.packing import packing_support
 
@@ -112,7 +120,8 @@ def fit(cfg: Config) -> FitResult:
     scoring = RubricScoringCallback(
         judge, sampling, aggregation=cfg.pairs.aggregation, min_margin=cfg.pairs.min_margin,
         require_chosen_essential=cfg.pairs.require_chosen_essential, run_dir=run_dir,
-        ref_batch_size=cfg.data.batch_size, reference=cfg.dpo.reference)
+        ref_batch_size=cfg.data.batch_size, reference=cfg.dpo.reference,
+        reference_model=_frozen_copy(model) if cfg.model.finetune == "full" else None)
     trainer = L.Trainer(
         accelerator=cfg.run.accelerator, devices=cfg.run.devices, num_nodes=cfg.run.num_nodes,
         strategy=cfg.run.strategy, precision=cfg.run.precision, max_steps=cfg.dpo.max_steps,
@@ -123,7 +132,8 @@ def fit(cfg: Config) -> FitResult:
         enable_model_summary=False, default_root_dir=run_dir, use_distributed_sampler=False)
     trainer.fit(module, datamodule=datamodule)
 
-    adapter_dir = run_dir / "adapter"
+    # LoRA: the adapter in PEFT format; full fine-tuning: the whole model.
+    adapter_dir = run_dir / ("adapter" if cfg.model.finetune == "lora" else "model")
     if trainer.is_global_zero:
         model.save_pretrained(adapter_dir)
         processor.save_pretrained(adapter_dir)

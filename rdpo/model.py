@@ -70,9 +70,27 @@ def add_lora(model, cfg: ModelConfig):
     return get_peft_model(model, lora)
 
 
+def unfreeze_language_model(model):
+    """Full fine-tuning: every weight of the language model and output layer trains; the
+    vision tower stays frozen."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(".language_model." in f".{name}" or name.startswith("lm_head"))
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"{type(model).__name__}: no language_model parameters to train")
+    return model
+
+
 def load_policy(cfg: ModelConfig):
-    """(PEFT-wrapped policy, processor) for a model config."""
+    """(policy, processor) for a model config: PEFT-wrapped for LoRA, the plain model for full
+    fine-tuning."""
     processor = load_processor(cfg.path)
+    if cfg.finetune == "full":
+        model = unfreeze_language_model(load_base(cfg))
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        log.info("policy %s: %d trainable parameters (full fine-tuning)", cfg.path,
+                 sum(p.numel() for p in model.parameters() if p.requires_grad))
+        return model, processor
     model = add_lora(load_base(cfg), cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if trainable == 0:

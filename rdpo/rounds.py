@@ -134,7 +134,8 @@ def reference_logps(model, collator: PairCollator, scored: Sequence[ScoredRollou
     ref = reference_model if reference_model is not None and reference == "base" else model
     context = (contextlib.nullcontext() if ref is not model
                else _reference_context(model, reference))
-    device = next(ref.parameters()).device
+    device = next(model.parameters()).device
+    ref.to(device)  # a frozen copy follows the policy to its device (a no-op after the first round)
     was_training = ref.training
     ref.eval()
     try:

@@ -108,3 +108,30 @@ def test_seeded_runs_repeat(run, tmp_path):
     again = fit(cfg2)
     assert again.rounds[0]["mean_score"] == pytest.approx(result.rounds[0]["mean_score"])
     assert again.rounds[0]["pairs"] == result.rounds[0]["pairs"]
+
+
+def test_full_finetuning_uses_a_frozen_reference(run, tmp_path):
+    """model.finetune=full: every language-model weight trains, the vision tower does not, the
+    reference is a frozen copy (loss ln 2 at step 0), and the whole model is saved."""
+    from transformers import AutoModelForImageTextToText
+
+    cfg, result = run
+    cfg2 = load_config(result.run_dir / "config.yaml", [
+        f"run.dir={tmp_path}", "dpo.max_steps=2", "data.heldout_pool=null", "model.finetune=full",
+        "dpo.lr=1e-3"])
+    out = fit(cfg2)
+    rows = list(csv.DictReader((out.run_dir / "logs/metrics.csv").open()))
+    losses = [float(r["train/dpo_loss_step"]) for r in rows if r.get("train/dpo_loss_step")]
+    assert len(losses) == 2 and losses[0] == pytest.approx(math.log(2), abs=1e-4)
+    assert out.adapter_dir.name == "model"
+    before = AutoModelForImageTextToText.from_pretrained(cfg.model.path)
+    after = AutoModelForImageTextToText.from_pretrained(out.adapter_dir)
+    start = dict(before.named_parameters())
+    moved = {n for n, p in after.named_parameters() if not torch.equal(p, start[n])}
+    assert any("language_model" in n for n in moved)
+    assert not any("visual" in n for n in moved)
+
+
+def test_full_finetuning_refuses_4bit():
+    with pytest.raises(Exception, match="model.finetune"):
+        load_config("configs/quickstart.yaml", ["model.finetune=full", "model.quantization=nf4"])
