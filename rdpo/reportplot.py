@@ -42,7 +42,10 @@ def _after_step(run: RunData) -> int | None:
 def _score_panel(ax, runs: list[RunData], key: str, eval_key: str, title: str) -> None:
     drawn = False
     for color, run in zip(COLORS, runs, strict=False):
-        if run.rounds:
+        # Outcome-mode rounds have no essential criteria (every known verdict passes them
+        # vacuously): their round pass rate says nothing, only the held-out one does.
+        vacuous = key == "essential_pass_rate" and run.strategy == "outcome"
+        if run.rounds and not vacuous:
             ax.plot([r.step for r in run.rounds], [getattr(r, key) for r in run.rounds], "o-",
                     color=color, ms=4, lw=1.5)
             drawn = True

@@ -171,6 +171,12 @@ def test_outcome_rounds_have_no_criteria(tmp_path):
     (d / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "pairs.jsonl").write_text(json.dumps(
         {"summary": {"prompts": 1, "kept": 1, "dropped": {}}}) + "\n")
+    (tmp_path / "run" / "config.yaml").write_text("pairs:\n  strategy: outcome\n")
     stats = load_run(tmp_path / "run").rounds[0]
     assert stats.criteria == {} and stats.mean_score == 0.5
-    _check_png(write_report([tmp_path / "run"]).png)
+    result = write_report([tmp_path / "run"])
+    _check_png(result.png)
+    md = result.markdown.read_text()
+    # essential criteria pass vacuously in outcome mode: the round pass rate is not shown
+    assert "| run | outcome | 1 | 0 | – | – | 0.500 | – | 1/1 | 0 |" in md
+    assert "no per-criterion pass rates" in md
