@@ -66,7 +66,8 @@ def _score_panel(ax, runs: list[RunData], key: str, eval_key: str, title: str) -
     ax.grid(alpha=0.3)
     ax.legend(handles=[Line2D([], [], color="0.3", marker="o", ms=4,
                               label="rounds (training prompts, the score pairs were built from)"),
-                       Line2D([], [], color="0.3", marker="*", ms=10, ls="--", label="held-out evaluation")],
+                       Line2D([], [], color="0.3", marker="*", ms=10, ls="--",
+                              label="held-out evaluation (rubric)")],
               loc="lower right", fontsize=8)
 
 
@@ -147,7 +148,9 @@ def _criteria_panel(ax, runs: list[RunData], moves: list[tuple[str, list]]) -> N
             best[m.text] = max(best.get(m.text, 0.0), abs(m.z))
     texts = sorted(best, key=lambda t: (-best[t], t))[:TOP_CRITERIA]
     if not texts:
-        _empty(ax, "no criterion judged often enough yet")
+        outcome = all(run.strategy == "outcome" for run in runs)
+        _empty(ax, "outcome-mode rounds: one holistic verdict per response, no criteria" if outcome
+               else "no criterion judged often enough yet")
         ax.set_axis_off()
         return
     step = 0.8 / max(1, len(runs))
@@ -176,7 +179,7 @@ def plot_runs(runs: list[RunData], moves: list[tuple[str, list]], png: Path) -> 
     # Two sub-figures, so the long criterion labels below do not squeeze the panels above.
     top, bottom = fig.subfigures(2, 1, height_ratios=[2, 1.25])
     axes = top.subplots(2, 3).ravel()
-    _score_panel(axes[0], runs, "mean_score", "rubric_score", "Mean rubric score")
+    _score_panel(axes[0], runs, "mean_score", "rubric_score", "Mean score")
     _score_panel(axes[1], runs, "essential_pass_rate", "essential_pass_rate",
                  "Essential pass rate (all essential criteria met)")
     _pairs_panel(axes[2], runs)
