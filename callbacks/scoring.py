@@ -3,22 +3,27 @@
 rollout (current policy, K samples per prompt) → judge → score → pairs → reference log-probs
 → hand the pairs to the `OnPolicyDataModule`. A round is one Lightning epoch of
 ``rollout.every_n_steps`` optimizer steps, so the first round runs before the first step.
+With several ranks each rank runs its own shard; the round's results are gathered so every
+rank reports the same numbers and rank 0 writes the artifacts once, complete.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
+import shutil
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 
 from rdpo.pairs import PairSelection
 from rdpo.rollout import SamplingSettings, generate
 from rdpo.rounds import (
     RoundSummary,
+    ScoredRollout,
     reference_logps,
     score_rollouts,
     select_pairs,
@@ -29,18 +34,45 @@ from rdpo.rounds import (
 log = logging.getLogger("rdpo")
 
 
+def round_seed(seed: int, round_index: int, rank: int) -> int:
+    """The sampling seed of one rank's rollout in one round.
+
+    Sampling draws from a generator seeded here rather than from the global stream, so a round's
+    responses depend only on (seed, round, rank) and the policy's weights: a run resumed from a
+    checkpoint samples exactly what the uninterrupted run sampled.
+    """
+    digest = hashlib.sha256(f"{seed}:{round_index}:{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def merge_selections(selections: list[PairSelection]) -> PairSelection:
+    """The kept pairs and drop counts of several ranks as one selection."""
+    dropped: dict[str, int] = {}
+    dropped_ids: dict[str, list[str]] = {}
+    for s in selections:
+        for reason, n in s.dropped.items():
+            dropped[reason] = dropped.get(reason, 0) + n
+        for reason, ids in s.dropped_ids.items():
+            dropped_ids.setdefault(reason, []).extend(ids)
+    return PairSelection([p for s in selections for p in s.pairs], dropped, dropped_ids)
+
+
 class RubricScoringCallback(L.Callback):
     """Runs a round at the start of every training epoch and feeds the data module its pairs.
 
     Needs ``trainer.datamodule`` to be an `OnPolicyDataModule` and the LightningModule to have
     ``model`` (PEFT-wrapped VLM) and ``processor`` attributes, as `RubricDPOModule` does.
-    Writes ``rounds/NNNN/{rollouts,pairs}.jsonl`` under `run_dir` when given.
+    Writes ``rounds/NNNN/{rollouts,pairs}.jsonl`` under `run_dir` when given (rank 0, all
+    ranks' rollouts). `judge_chunk`: prompts judged per call (0: the whole round at once);
+    a cached judge stores each call's verdicts, so a run killed mid-judging loses at most the
+    call in flight.
     """
 
     def __init__(self, judge, sampling: SamplingSettings, *, aggregation: str = "lexicographic",
                  min_margin: float = 0.1, require_chosen_essential: bool = True,
                  run_dir: str | Path | None = None, ref_batch_size: int = 8,
-                 reference: str = "base", reference_model=None):
+                 reference: str = "base", reference_model=None, seed: int = 0,
+                 judge_chunk: int = 0):
         self.judge = judge
         self.sampling = sampling
         self.aggregation = aggregation
@@ -50,49 +82,71 @@ class RubricScoringCallback(L.Callback):
         self.ref_batch_size = ref_batch_size
         self.reference = reference
         self.reference_model = reference_model
+        self.seed = seed
+        self.judge_chunk = judge_chunk
         self.history: list[dict] = []
         self._prompt_cache: dict = {}
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dm = trainer.datamodule
+        if dm.round == trainer.current_epoch:
+            # Resumed from a checkpoint saved after this round was built: its pairs (with their
+            # reference log-probs) came back with the checkpoint; nothing is sampled or judged.
+            log.info("round %d: pairs restored from the checkpoint", dm.round)
+            return
         self.run_round(trainer, pl_module, trainer.current_epoch)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        trainer.datamodule.batches_done = batch_idx + 1
 
     def run_round(self, trainer: L.Trainer, pl_module: L.LightningModule, index: int) -> RoundSummary:
         dm = trainer.datamodule
         start = time.perf_counter()
         records = dm.round_prompts(index)
-        rollouts = generate(pl_module.model, pl_module.processor, records, self.sampling,
-                            prompt_cache=self._prompt_cache)
-        scored = score_rollouts(self.judge, rollouts, self.aggregation)
+        device = next(pl_module.model.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                _gathered_for_generation(trainer, pl_module.model):
+            torch.manual_seed(round_seed(self.seed, index, trainer.global_rank))
+            rollouts = list(generate(pl_module.model, pl_module.processor, records, self.sampling,
+                                     prompt_cache=self._prompt_cache))
+        scored = self._score(rollouts)
         selection = select_pairs(scored, min_margin=self.min_margin,
                                  require_chosen_essential=self.require_chosen_essential)
         train_pairs = reference_logps(pl_module.model, dm.collator, scored, selection,
                                       self.ref_batch_size, reference=self.reference,
                                       reference_model=self.reference_model)
         dm.set_pairs(train_pairs, index)
-        summary = summarize(scored, selection)
-        if self.run_dir is not None:
-            name = f"{index:04d}" if trainer.world_size == 1 else f"{index:04d}/rank{trainer.global_rank}"
-            write_round(self.run_dir / "rounds" / name, scored, selection, train_pairs, summary)
-        self._report(trainer, index, summary, selection, time.perf_counter() - start)
+        # Every rank gets every rank's results: the numbers are the whole round's on each rank.
+        parts = _all_gather(trainer, (scored, selection, train_pairs))
+        scored_all = [s for part in parts for s in part[0]]
+        selection_all = merge_selections([part[1] for part in parts])
+        pairs_all = [p for part in parts for p in part[2]]
+        summary = summarize(scored_all, selection_all)
+        if self.run_dir is not None and trainer.is_global_zero:
+            _write_once(self.run_dir / "rounds" / f"{index:04d}", scored_all, selection_all,
+                        pairs_all, summary)
+        self._report(trainer, index, summary, selection_all, time.perf_counter() - start,
+                     [len(part[2]) for part in parts])
         return summary
 
-    def _report(self, trainer: L.Trainer, index: int, summary: RoundSummary,
-                selection: PairSelection, seconds: float) -> None:
-        # Sum over ranks, so the line and the metrics describe the whole round.
-        local = torch.tensor([summary.prompts, summary.responses, summary.mean_score * summary.responses,
-                              summary.essential_pass_rate * summary.responses, summary.pairs,
-                              summary.unknown_verdicts], dtype=torch.float64)
-        total = trainer.strategy.reduce(local.to(trainer.strategy.root_device), reduce_op="sum").cpu()
-        prompts, responses, score_sum, pass_sum, pairs, unknown = total.tolist()
-        row = {"round": index, "step": trainer.global_step, "prompts": int(prompts),
-               "responses": int(responses), "mean_score": score_sum / max(1, responses),
-               "essential_pass_rate": pass_sum / max(1, responses), "pairs": int(pairs),
-               "unknown_verdicts": int(unknown), "seconds": seconds,
-               "dropped": dict(selection.dropped)}
-        self.history.append(row)
-        self._emit(trainer, row)
+    def _score(self, rollouts) -> list[ScoredRollout]:
+        size = self.judge_chunk or len(rollouts) or 1
+        scored: list[ScoredRollout] = []
+        for i in range(0, len(rollouts), size):
+            scored += score_rollouts(self.judge, rollouts[i:i + size], self.aggregation)
+        return scored
 
-    @rank_zero_only
+    def _report(self, trainer: L.Trainer, index: int, summary: RoundSummary,
+                selection: PairSelection, seconds: float, pairs_per_rank: list[int]) -> None:
+        row = {"round": index, "step": trainer.global_step, "prompts": summary.prompts,
+               "responses": summary.responses, "mean_score": summary.mean_score,
+               "essential_pass_rate": summary.essential_pass_rate, "pairs": summary.pairs,
+               "unknown_verdicts": summary.unknown_verdicts, "seconds": seconds,
+               "dropped": dict(selection.dropped), "pairs_per_rank": pairs_per_rank}
+        self.history.append(row)
+        if trainer.is_global_zero:
+            self._emit(trainer, row)
+
     def _emit(self, trainer: L.Trainer, row: dict) -> None:
         line = (f"round {row['round']}: mean score {row['mean_score']:.3f}, essential pass "
                 f"{row['essential_pass_rate']:.1%}, pairs {row['pairs']}/{row['prompts']} "
@@ -114,4 +168,33 @@ class RubricScoringCallback(L.Callback):
         self.history = list(state_dict.get("history", []))
 
 
-__all__ = ["RubricScoringCallback"]
+def _all_gather(trainer: L.Trainer, obj) -> list:
+    if trainer.world_size == 1:
+        return [obj]
+    out = [None] * trainer.world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _write_once(directory: Path, scored, selection, train_pairs, summary) -> None:
+    """Write the round's files next to `directory`, then move them in: a reader (or a resumed
+    run) sees a round's folder complete or not at all."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_round(tmp, scored, selection, train_pairs, summary)
+    shutil.rmtree(directory, ignore_errors=True)  # a round a killed run had already written
+    tmp.rename(directory)
+
+
+def _gathered_for_generation(trainer: L.Trainer, model):
+    """Under DeepSpeed ZeRO-3 each rank holds a slice of every weight; generation would gather
+    them layer by layer at every token, so they are gathered once for the whole rollout."""
+    stage = getattr(trainer.strategy, "zero_stage_3", False)
+    if not stage:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+
+
+__all__ = ["RubricScoringCallback", "merge_selections", "round_seed"]

@@ -37,6 +37,21 @@ class RunConfig:
     """torch CPU threads (0: leave torch's default)."""
     report: bool = True
     """At the end, write report.png and report.md (plots and summary, `rdpo.report`) in run.dir."""
+    resume: str = "none"
+    """none: start over; auto: continue from the newest checkpoint in run.dir (none there: start);
+    or the path of a checkpoint to continue from."""
+    checkpoint: bool = True
+    """Save run.dir/checkpoints/last.ckpt (adapter, optimizer, round, pairs, RNG) after each
+    round is built and every checkpoint_every_n_steps steps."""
+    checkpoint_every_n_steps: int = 0
+    """Optimizer steps between checkpoints (0: at the end of every round)."""
+    on_nonfinite: str = "skip"
+    """A non-finite loss: skip (the batch adds no gradient; counted in train/nonfinite_skipped)
+    or stop (the run fails with the step's numbers)."""
+    deepspeed_stage: int = 2
+    """ZeRO stage (2 or 3) when run.strategy=deepspeed; the config is built in rdpo.strategy."""
+    deepspeed_offload: bool = False
+    """run.strategy=deepspeed: keep optimizer state (and, at stage 3, parameters) in CPU memory."""
 
 
 @dataclass
@@ -243,13 +258,15 @@ _CHOICES = {
     "dpo.loss_type": ("sigmoid", "robust", "hinge", "ipo"),
     "dpo.schedule": ("constant", "cosine"),
     "dpo.reference": ("base", "round_start"),
+    "run.on_nonfinite": ("skip", "stop"),
+    "run.deepspeed_stage": (2, 3),
 }
 _POSITIVE = ("judge.concurrency", "judge.timeout", "judge.max_tokens", "judge.batch_size",
              "data.prompts_per_round", "data.batch_size", "data.accumulate_grad_batches",
              "rollout.every_n_steps", "rollout.samples_per_prompt", "rollout.max_new_tokens",
              "rollout.batch_size", "dpo.beta", "dpo.max_steps", "dpo.lr", "model.lora.r",
              "eval.samples_per_prompt", "run.devices", "run.num_nodes")
-_NON_NEGATIVE = ("judge.max_retries", "judge.parse_retries", "rollout.temperature", "eval.temperature", "pairs.min_margin",
+_NON_NEGATIVE = ("run.checkpoint_every_n_steps", "judge.max_retries", "judge.parse_retries", "rollout.temperature", "eval.temperature", "pairs.min_margin",
                  "dpo.warmup_steps", "dpo.grad_clip", "dpo.sft_weight", "dpo.weight_decay", "toy.warmstart_steps")
 
 

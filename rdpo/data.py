@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rdpo.collate import collate_sequences, encode_prompt
 from rdpo.packing import pack_pairs
@@ -88,6 +88,49 @@ class RoundDataset(Dataset):
         return self.dm.pairs[order[index % len(order)]] if order else None
 
 
+class RoundSampler(Sampler):
+    """Item indices of the round from ``start_batch`` on, so a run resumed mid-round serves
+    the batches it had not yet trained on; the length stays the whole round's."""
+
+    def __init__(self, datamodule: OnPolicyDataModule):
+        self.dm = datamodule
+
+    def __len__(self) -> int:
+        return self.dm.items_per_round
+
+    def __iter__(self):
+        return iter(range(self.dm.start_batch * self.dm.batch_size, self.dm.items_per_round))
+
+
+class RoundLoader(DataLoader):
+    """A DataLoader Lightning treats as resumable: its position is the data module's state
+    (``batches_done`` in the checkpoint), so there is nothing of its own to save."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def pair_to_dict(pair: TrainPair) -> dict:
+    """A `TrainPair` as plain data (the prompt by id) for checkpoints."""
+    return {"id": pair.record.id, "chosen": pair.chosen, "rejected": pair.rejected,
+            "ref_chosen_logp": pair.ref_chosen_logp, "ref_rejected_logp": pair.ref_rejected_logp}
+
+
+def pair_from_dict(d: dict, records: dict[str, PromptRecord]) -> TrainPair:
+    if d["id"] not in records:
+        raise ValueError(f"checkpoint pair for prompt {d['id']!r}: no such prompt in the pool")
+    return TrainPair(records[d["id"]], d["chosen"], d["rejected"], d["ref_chosen_logp"],
+                     d["ref_rejected_logp"])
+
+
 class OnPolicyDataModule(L.LightningDataModule):
     """Serves each round's pairs; the round itself is run by `RubricScoringCallback`.
 
@@ -115,6 +158,9 @@ class OnPolicyDataModule(L.LightningDataModule):
         self.pairs: list[TrainPair] = []
         self.order: list[int] = []
         self.round = -1
+        self.batches_done = 0
+        """Batches of this round trained so far (advanced by `RubricScoringCallback`)."""
+        self.start_batch = 0
 
     def connect(self, processor) -> None:
         self.processor = processor
@@ -123,16 +169,19 @@ class OnPolicyDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.processor is None and self.trainer is not None:
             self.connect(self.trainer.lightning_module.processor)
-        if not self.records:
-            self.records = load_pool(self.train_pool)
-            if self.heldout_pool:
-                self.heldout = load_pool(self.heldout_pool)
+        self._load_pools()
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         # Each rank rolls out its own, disjoint shard of the pool.
         self.shard = self.records[rank::world]
         if not self.shard:
             raise ValueError(f"{self.train_pool}: {len(self.records)} prompts cannot be "
                              f"sharded over {world} ranks")
+
+    def _load_pools(self) -> None:
+        if not self.records:
+            self.records = load_pool(self.train_pool)
+            if self.heldout_pool:
+                self.heldout = load_pool(self.heldout_pool)
 
     def round_prompts(self, round_index: int) -> list[PromptRecord]:
         """The prompts of round `round_index` on this rank: a seeded sample of the shard."""
@@ -144,7 +193,11 @@ class OnPolicyDataModule(L.LightningDataModule):
         """Hand the round's pairs over; batches fetched from now on come from them."""
         self.pairs = list(pairs)
         self.round = round_index
-        rng = random.Random(f"{self.seed}:pairs:{round_index}")
+        self.batches_done = self.start_batch = 0
+        self._shuffle()
+
+    def _shuffle(self) -> None:
+        rng = random.Random(f"{self.seed}:pairs:{self.round}")
         self.order = []
         while self.pairs and len(self.order) < self.items_per_round:
             self.order += rng.sample(range(len(self.pairs)), len(self.pairs))
@@ -155,5 +208,36 @@ class OnPolicyDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # num_workers=0: items are read from `self.pairs` at fetch time, after the round ran.
-        return DataLoader(RoundDataset(self, self.items_per_round), batch_size=self.batch_size,
-                          shuffle=False, collate_fn=self.collator, num_workers=0)
+        return RoundLoader(RoundDataset(self, self.items_per_round), batch_size=self.batch_size,
+                           sampler=RoundSampler(self), collate_fn=self.collator, num_workers=0)
+
+    def state_dict(self) -> dict:
+        """The round in progress: its index (the pool cursor: a round's prompts are a function
+        of seed and index), its pairs with reference log-probs and the batches already trained."""
+        mine = [pair_to_dict(p) for p in self.pairs]
+        # Lightning writes rank 0's copy of this state, but every rank holds different pairs:
+        # gather them all (every rank calls state_dict when a checkpoint is saved).
+        world = _world_size()
+        by_rank = [mine] if world == 1 else [None] * world
+        if world > 1:
+            torch.distributed.all_gather_object(by_rank, mine)
+        return {"round": self.round, "pairs": by_rank, "batches_done": self.batches_done,
+                "seed": self.seed, "pool_size": len(self.records)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._load_pools()
+        if (state_dict["seed"], state_dict["pool_size"]) != (self.seed, len(self.records)):
+            raise ValueError(
+                f"checkpoint was written with seed {state_dict['seed']} and a pool of "
+                f"{state_dict['pool_size']} prompts; this run has seed {self.seed} and "
+                f"{len(self.records)} prompts in {self.train_pool}: resume with the same run.seed "
+                f"and data.train_pool")
+        world, rank = _world_size(), (self.trainer.global_rank if self.trainer else 0)
+        if len(state_dict["pairs"]) != world:
+            raise ValueError(f"checkpoint was written by {len(state_dict['pairs'])} ranks; this run "
+                             f"has {world}: resume with the same run.devices and run.num_nodes")
+        by_id = {r.id: r for r in self.records}
+        self.pairs = [pair_from_dict(d, by_id) for d in state_dict["pairs"][rank]]
+        self.round = state_dict["round"]
+        self._shuffle()
+        self.batches_done = self.start_batch = state_dict["batches_done"]

@@ -6,8 +6,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,6 +30,9 @@ class FitResult:
     eval: dict = field(default_factory=dict)
     rounds: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    resumed_from: Path | None = None
+    preempted: bool = False
+    """The run stopped on the preemption signal after saving a checkpoint (nothing else written)."""
 
 
 def _judge(cfg: Config):
@@ -48,6 +54,20 @@ def _frozen_copy(model):
     return ref.requires_grad_(False)
 
 
+def _judge_chunk(cfg: Config) -> int:
+    """Prompts per judge call: enough responses to fill the judge's concurrency (openai) or
+    batch (transformers), so the verdicts reach the cache call by call; rule judges: all."""
+    per_call = {"openai": cfg.judge.concurrency, "transformers": cfg.judge.batch_size}
+    if cfg.judge.kind not in per_call:
+        return 0
+    return max(1, -(-per_call[cfg.judge.kind] // cfg.rollout.samples_per_prompt))
+
+
+def _preemption_signal() -> int | None:
+    """SIGUSR1 under SLURM (slurm/fit.sbatch forwards it to the tasks), else none."""
+    return signal.SIGUSR1 if "SLURM_JOB_ID" in os.environ else None
+
+
 def _can_pack(cfg: Config, model) -> bool:
     from rdpo.packing import packing_support
 
@@ -59,22 +79,67 @@ def _can_pack(cfg: Config, model) -> bool:
     return reason is None
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """Fail now, not after an hour, when the run directory cannot be written."""
+    probe = run_dir / f".write-test-{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"\0" * (1 << 20))  # 1 MiB: a full disk fails here, not at the first checkpoint
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise RunDirError(f"run.dir={run_dir}: cannot write there ({err.strerror or err}); "
+                          f"choose another run.dir or free the disk") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+
+
+class RunDirError(OSError):
+    """The run directory cannot be written."""
+
+
+def resume_path(cfg: Config) -> Path | None:
+    """The checkpoint `run.resume` asks for: none, auto (the newest in run.dir, if any), a path."""
+    from rdpo.callbacks.checkpoint import find_checkpoint
+
+    if cfg.run.resume == "none":
+        return None
+    if cfg.run.resume == "auto":
+        return find_checkpoint(cfg.run.dir)
+    path = Path(cfg.run.resume)
+    if not path.exists():
+        raise ConfigError([f"run.resume: no such checkpoint: {path}"])
+    return path
+
+
 def fit(cfg: Config) -> FitResult:
     """Train a policy with on-policy rubric DPO as `cfg` says; write the run directory."""
     import lightning as L
     import torch
     from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.utilities import rank_zero_only
 
     from rdpo.callbacks import RubricScoringCallback
+    from rdpo.callbacks.checkpoint import RoundCheckpoint, find_checkpoint
+    from rdpo.chat import ChatError
     from rdpo.data import OnPolicyDataModule
     from rdpo.evaluate import evaluate_policy
     from rdpo.model import load_policy
     from rdpo.module import RubricDPOModule
     from rdpo.rollout import SamplingSettings
+    from rdpo.strategy import cluster_plugins, make_strategy
 
     start = time.perf_counter()
     run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_run_dir(run_dir)
+    ckpt = resume_path(cfg)
+    if ckpt is None and cfg.run.resume == "none" and find_checkpoint(run_dir):
+        log.warning("%s holds a checkpoint of an earlier run: starting over (run.resume=auto "
+                    "continues it)", run_dir)
+    if ckpt is not None:
+        log.info("resuming from %s", ckpt)
     save_config(cfg, run_dir / "config.yaml")
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
@@ -89,7 +154,10 @@ def fit(cfg: Config) -> FitResult:
         model, processor, beta=cfg.dpo.beta, loss_type=cfg.dpo.loss_type,
         label_smoothing=cfg.dpo.label_smoothing, lr=cfg.dpo.lr, weight_decay=cfg.dpo.weight_decay,
         warmup_steps=cfg.dpo.warmup_steps, schedule=cfg.dpo.schedule, max_steps=cfg.dpo.max_steps,
-        sft_weight=cfg.dpo.sft_weight)
+        sft_weight=cfg.dpo.sft_weight, on_nonfinite=cfg.run.on_nonfinite)
+    # Checkpoints hold the trainable weights only (`RoundCheckpoint`); the base comes from
+    # model.path when a run resumes.
+    module.strict_loading = False
     datamodule = OnPolicyDataModule(
         cfg.data.train_pool, cfg.data.heldout_pool, prompts_per_round=cfg.data.prompts_per_round,
         batch_size=cfg.data.batch_size, steps_per_round=cfg.rollout.every_n_steps,
@@ -112,8 +180,13 @@ def fit(cfg: Config) -> FitResult:
                                cfg.pairs.aggregation, seed=cfg.run.seed)
 
     results: dict = {}
-    if heldout:
+    before_file = run_dir / "eval_before.json"
+    if heldout and ckpt is not None and before_file.is_file():
+        results["before"] = json.loads(before_file.read_text())  # measured before the interruption
+    elif heldout and rank_zero_only.rank == 0:  # only rank 0 writes eval.json
         results["before"] = evaluate()
+        before_file.write_text(json.dumps(results["before"], indent=2) + "\n")
+    if "before" in results:
         log.info("held-out before: rubric score %.3f, essential pass %.1f%%",
                  results["before"]["rubric_score"], 100 * results["before"]["essential_pass_rate"])
 
@@ -121,23 +194,39 @@ def fit(cfg: Config) -> FitResult:
         judge, sampling, aggregation=cfg.pairs.aggregation, min_margin=cfg.pairs.min_margin,
         require_chosen_essential=cfg.pairs.require_chosen_essential, run_dir=run_dir,
         ref_batch_size=cfg.data.batch_size, reference=cfg.dpo.reference,
-        reference_model=_frozen_copy(model) if cfg.model.finetune == "full" else None)
+        reference_model=_frozen_copy(model) if cfg.model.finetune == "full" else None,
+        seed=cfg.run.seed, judge_chunk=_judge_chunk(cfg))
+    checkpointer = RoundCheckpoint(
+        run_dir / "checkpoints", cfg.run.checkpoint_every_n_steps or cfg.rollout.every_n_steps,
+        stop_signal=_preemption_signal(), enabled=cfg.run.checkpoint)
     trainer = L.Trainer(
         accelerator=cfg.run.accelerator, devices=cfg.run.devices, num_nodes=cfg.run.num_nodes,
-        strategy=cfg.run.strategy, precision=cfg.run.precision, max_steps=cfg.dpo.max_steps,
+        strategy=make_strategy(cfg), precision=cfg.run.precision, max_steps=cfg.dpo.max_steps,
         max_epochs=-1, accumulate_grad_batches=cfg.data.accumulate_grad_batches,
         gradient_clip_val=cfg.dpo.grad_clip or None, log_every_n_steps=cfg.run.log_every_n_steps,
-        logger=CSVLogger(run_dir, name="", version="logs"), callbacks=[scoring],
+        logger=CSVLogger(run_dir, name="", version="logs"), callbacks=[scoring, checkpointer],
+        plugins=cluster_plugins(),
         enable_progress_bar=cfg.run.progress_bar, enable_checkpointing=False,
         enable_model_summary=False, default_root_dir=run_dir, use_distributed_sampler=False)
-    trainer.fit(module, datamodule=datamodule)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    except ChatError as err:
+        last = find_checkpoint(run_dir)
+        raise ChatError(f"judge failed at step {trainer.global_step}: {err}. Last checkpoint: "
+                        f"{last or 'none'}; once the judge is back, rerun with run.resume=auto "
+                        f"(judged responses are cached in {cfg.judge.cache})") from err
+    if checkpointer.preempted:
+        log.warning("preempted at step %d; rerun with run.resume=auto to continue",
+                    trainer.global_step)
+        return FitResult(run_dir, run_dir / "adapter", results, scoring.history,
+                         time.perf_counter() - start, resumed_from=ckpt, preempted=True)
 
     # LoRA: the adapter in PEFT format; full fine-tuning: the whole model.
     adapter_dir = run_dir / ("adapter" if cfg.model.finetune == "lora" else "model")
     if trainer.is_global_zero:
         model.save_pretrained(adapter_dir)
         processor.save_pretrained(adapter_dir)
-    if heldout and trainer.is_global_zero:
+    if "before" in results and trainer.is_global_zero:
         results["after"] = evaluate()
         results["gain"] = results["after"]["rubric_score"] - results["before"]["rubric_score"]
         (run_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -152,7 +241,8 @@ def fit(cfg: Config) -> FitResult:
             log.info("report: %s and %s", report.png, report.markdown)
         except Exception:  # the run's own files are written: a plotting failure must not fail it
             log.exception("could not write the report; retry with python -m rdpo.report %s", run_dir)
-    result = FitResult(run_dir, adapter_dir, results, scoring.history, time.perf_counter() - start)
+    result = FitResult(run_dir, adapter_dir, results, scoring.history, time.perf_counter() - start,
+                       resumed_from=ckpt)
     log.info("run finished in %.0fs: %s", result.seconds, run_dir)
     return result
 
@@ -172,8 +262,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    fit(cfg)
-    return 0
+    try:
+        result = fit(cfg)
+    except RunDirError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return PREEMPTED_EXIT if result.preempted else 0
+
+
+PREEMPTED_EXIT = 3
+"""Exit status of a run stopped by the preemption signal (checkpoint saved)."""
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ class RubricDPOModule(L.LightningModule):
     def __init__(self, model, processor, *, beta: float = 0.1, loss_type: str = "sigmoid",
                  label_smoothing: float = 0.0, lr: float = 1e-4, weight_decay: float = 0.0,
                  warmup_steps: int = 0, schedule: str = "constant", max_steps: int = 100,
-                 sft_weight: float = 0.0):
+                 sft_weight: float = 0.0, on_nonfinite: str = "skip"):
         super().__init__()
         self.model = model
         self.processor = processor
@@ -44,6 +44,8 @@ class RubricDPOModule(L.LightningModule):
         self.schedule = schedule
         self.max_steps = max_steps
         self.sft_weight = sft_weight
+        self.on_nonfinite = on_nonfinite
+        self.nonfinite_skipped = 0
         self.metrics = torch.nn.ModuleDict({name: MeanMetric() for name in METRICS})
 
     def sequence_logps(self, batch: dict, *, average: bool = False) -> torch.Tensor:
@@ -74,6 +76,8 @@ class RubricDPOModule(L.LightningModule):
                             beta=self.beta, loss_type=self.loss_type,
                             label_smoothing=self.label_smoothing, sft_weight=self.sft_weight)
         loss, out = obj.loss, obj.dpo
+        if not torch.isfinite(loss):
+            return self._nonfinite(loss, chosen, rejected, batch)
         values = {"nll": obj.nll.detach()} if obj.nll is not None else {}
         values |= {
             "loss": loss.detach(), "dpo_loss": out.loss.detach(), "rewards_chosen": out.chosen_rewards,
@@ -84,6 +88,23 @@ class RubricDPOModule(L.LightningModule):
         for name, value in values.items():
             self._log_metric(name, value.float().mean(), chosen.shape[0])
         return loss
+
+    def _nonfinite(self, loss, chosen, rejected, batch) -> torch.Tensor:
+        """A NaN/inf loss never reaches the weights: stop with the numbers, or skip the batch
+        (a zero loss touching every trainable weight, so DDP ranks stay in step) and count it."""
+        if self.on_nonfinite == "stop":
+            raise FloatingPointError(
+                f"non-finite loss {loss.item()} at step {self.global_step} (policy log-probs "
+                f"chosen {chosen.tolist()}, rejected {rejected.tolist()}; reference chosen "
+                f"{batch['ref_chosen_logps'].tolist()}, rejected "
+                f"{batch['ref_rejected_logps'].tolist()}); run.on_nonfinite=skip skips such batches")
+        self.nonfinite_skipped += 1
+        for name in METRICS:  # zero-weight updates, as for an empty batch
+            if name != "nll" or self.sft_weight:
+                self._log_metric(name, torch.zeros(()), 0)
+        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True,
+                 on_epoch=False, reduce_fx="max")
+        return sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
 
     def _log_metric(self, name: str, value: torch.Tensor, weight: int) -> None:
         # torchmetrics means weighted by pairs: ``_step`` is this batch's value, ``_epoch`` the

@@ -1,0 +1,164 @@
+"""RoundCheckpoint: checkpoints a run can resume from with nothing lost, and preemption.
+
+One file, ``last.ckpt``, replaced atomically (written next to it, then renamed) so a kill
+at any moment leaves either the old or the new checkpoint, never half of one. It is saved
+
+- right after a round is built (its pairs and reference log-probs are in the data module's
+  state), so a kill during training never samples or judges that round again;
+- every `every_n_steps` optimizer steps (the round's position is the data module's
+  ``batches_done``);
+- when the preemption signal arrives (SLURM: ``--signal=B:USR1@90`` forwarded to the tasks),
+  at the next step boundary, agreed by all ranks; then the run stops with ``preempted`` set.
+
+The checkpoint also carries the RNG states (Python, NumPy, torch) and, for a model whose
+base weights are frozen, only the trainable weights: the base comes back from model.path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import signal
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+log = logging.getLogger("rdpo")
+
+LAST = "last.ckpt"
+
+
+def find_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint of a run: ``checkpoints/last.ckpt`` or a Lightning SLURM
+    ``hpc_ckpt_N.ckpt`` in the run directory; None when there is none."""
+    run_dir = Path(run_dir)
+    found = [p for p in [run_dir / "checkpoints" / LAST, *run_dir.glob("hpc_ckpt_*.ckpt")]
+             if p.exists()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+class RoundCheckpoint(L.Callback):
+    """Saves ``dirpath/last.ckpt`` after each round is built, every `every_n_steps` steps and
+    on `stop_signal`; list it after `RubricScoringCallback` so the round is built first."""
+
+    def __init__(self, dirpath: str | Path, every_n_steps: int, *,
+                 stop_signal: int | None = None, enabled: bool = True):
+        self.dirpath = Path(dirpath)
+        self.every_n_steps = every_n_steps
+        self.stop_signal = stop_signal
+        self.enabled = enabled
+        self.preempted = False
+        self._signalled = False
+        self._last_saved_step = -1
+
+    @property
+    def path(self) -> Path:
+        return self.dirpath / LAST
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.stop_signal is not None:
+            signal.signal(self.stop_signal, self._on_signal)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self.stop_signal is not None:
+            signal.signal(self.stop_signal, signal.SIG_DFL)
+
+    def _on_signal(self, signum, frame) -> None:
+        # Only a flag: saving inside a signal handler could interrupt a collective halfway.
+        self._signalled = True
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.enabled:
+            self.save(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        stepped = step != self._last_saved_step and not trainer.fit_loop._should_accumulate()
+        if self.stop_signal is not None and stepped and self._agree(trainer, self._signalled):
+            self.save(trainer)
+            self.preempted = True
+            trainer.should_stop = True
+            log.warning("preemption signal: checkpoint saved at step %d, stopping", step)
+            return
+        if self.enabled and stepped and step % self.every_n_steps == 0:
+            self.save(trainer)
+        kill_at = os.environ.get("RDPO_TEST_KILL_AT_STEP")  # fault injection for the tests
+        if kill_at and stepped and step == int(kill_at):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    @staticmethod
+    def _agree(trainer: L.Trainer, flag: bool) -> bool:
+        """True on every rank when any rank got the signal, so all stop at the same step."""
+        if trainer.world_size == 1:
+            return flag
+        return bool(trainer.strategy.reduce_boolean_decision(flag, all=False))
+
+    def save(self, trainer: L.Trainer) -> None:
+        """Write ``last.ckpt`` atomically (every rank must call this: saving is collective)."""
+        tmp = self.dirpath / f"{LAST}.tmp"
+        if trainer.is_global_zero:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+            _remove(tmp)
+        trainer.strategy.barrier("rdpo.checkpoint")
+        trainer.save_checkpoint(tmp, weights_only=False)  # ends with a barrier: every rank's part is written
+        if trainer.is_global_zero:
+            if tmp.is_dir():  # DeepSpeed writes a folder; a folder cannot replace a folder
+                old = self.dirpath / f"{LAST}.old"
+                _remove(old)
+                if self.path.exists():
+                    self.path.rename(old)
+                tmp.rename(self.path)
+                _remove(old)
+            else:
+                os.replace(tmp, self.path)
+        trainer.strategy.barrier("rdpo.checkpoint.done")
+        self._last_saved_step = trainer.global_step
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        frozen = {n for n, p in pl_module.named_parameters() if not p.requires_grad}
+        if frozen and "state_dict" in checkpoint:
+            # The base weights never change and come back from model.path: keep the trainable
+            # ones (the adapter) and the buffers, which is all a resume needs.
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                        if k not in frozen}
+            checkpoint["rdpo_trainable_only"] = True
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if checkpoint.get("rdpo_trainable_only"):
+            trainable = {n for n, p in pl_module.named_parameters() if p.requires_grad}
+            missing = sorted(trainable - set(checkpoint["state_dict"]))
+            if missing:
+                raise ValueError(f"checkpoint lacks {len(missing)} trainable weights of this "
+                                 f"model (first: {missing[0]}): was it written with another "
+                                 f"model.lora / model.finetune setting?")
+
+    def state_dict(self) -> dict:
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        # Plain types only, so the checkpoint loads with torch.load(weights_only=True).
+        return {"rng": {"python": random.getstate(),
+                        "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
+                        "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        rng = state_dict["rng"]
+        random.setstate(rng["python"])
+        name, keys, pos, has_gauss, gauss = rng["numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+__all__ = ["RoundCheckpoint", "find_checkpoint"]
