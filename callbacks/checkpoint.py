@@ -78,17 +78,29 @@ class RoundCheckpoint(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
         stepped = step != self._last_saved_step and not trainer.fit_loop._should_accumulate()
-        if self.stop_signal is not None and stepped and self._agree(trainer, self._signalled):
-            self.save(trainer)
-            self.preempted = True
-            trainer.should_stop = True
-            log.warning("preemption signal: checkpoint saved at step %d, stopping", step)
-            return
-        if self.enabled and stepped and step % self.every_n_steps == 0:
-            self.save(trainer)
+        # The round's last batch is saved at the epoch's end instead: Lightning resumes a
+        # checkpoint taken at the last batch of an epoch one epoch too far (2.6).
+        last = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if stepped and not last:
+            if not self._maybe_preempt(trainer) and self.enabled and step % self.every_n_steps == 0:
+                self.save(trainer)
         kill_at = os.environ.get("RDPO_TEST_KILL_AT_STEP")  # fault injection for the tests
         if kill_at and stepped and step == int(kill_at):
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._maybe_preempt(trainer) and self.enabled:
+            self.save(trainer)
+
+    def _maybe_preempt(self, trainer: L.Trainer) -> bool:
+        """On the preemption signal (any rank's): save, stop the run and return True."""
+        if self.stop_signal is None or not self._agree(trainer, self._signalled):
+            return False
+        self.save(trainer)
+        self.preempted = True
+        trainer.should_stop = True
+        log.warning("preemption signal: checkpoint saved at step %d, stopping", trainer.global_step)
+        return True
 
     @staticmethod
     def _agree(trainer: L.Trainer, flag: bool) -> bool:
@@ -152,6 +164,28 @@ class RoundCheckpoint(L.Callback):
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def keep_metrics(logger, ckpt: Path) -> None:
+    """Before a resumed run logs: keep the CSV rows of the steps before the checkpoint's step
+    (Lightning's CSV writer deletes metrics.csv when it starts; the steps from the checkpoint
+    on are logged again), so logs/metrics.csv covers the whole run."""
+    import csv
+
+    path = Path(logger.log_dir) / "metrics.csv"
+    if not path.is_file() or ckpt.is_dir():
+        return
+    step = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        keys, rows = sorted(reader.fieldnames or []), list(reader)
+    writer = logger.experiment  # created now: this deletes the old file
+    rows = [r for r in rows if r.get("step") and int(float(r["step"])) < step]
+    with open(path, "w", newline="") as f:
+        out = csv.DictWriter(f, fieldnames=keys)
+        out.writeheader()
+        out.writerows(rows)
+    writer.metrics_keys = keys
 
 
 def _remove(path: Path) -> None:

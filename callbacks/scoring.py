@@ -93,6 +93,8 @@ class RubricScoringCallback(L.Callback):
             # Resumed from a checkpoint saved after this round was built: its pairs (with their
             # reference log-probs) came back with the checkpoint; nothing is sampled or judged.
             log.info("round %d: pairs restored from the checkpoint", dm.round)
+            if trainer.is_global_zero and self.history:
+                self._emit(trainer, self.history[-1])  # the metrics rows restart at the checkpoint
             return
         self.run_round(trainer, pl_module, trainer.current_epoch)
 

@@ -122,7 +122,7 @@ def fit(cfg: Config) -> FitResult:
     from lightning.pytorch.utilities import rank_zero_only
 
     from rdpo.callbacks import RubricScoringCallback
-    from rdpo.callbacks.checkpoint import RoundCheckpoint, find_checkpoint
+    from rdpo.callbacks.checkpoint import RoundCheckpoint, find_checkpoint, keep_metrics
     from rdpo.chat import ChatError
     from rdpo.data import OnPolicyDataModule
     from rdpo.evaluate import evaluate_policy
@@ -199,12 +199,15 @@ def fit(cfg: Config) -> FitResult:
     checkpointer = RoundCheckpoint(
         run_dir / "checkpoints", cfg.run.checkpoint_every_n_steps or cfg.rollout.every_n_steps,
         stop_signal=_preemption_signal(), enabled=cfg.run.checkpoint)
+    logger = CSVLogger(run_dir, name="", version="logs")
+    if ckpt is not None and rank_zero_only.rank == 0:
+        keep_metrics(logger, ckpt)
     trainer = L.Trainer(
         accelerator=cfg.run.accelerator, devices=cfg.run.devices, num_nodes=cfg.run.num_nodes,
         strategy=make_strategy(cfg), precision=cfg.run.precision, max_steps=cfg.dpo.max_steps,
         max_epochs=-1, accumulate_grad_batches=cfg.data.accumulate_grad_batches,
         gradient_clip_val=cfg.dpo.grad_clip or None, log_every_n_steps=cfg.run.log_every_n_steps,
-        logger=CSVLogger(run_dir, name="", version="logs"), callbacks=[scoring, checkpointer],
+        logger=logger, callbacks=[scoring, checkpointer],
         plugins=cluster_plugins(),
         enable_progress_bar=cfg.run.progress_bar, enable_checkpointing=False,
         enable_model_summary=False, default_root_dir=run_dir, use_distributed_sampler=False)
