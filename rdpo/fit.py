@@ -265,11 +265,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from rdpo.chat import ChatError
+
     try:
         result = fit(cfg)
     except RunDirError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ChatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return PREEMPTED_EXIT if result.preempted else 0
 
 
