@@ -259,7 +259,6 @@ _CHOICES = {
     "dpo.schedule": ("constant", "cosine"),
     "dpo.reference": ("base", "round_start"),
     "run.on_nonfinite": ("skip", "stop"),
-    "run.deepspeed_stage": (2, 3),
 }
 _POSITIVE = ("judge.concurrency", "judge.timeout", "judge.max_tokens", "judge.batch_size",
              "data.prompts_per_round", "data.batch_size", "data.accumulate_grad_batches",
@@ -345,6 +344,8 @@ def validate(cfg: DictConfig) -> list[str]:
     for key in _NON_NEGATIVE:
         if not OmegaConf.select(cfg, key) >= 0:
             problems.append(f"{key}: must be >= 0, got {OmegaConf.select(cfg, key)}")
+    if cfg.run.deepspeed_stage not in (2, 3):
+        problems.append(f"run.deepspeed_stage: {cfg.run.deepspeed_stage} is not one of 2, 3")
     if not 0 <= cfg.dpo.label_smoothing < 0.5:
         problems.append(f"dpo.label_smoothing: must be in [0, 0.5), got {cfg.dpo.label_smoothing}")
     if not 0 < cfg.rollout.top_p <= 1:
