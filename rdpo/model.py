@@ -39,6 +39,9 @@ def load_base(cfg: ModelConfig):
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=DTYPES[cfg.dtype],
             llm_int8_skip_modules=NF4_SKIP,
+            # DeepSpeed ZeRO-3 (and FSDP) partition parameters by dtype: 4-bit weights stored in
+            # the compute dtype can be sharded with the rest; uint8 (the default) cannot.
+            **({"bnb_4bit_quant_storage": DTYPES[cfg.dtype]} if cfg.dtype != "float32" else {}),
         )
     model = AutoModelForImageTextToText.from_pretrained(cfg.path, **kwargs)
     model.requires_grad_(False)
