@@ -21,7 +21,14 @@ from pathlib import Path
 
 import torch
 
-from rdpo.pool import PromptRecord, Rubric, _check_images, _check_rubric, _Collector, _nonempty_str
+from rdpo.pool import (
+    PromptRecord,
+    Rubric,
+    _check_images,
+    _check_rubric,
+    check_id_and_instruction,
+    jsonl_objects,
+)
 from rdpo.rollout import SamplingSettings, generate
 from rdpo.rounds import score_rollouts
 from rdpo.scoring import score_response
@@ -79,28 +86,11 @@ def load_preferences(path: str | Path) -> list[PreferencePair]:
     if not path.is_file():
         raise ValueError(f"{path}: preference data file not found")
     base, problems, out, seen = path.resolve().parent, [], [], {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        report = _Collector(str(path), lineno, problems)
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as err:
-            report("json", f"invalid JSON: {err}")
-            continue
-        if not isinstance(raw, dict):
-            report("record", "must be a JSON object")
-            continue
+    for lineno, raw, report in jsonl_objects(path, problems):
         extra = sorted(set(raw) - PAIR_KEYS)
         if extra:
             report("record", f"unknown key(s) {extra}; allowed: {', '.join(sorted(PAIR_KEYS))}")
-        for key in ("id", "instruction"):
-            if not _nonempty_str(raw.get(key)):
-                report(key, "missing or not a non-empty string")
-        if raw.get("id") in seen:
-            report("id", f"duplicate id {raw['id']!r} (first on line {seen[raw['id']]})")
-        elif _nonempty_str(raw.get("id")):
-            seen[raw["id"]] = lineno
+        check_id_and_instruction(raw, lineno, seen, report)
         responses = raw.get("responses")
         if (not isinstance(responses, list) or len(responses) != 2
                 or not all(isinstance(r, str) for r in responses)):

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,6 +112,37 @@ class _Collector:
 
 def _nonempty_str(value: Any) -> bool:
     return isinstance(value, str) and value.strip() != ""
+
+
+def jsonl_objects(path: Path, problems: list[Problem]) -> Iterator[tuple[int, dict, _Collector]]:
+    """(line number, object, the line's reporter) for each non-blank line of a JSON Lines file;
+    a line that is not JSON or not an object is reported to `problems` and skipped."""
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        report = _Collector(str(path), lineno, problems)
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as err:
+            report("json", f"invalid JSON: {err}")
+            continue
+        if not isinstance(raw, dict):
+            report("record", f"must be a JSON object, got {type(raw).__name__}")
+            continue
+        yield lineno, raw, report
+
+
+def check_id_and_instruction(raw: dict, lineno: int, seen: dict[str, int], report: _Collector) -> None:
+    """`id` and `instruction` are non-empty strings and `id` is new (`seen`: id -> first line)."""
+    for key in ("id", "instruction"):
+        if not _nonempty_str(raw.get(key)):
+            report(key, "missing or not a non-empty string")
+    rid = raw.get("id")
+    if _nonempty_str(rid):
+        if rid in seen:
+            report("id", f"duplicate id {rid!r} (first on line {seen[rid]})")
+        else:
+            seen[rid] = lineno
 
 
 def _unknown_keys(obj: dict, allowed: frozenset | tuple, field: str, report: _Collector) -> None:

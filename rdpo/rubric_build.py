@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rdpo.chat import ChatRequest, extract_json
-from rdpo.pool import PromptRecord, _check_images, _check_rubric, _Collector, _nonempty_str
+from rdpo.pool import (
+    PromptRecord,
+    _check_images,
+    _check_rubric,
+    _Collector,
+    check_id_and_instruction,
+    jsonl_objects,
+)
 
 GENERATOR_TEMPLATE = """You write grading rubrics for answers to questions about images.
 
@@ -57,36 +64,17 @@ def read_prompts(path: str | os.PathLike) -> list[PromptIn]:
     if not path.is_file():
         raise ValueError(f"{path}: prompts file not found")
     base, problems, out, seen = path.resolve().parent, [], [], {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        report = _Collector(str(path), lineno, problems)
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as err:
-            report("json", f"invalid JSON: {err}")
-            continue
-        if not isinstance(raw, dict):
-            report("record", f"must be a JSON object, got {type(raw).__name__}")
-            continue
+    for lineno, raw, report in jsonl_objects(path, problems):
         extra = sorted(set(raw) - PROMPT_KEYS - {"rubric", "outcome"})
         if extra:
             report("record", f"unknown key(s) {extra}; allowed: {', '.join(sorted(PROMPT_KEYS))}")
-        for key in ("id", "instruction"):
-            if not _nonempty_str(raw.get(key)):
-                report(key, "missing or not a non-empty string")
-        rid = raw.get("id")
-        if _nonempty_str(rid):
-            if rid in seen:
-                report("id", f"duplicate id {rid!r} (first on line {seen[rid]})")
-            else:
-                seen[rid] = lineno
+        check_id_and_instruction(raw, lineno, seen, report)
         ref = raw.get("reference")
         if ref is not None and not isinstance(ref, str):
             report("reference", f"must be a string, got {type(ref).__name__}")
         images = _check_images(raw.get("images"), base, True, report)
         if not report.count:
-            out.append(PromptIn(rid, images, raw["instruction"], ref))
+            out.append(PromptIn(raw["id"], images, raw["instruction"], ref))
     if problems:
         raise ValueError("\n".join(str(p) for p in problems))
     return out
