@@ -65,10 +65,7 @@ class RubricDPOModule(L.LightningModule):
             # No pair on this rank this round: a zero loss still touching every trainable
             # parameter keeps DDP's gradient all-reduce in step with the other ranks. The metrics
             # get a zero-weight update, so every rank joins their sync at the end of the round.
-            for name in METRICS:
-                if name != "nll" or self.sft_weight:
-                    self._log_metric(name, torch.zeros(()), 0)
-            return sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
+            return self._no_op_step()
         chosen, rejected = self.pair_logps(batch)
         n_chosen, n_rejected = completion_lengths(batch)
         obj = dpo_objective(chosen, rejected, batch["ref_chosen_logps"].to(chosen),
@@ -99,11 +96,15 @@ class RubricDPOModule(L.LightningModule):
                 f"{batch['ref_chosen_logps'].tolist()}, rejected "
                 f"{batch['ref_rejected_logps'].tolist()}); run.on_nonfinite=skip skips such batches")
         self.nonfinite_skipped += 1
-        for name in METRICS:  # zero-weight updates, as for an empty batch
-            if name != "nll" or self.sft_weight:
-                self._log_metric(name, torch.zeros(()), 0)
         self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True,
                  on_epoch=False, reduce_fx="max")
+        return self._no_op_step()
+
+    def _no_op_step(self) -> torch.Tensor:
+        """Zero-weight metric updates and a zero loss that touches every trainable weight."""
+        for name in METRICS:
+            if name != "nll" or self.sft_weight:
+                self._log_metric(name, torch.zeros(()), 0)
         return sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
 
     def _log_metric(self, name: str, value: torch.Tensor, weight: int) -> None:
