@@ -1,5 +1,6 @@
 """Lightning callbacks of rdpo (this folder is installed as ``rdpo.callbacks``)."""
 
+from rdpo.callbacks.heldout import HeldoutEvaluation
 from rdpo.callbacks.scoring import RubricScoringCallback
 
-__all__ = ["RubricScoringCallback"]
+__all__ = ["HeldoutEvaluation", "RubricScoringCallback"]

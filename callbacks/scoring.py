@@ -19,8 +19,9 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from rdpo.config import PairsConfig, RolloutConfig
 from rdpo.pairs import PairSelection
-from rdpo.rollout import SamplingSettings, generate
+from rdpo.rollout import generate
 from rdpo.rounds import (
     RoundSummary,
     ScoredRollout,
@@ -62,22 +63,21 @@ class RubricScoringCallback(L.Callback):
 
     Needs ``trainer.datamodule`` to be an `OnPolicyDataModule` and the LightningModule to have
     ``model`` (PEFT-wrapped VLM) and ``processor`` attributes, as `RubricDPOModule` does.
+    `rollout` and `pairs` are the config sections of the same names (`rdpo.config`). Sampling
+    and the reference pass run in the trainer's precision context, as the training step does.
     Writes ``rounds/NNNN/{rollouts,pairs}.jsonl`` under `run_dir` when given (rank 0, all
     ranks' rollouts). `judge_chunk`: prompts judged per call (0: the whole round at once);
     a cached judge stores each call's verdicts, so a run killed mid-judging loses at most the
     call in flight.
     """
 
-    def __init__(self, judge, sampling: SamplingSettings, *, aggregation: str = "lexicographic",
-                 min_margin: float = 0.1, require_chosen_essential: bool = True,
-                 run_dir: str | Path | None = None, ref_batch_size: int = 8,
-                 reference: str = "base", reference_model=None, seed: int = 0,
-                 judge_chunk: int = 0):
+    def __init__(self, judge, rollout: RolloutConfig | None = None,
+                 pairs: PairsConfig | None = None, *, run_dir: str | Path | None = None,
+                 ref_batch_size: int = 8, reference: str = "base", reference_model=None,
+                 seed: int = 0, judge_chunk: int = 0):
         self.judge = judge
-        self.sampling = sampling
-        self.aggregation = aggregation
-        self.min_margin = min_margin
-        self.require_chosen_essential = require_chosen_essential
+        self.rollout = rollout or RolloutConfig()
+        self.pairs = pairs or PairsConfig()
         self.run_dir = Path(run_dir) if run_dir else None
         self.ref_batch_size = ref_batch_size
         self.reference = reference
@@ -85,7 +85,6 @@ class RubricScoringCallback(L.Callback):
         self.seed = seed
         self.judge_chunk = judge_chunk
         self.history: list[dict] = []
-        self._prompt_cache: dict = {}
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dm = trainer.datamodule
@@ -105,21 +104,19 @@ class RubricScoringCallback(L.Callback):
         dm = trainer.datamodule
         start = time.perf_counter()
         records = dm.round_prompts(index)
-        device = next(pl_module.model.parameters()).device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
-                _gathered_for_generation(trainer, pl_module.model):
-            torch.manual_seed(round_seed(self.seed, index, trainer.global_rank))
-            rollouts = list(generate(pl_module.model, pl_module.processor, records, self.sampling,
-                                     prompt_cache=self._prompt_cache))
+        rollouts = sample(trainer, pl_module, records, self.rollout, seed=round_seed(
+            self.seed, index, trainer.global_rank), prompts=dm.prompts)
         scored = self._score(rollouts)
-        selection = select_pairs(scored, min_margin=self.min_margin,
-                                 require_chosen_essential=self.require_chosen_essential)
+        selection = select_pairs(scored, min_margin=self.pairs.min_margin,
+                                 require_chosen_essential=self.pairs.require_chosen_essential,
+                                 truncated=self.rollout.truncated)
         train_pairs = reference_logps(pl_module.model, dm.collator, scored, selection,
                                       self.ref_batch_size, reference=self.reference,
-                                      reference_model=self.reference_model)
+                                      reference_model=self.reference_model,
+                                      precision=trainer.precision_plugin.forward_context)
         dm.set_pairs(train_pairs, index)
         # Every rank gets every rank's results: the numbers are the whole round's on each rank.
-        parts = _all_gather(trainer, (scored, selection, train_pairs))
+        parts = _all_gather(trainer, (scored, selection, train_pairs, dm.pair_usage()))
         scored_all = [s for part in parts for s in part[0]]
         selection_all = merge_selections([part[1] for part in parts])
         pairs_all = [p for part in parts for p in part[2]]
@@ -127,24 +124,27 @@ class RubricScoringCallback(L.Callback):
         if self.run_dir is not None and trainer.is_global_zero:
             _write_once(self.run_dir / "rounds" / f"{index:04d}", scored_all, selection_all,
                         pairs_all, summary)
+        usage = [part[3] for part in parts]
         self._report(trainer, index, summary, selection_all, time.perf_counter() - start,
-                     [len(part[2]) for part in parts])
+                     [len(part[2]) for part in parts], {
+                         "pair_uses_min": min(u["pair_uses_min"] for u in usage),
+                         "pair_uses_max": max(u["pair_uses_max"] for u in usage),
+                         "pairs_unused": sum(u["pairs_unused"] for u in usage)})
         return summary
 
     def _score(self, rollouts) -> list[ScoredRollout]:
         size = self.judge_chunk or len(rollouts) or 1
         scored: list[ScoredRollout] = []
         for i in range(0, len(rollouts), size):
-            scored += score_rollouts(self.judge, rollouts[i:i + size], self.aggregation)
+            scored += score_rollouts(self.judge, rollouts[i:i + size], self.pairs.aggregation)
         return scored
 
     def _report(self, trainer: L.Trainer, index: int, summary: RoundSummary,
-                selection: PairSelection, seconds: float, pairs_per_rank: list[int]) -> None:
-        row = {"round": index, "step": trainer.global_step, "prompts": summary.prompts,
-               "responses": summary.responses, "mean_score": summary.mean_score,
-               "essential_pass_rate": summary.essential_pass_rate, "pairs": summary.pairs,
-               "unknown_verdicts": summary.unknown_verdicts, "seconds": seconds,
-               "dropped": dict(selection.dropped), "pairs_per_rank": pairs_per_rank}
+                selection: PairSelection, seconds: float, pairs_per_rank: list[int],
+                usage: dict) -> None:
+        row = {"round": index, "step": trainer.global_step, **summary.as_row(),
+               "seconds": seconds, "dropped": dict(selection.dropped),
+               "pairs_per_rank": pairs_per_rank, **usage}
         self.history.append(row)
         if trainer.is_global_zero:
             self._emit(trainer, row)
@@ -153,13 +153,14 @@ class RubricScoringCallback(L.Callback):
         line = (f"round {row['round']}: mean score {row['mean_score']:.3f}, essential pass "
                 f"{row['essential_pass_rate']:.1%}, pairs {row['pairs']}/{row['prompts']} "
                 f"({row['seconds']:.1f}s)")
+        if row.get("truncated"):
+            line += f"; {row['truncated']}/{row['responses']} responses cut at max_new_tokens"
         bar = trainer.progress_bar_callback
         if bar is not None and hasattr(bar, "print"):
             bar.print(line)
         else:
             log.info(line)
-        metrics = {f"round/{k}": float(v) for k, v in row.items()
-                   if k in ("mean_score", "essential_pass_rate", "pairs", "unknown_verdicts")}
+        metrics = {f"round/{k}": float(v) for k, v in row.items() if k in ROUND_METRICS}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
@@ -168,6 +169,24 @@ class RubricScoringCallback(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = list(state_dict.get("history", []))
+
+
+ROUND_METRICS = ("mean_score", "essential_pass_rate", "pairs", "unknown_verdicts", "fully_judged",
+                 "truncated", "pair_uses_min", "pair_uses_max", "pairs_unused")
+
+
+def sample(trainer: L.Trainer, pl_module: L.LightningModule, records, rollout: RolloutConfig, *,
+           seed: int, num_samples: int | None = None, prompts=None) -> list:
+    """Rollouts of `records` from the policy as it trains: in the trainer's precision context,
+    weights gathered under ZeRO-3, from a generator seeded with `seed` (the global RNG is left
+    as it was)."""
+    device = next(pl_module.model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            _gathered_for_generation(trainer, pl_module.model), \
+            trainer.precision_plugin.forward_context():
+        torch.manual_seed(seed)
+        return list(generate(pl_module.model, pl_module.processor, records, rollout,
+                             num_samples=num_samples, prompts=prompts))
 
 
 def _all_gather(trainer: L.Trainer, obj) -> list:
@@ -199,4 +218,4 @@ def _gathered_for_generation(trainer: L.Trainer, model):
     return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
 
 
-__all__ = ["RubricScoringCallback", "merge_selections", "round_seed"]
+__all__ = ["RubricScoringCallback", "merge_selections", "round_seed", "sample"]

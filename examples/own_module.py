@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from rdpo.callbacks import RubricScoringCallback
 
+from rdpo.config import PairsConfig, RolloutConfig
 from rdpo.data import OnPolicyDataModule
 from rdpo.judges import RuleJudge
 from rdpo.packing import packing_support, pair_logps
-from rdpo.rollout import SamplingSettings
 
 
 class MyPreferenceModule(L.LightningModule):
@@ -94,8 +94,8 @@ def train(model_path: str, train_pool: str, run_dir: str | Path, *, max_steps: i
         # packed pairs need a model that takes 4-D attention masks (Qwen2-VL and later do)
         packed=packing_support(module.model) is None)
     callback = RubricScoringCallback(
-        RuleJudge(), SamplingSettings(num_samples=samples_per_prompt, max_new_tokens=24),
-        min_margin=min_margin, run_dir=run_dir)
+        RuleJudge(), RolloutConfig(samples_per_prompt=samples_per_prompt, max_new_tokens=24),
+        PairsConfig(min_margin=min_margin), run_dir=run_dir)
     trainer = L.Trainer(
         accelerator="cpu", max_steps=max_steps, max_epochs=-1, use_distributed_sampler=False,
         callbacks=[callback], logger=False, enable_checkpointing=False,

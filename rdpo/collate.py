@@ -1,13 +1,16 @@
 """Turning prompt records and responses into model inputs through the VLM's processor.
 
 A prompt is encoded by the processor (which expands each image placeholder into the image's
-patch tokens); a completion is tokenized on its own and appended, followed by the end-of-turn
-token. Appending ids, instead of re-tokenizing prompt + completion as one string, keeps the
-prompt/completion boundary exact, so the completion mask covers exactly the response tokens.
+patch tokens); a completion is appended as token ids. A sampled completion is the ids the policy
+sampled, as they are (its end-of-turn id included when it stopped, none when it was cut at
+``max_new_tokens``); a text completion (warm start, tests, preference data) is tokenized on its
+own and given the end-of-turn token. Appending ids, instead of re-tokenizing prompt + completion
+as one string, keeps the prompt/completion boundary exact.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -39,10 +42,57 @@ def end_of_turn_id(processor) -> int:
     return tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
 
 
-def append_completion(processor, prompt: dict[str, torch.Tensor], completion: str) -> dict:
-    """`prompt` (one sequence) followed by `completion` and end-of-turn, with a completion mask."""
-    ids = processor.tokenizer(completion, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([*ids, end_of_turn_id(processor)], dtype=torch.long)[None]
+Completion = str | Sequence[int]
+"""A completion: token ids as sampled, or a text to tokenize and end with the end-of-turn token."""
+
+
+def completion_ids(processor, completion: Completion) -> list[int]:
+    """The token ids a completion is trained on (see `Completion`)."""
+    if isinstance(completion, str):
+        ids = processor.tokenizer(completion, add_special_tokens=False)["input_ids"]
+        return [*ids, end_of_turn_id(processor)]
+    return [int(i) for i in completion]
+
+
+class PromptCache:
+    """Encoded prompts (processor output, image patches included) by record id, least recently
+    used dropped first once they hold more than `max_mb` MB (0: nothing is kept).
+
+    One cache serves the rollout and the pair collation, so a prompt a round samples from and
+    then trains on for several steps is encoded once, and memory stays bounded however large
+    the pool is.
+    """
+
+    def __init__(self, processor, max_mb: float = 512):
+        self.processor = processor
+        self.max_bytes = int(max_mb * 2**20)
+        self.bytes = 0
+        self.hits = self.misses = 0
+        self._items: OrderedDict[str, tuple[dict, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, record: PromptRecord) -> dict[str, torch.Tensor]:
+        if record.id in self._items:
+            self.hits += 1
+            self._items.move_to_end(record.id)
+            return self._items[record.id][0]
+        self.misses += 1
+        encoded = encode_prompt(self.processor, record)
+        size = sum(v.numel() * v.element_size() for v in encoded.values())
+        if size <= self.max_bytes:
+            self._items[record.id] = (encoded, size)
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self.bytes -= dropped
+        return encoded
+
+
+def append_completion(processor, prompt: dict[str, torch.Tensor], completion: Completion) -> dict:
+    """`prompt` (one sequence) followed by `completion`'s ids, with a completion mask."""
+    ids = torch.tensor(completion_ids(processor, completion), dtype=torch.long)[None]
     n = ids.shape[1]
     out = dict(prompt)
     out["input_ids"] = torch.cat([prompt["input_ids"], ids], 1)
@@ -72,7 +122,7 @@ def pad_batch(items: Sequence[dict], pad_id: int, side: str = "right") -> dict[s
     return batch
 
 
-def collate_sequences(processor, prompts: Sequence[dict], completions: Sequence[str]) -> dict:
+def collate_sequences(processor, prompts: Sequence[dict], completions: Sequence[Completion]) -> dict:
     """A right-padded batch of prompt + completion sequences, with ``completion_mask``."""
     items = [append_completion(processor, p, c) for p, c in zip(prompts, completions, strict=True)]
     return pad_batch(items, processor.tokenizer.pad_token_id, side="right")

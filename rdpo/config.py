@@ -1,16 +1,39 @@
 """Typed run configuration: dataclasses first, YAML and ``key=value`` overrides merged on top.
 
-A misspelt key, a wrong type or a missing required value fails at start, naming every offending
-key at once (``ConfigError``).
+Every setting is written once, here, beside its field: the default, the docstring under it and
+what values it allows (`setting(default, choices=... | ge=/gt=/le=/lt=...)`, kept in the field's
+metadata). Validation (`check`, `validate`), ``python -m rdpo.fit --help``, the README's config
+reference and the command-line options of ``rdpo.evaluate judge`` / ``rdpo.rubrics build``
+(`rdpo.confighelp`) are all derived from the fields. A misspelt key, a wrong type, a missing
+required value or a value out of range fails at start, naming every offending key at once
+(``ConfigError``).
+
+This module stays light (no torch, no Lightning): everything imports it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from rdpo.scoring import AGGREGATIONS
+
+DEEPSPEED = "deepspeed"
+"""The one run.strategy name that builds rdpo's DeepSpeed config (`rdpo.strategy`)."""
+
+
+def setting(default=MISSING, *, choices: tuple | None = None, ge=None, gt=None, le=None, lt=None):
+    """A field with what it allows written beside its default: `choices`, or bounds
+    (``ge`` >=, ``gt`` >, ``le`` <=, ``lt`` <). No default (`MISSING`) means required."""
+    meta = {k: v for k, v in (("choices", choices), ("ge", ge), ("gt", gt), ("le", le),
+                              ("lt", lt)) if v is not None}
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -21,12 +44,14 @@ class RunConfig:
     """Seeds Python, NumPy and torch (and so prompt selection and sampling)."""
     accelerator: str = "auto"
     """Lightning accelerator: auto, cpu, gpu."""
-    devices: int = 1
+    devices: int = setting(1, gt=0)
     """Devices (processes) per node."""
-    num_nodes: int = 1
+    num_nodes: int = setting(1, gt=0)
     """Nodes; under SLURM, Lightning reads the rest of the topology from the environment."""
     strategy: str = "auto"
-    """Lightning strategy: auto, ddp, deepspeed_stage_2, ..."""
+    """Lightning strategy: auto, ddp, ..., or deepspeed (configured by run.deepspeed_stage and
+    run.deepspeed_offload; Lightning's deepspeed_stage_N names are refused, they would bypass
+    that config)."""
     precision: str = "32-true"
     """Lightning precision: 32-true, bf16-mixed, ..."""
     log_every_n_steps: int = 1
@@ -43,13 +68,13 @@ class RunConfig:
     checkpoint: bool = True
     """Save run.dir/checkpoints/last.ckpt (adapter, optimizer, round, pairs, RNG) after each
     round is built and every checkpoint_every_n_steps steps."""
-    checkpoint_every_n_steps: int = 0
+    checkpoint_every_n_steps: int = setting(0, ge=0)
     """Optimizer steps between checkpoints (0: at the end of every round)."""
-    on_nonfinite: str = "skip"
+    on_nonfinite: str = setting("skip", choices=("skip", "stop"))
     """A non-finite loss: skip (the batch adds no gradient; counted in train/nonfinite_skipped)
     or stop (the run fails with the step's numbers)."""
-    deepspeed_stage: int = 2
-    """ZeRO stage (2 or 3) when run.strategy=deepspeed; the config is built in rdpo.strategy."""
+    deepspeed_stage: int = setting(2, choices=(2, 3))
+    """ZeRO stage when run.strategy=deepspeed; the config is built in rdpo.strategy."""
     deepspeed_offload: bool = False
     """run.strategy=deepspeed: keep optimizer state (and, at stage 3, parameters) in CPU memory."""
 
@@ -61,8 +86,8 @@ class ToyConfig:
     as model.path, data.train_pool and data.heldout_pool."""
     cache_dir: str = ".cache/rdpo"
     """Where the tiny model, the warm-started policy and the task pools are cached."""
-    family: str = "qwen2_vl"
-    """Architecture of the tiny model: qwen2_vl, qwen2_5_vl, qwen3_vl."""
+    family: str = setting("qwen2_vl", choices=("qwen2_vl", "qwen2_5_vl", "qwen3_vl"))
+    """Architecture of the tiny model (`rdpo.tiny`)."""
     hidden_size: int = 64
     """Width of the tiny model's language and vision towers."""
     layers: int = 2
@@ -73,18 +98,18 @@ class ToyConfig:
     """Held-out prompts (disjoint from training prompts)."""
     task_seed: int = 0
     """Seed of the shapes task (images, instructions, rubrics)."""
-    warmstart_steps: int = 1500
+    warmstart_steps: int = setting(1500, ge=0)
     """Supervised warm-start steps that teach the random-init model the task's language."""
     warmstart_lr: float = 2e-3
     """Warm-start learning rate (AdamW, full fine-tuning)."""
-    flaw_rate: float = 0.8
+    flaw_rate: float = setting(0.8, ge=0, le=1)
     """Fraction of warm-start answers that carry a flaw (hallucination, wrong fact, terse,
     rambling), so the starting policy samples both good and bad answers for DPO to sort."""
 
 
 @dataclass
 class LoraConfig:
-    r: int = 16
+    r: int = setting(16, gt=0)
     """LoRA rank."""
     alpha: int = 32
     """LoRA scaling numerator (scale = alpha / r)."""
@@ -101,18 +126,22 @@ class LoraConfig:
 class ModelConfig:
     path: str = MISSING
     """Local directory of a transformers VLM checkpoint with its processor (set by toy.enabled)."""
-    dtype: str = "float32"
-    """Weights dtype: float32, bfloat16, float16."""
-    quantization: str = "none"
+    dtype: str = setting("float32", choices=("float32", "bfloat16", "float16"))
+    """Weights dtype."""
+    quantization: str = setting("none", choices=("none", "nf4"))
     """none, or nf4 (QLoRA: 4-bit base weights through bitsandbytes; vision tower and lm_head
     stay unquantised)."""
-    finetune: str = "lora"
+    finetune: str = setting("lora", choices=("lora", "full"))
     """lora: train a LoRA adapter (reference = adapters off); full: train every language-model
     weight (vision tower frozen; reference = a frozen copy, twice the weights in memory)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA adapter on the language model."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    disable_dropout: bool = True
+    """Turn every dropout of the model (the checkpoint's and LoRA's) off for DPO, as TRL does:
+    the training step then computes the same function as the reference pass and the rollout,
+    so a round's first step has loss ln 2. false keeps dropout in the training steps."""
 
 
 @dataclass
@@ -121,33 +150,45 @@ class DataConfig:
     """Rubric pool (JSONL) the rounds sample prompts from."""
     heldout_pool: str | None = None
     """Rubric pool for the before/after evaluation (null: no evaluation)."""
-    prompts_per_round: int = 32
+    prompts_per_round: int = setting(32, gt=0)
     """Prompts each round samples (per rank) from its shard of the train pool."""
-    batch_size: int = 8
+    batch_size: int = setting(8, gt=0)
     """Pairs per DPO micro-batch."""
-    accumulate_grad_batches: int = 1
+    accumulate_grad_batches: int = setting(1, gt=0)
     """Micro-batches per optimizer step."""
+    prompt_cache_mb: int = setting(512, ge=0)
+    """Encoded prompts (token ids and image patches) kept in memory for reuse, least recently
+    used dropped first (MB; 0: no cache, every use re-encodes)."""
 
 
 @dataclass
 class RolloutConfig:
-    every_n_steps: int = 10
+    every_n_steps: int = setting(10, gt=0)
     """Optimizer steps between rounds; the first round runs before the first step."""
-    samples_per_prompt: int = 4
-    """K: responses sampled per prompt."""
-    max_new_tokens: int = 32
+    samples_per_prompt: int = setting(4, ge=2)
+    """K: responses sampled per prompt (a pair needs at least 2)."""
+    max_new_tokens: int = setting(32, gt=0)
     """Longest response sampled."""
-    temperature: float = 1.0
+    temperature: float = setting(1.0, ge=0)
     """Sampling temperature (0: greedy)."""
-    top_p: float = 1.0
+    top_p: float = setting(1.0, gt=0, le=1)
     """Nucleus sampling threshold."""
-    batch_size: int = 32
+    top_k: int = setting(0, ge=0)
+    """Sample from the k most likely tokens only (0: off)."""
+    repetition_penalty: float = setting(1.0, gt=0)
+    """Repetition penalty (1.0: off). Sampling uses only rdpo's rollout settings: nothing of the
+    checkpoint's generation_config.json is inherited except its end-of-sequence ids."""
+    batch_size: int = setting(32, gt=0)
     """Prompts per generation batch."""
+    truncated: str = setting("drop", choices=("drop", "keep"))
+    """A response cut at max_new_tokens (finish reason length): drop (never a pair member; its
+    prompt may still pair two finished responses) or keep (trained on as sampled, no end of
+    turn appended)."""
 
 
 @dataclass
 class JudgeConfig:
-    kind: str = "rule"
+    kind: str = setting("rule", choices=("rule", "transformers", "openai"))
     """rule: the regex `check` of each criterion (RuleJudge); transformers: a local VLM
     (TransformersJudge); openai: an OpenAI-compatible server such as vLLM or SGLang (OpenAIJudge)."""
     model: str | None = None
@@ -157,17 +198,17 @@ class JudgeConfig:
     api_key_env: str | None = None
     """openai: NAME of the environment variable holding the API key (the key itself is never
     saved); null for servers that need none."""
-    concurrency: int = 8
+    concurrency: int = setting(8, gt=0)
     """openai: requests in flight at once."""
-    timeout: float = 60.0
+    timeout: float = setting(60.0, gt=0)
     """openai: seconds per request attempt."""
-    max_retries: int = 4
+    max_retries: int = setting(4, ge=0)
     """openai: retries (exponential backoff) on connection errors, timeouts, 429 and 5xx."""
-    parse_retries: int = 2
+    parse_retries: int = setting(2, ge=0)
     """Times an answer without parseable JSON is asked again before its verdicts become null."""
-    max_tokens: int = 1024
+    max_tokens: int = setting(1024, gt=0)
     """Longest judge answer (tokens)."""
-    batch_size: int = 8
+    batch_size: int = setting(8, gt=0)
     """transformers: judge prompts per generation batch."""
     cache: str | None = "${run.dir}/judge_cache.sqlite"
     """sqlite file caching model judgments across rounds and runs (null: no cache; unused by rule)."""
@@ -175,12 +216,13 @@ class JudgeConfig:
 
 @dataclass
 class PairsConfig:
-    strategy: str = "rubric"
+    strategy: str = setting("rubric", choices=("rubric", "outcome"))
     """rubric: pairs from the per-criterion rubric score; outcome: from one holistic judge score
     per response (the paper's outcome-filtering baseline), same selection rules."""
-    aggregation: str = "lexicographic"
-    """How verdicts aggregate to a score: lexicographic (essential first) or weighted."""
-    min_margin: float = 0.1
+    aggregation: str = setting("lexicographic", choices=tuple(AGGREGATIONS))
+    """How verdicts aggregate to a score (`rdpo.scoring`): lexicographic (essential first) or
+    weighted."""
+    min_margin: float = setting(0.1, ge=0)
     """Drop a prompt whose best and worst scores differ by less than this."""
     require_chosen_essential: bool = True
     """Keep a pair only when the chosen response meets every essential criterion."""
@@ -188,27 +230,27 @@ class PairsConfig:
 
 @dataclass
 class DPOConfig:
-    beta: float = 0.1
+    beta: float = setting(0.1, gt=0)
     """KL strength β of the DPO objective."""
-    loss_type: str = "sigmoid"
-    """sigmoid, robust, hinge or ipo."""
-    label_smoothing: float = 0.0
+    loss_type: str = setting("sigmoid", choices=("sigmoid", "robust", "hinge", "ipo"))
+    """DPO loss (`rdpo.loss`)."""
+    label_smoothing: float = setting(0.0, ge=0, lt=0.5)
     """Label smoothing ε (conservative DPO / robust DPO)."""
-    sft_weight: float = 0.0
+    sft_weight: float = setting(0.0, ge=0)
     """Weight of a length-normalised NLL term on chosen responses (RPO); 0 turns it off."""
-    lr: float = 1e-4
+    lr: float = setting(1e-4, gt=0)
     """Peak learning rate (AdamW)."""
-    weight_decay: float = 0.0
+    weight_decay: float = setting(0.0, ge=0)
     """AdamW weight decay."""
-    warmup_steps: int = 0
+    warmup_steps: int = setting(0, ge=0)
     """Linear warm-up steps."""
-    schedule: str = "constant"
-    """After warm-up: constant or cosine (to zero at max_steps)."""
-    max_steps: int = 40
+    schedule: str = setting("constant", choices=("constant", "cosine"))
+    """After warm-up: constant, or cosine (to zero at max_steps)."""
+    max_steps: int = setting(40, gt=0)
     """Optimizer steps in the whole run."""
-    grad_clip: float = 1.0
+    grad_clip: float = setting(1.0, ge=0)
     """Gradient norm clip (0: off)."""
-    reference: str = "base"
+    reference: str = setting("base", choices=("base", "round_start"))
     """Reference policy of the DPO log-ratios, computed once per pair when the round builds it:
     base (adapters disabled) or round_start (the policy as the round begins: iterative DPO)."""
     prefix_sharing: bool = True
@@ -218,9 +260,9 @@ class DPOConfig:
 
 @dataclass
 class EvalConfig:
-    samples_per_prompt: int = 4
+    samples_per_prompt: int = setting(4, gt=0)
     """Responses sampled per held-out prompt; the score is the mean over all of them."""
-    temperature: float = 1.0
+    temperature: float = setting(1.0, ge=0)
     """Sampling temperature of the evaluation (0: greedy, one response)."""
     max_prompts: int = 0
     """Evaluate at most this many held-out prompts (0: all)."""
@@ -247,27 +289,116 @@ class ConfigError(ValueError):
         super().__init__("invalid config:\n  " + "\n  ".join(problems))
 
 
-_CHOICES = {
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.quantization": ("none", "nf4"),
-    "model.finetune": ("lora", "full"),
-    "toy.family": ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"),
-    "judge.kind": ("rule", "transformers", "openai"),
-    "pairs.strategy": ("rubric", "outcome"),
-    "pairs.aggregation": ("lexicographic", "weighted"),
-    "dpo.loss_type": ("sigmoid", "robust", "hinge", "ipo"),
-    "dpo.schedule": ("constant", "cosine"),
-    "dpo.reference": ("base", "round_start"),
-    "run.on_nonfinite": ("skip", "stop"),
-}
-_POSITIVE = ("judge.concurrency", "judge.timeout", "judge.max_tokens", "judge.batch_size",
-             "data.prompts_per_round", "data.batch_size", "data.accumulate_grad_batches",
-             "rollout.every_n_steps", "rollout.samples_per_prompt", "rollout.max_new_tokens",
-             "rollout.batch_size", "dpo.beta", "dpo.max_steps", "dpo.lr", "model.lora.r",
-             "eval.samples_per_prompt", "run.devices", "run.num_nodes")
-_NON_NEGATIVE = ("run.checkpoint_every_n_steps", "judge.max_retries", "judge.parse_retries", "rollout.temperature", "eval.temperature", "pairs.min_margin",
-                 "dpo.warmup_steps", "dpo.grad_clip", "dpo.sft_weight", "dpo.weight_decay", "toy.warmstart_steps")
+# -- what a field allows, read from its metadata ---------------------------------------------
 
+_BOUNDS = {"ge": (">=", "[", lambda v, b: v >= b), "gt": (">", "(", lambda v, b: v > b),
+           "le": ("<=", "]", lambda v, b: v <= b), "lt": ("<", ")", lambda v, b: v < b)}
+
+
+def allowed(meta) -> str:
+    """A field's metadata in words: ``one of a, b``, ``> 0``, ``in [0, 0.5)``; "" if unconstrained."""
+    if "choices" in meta:
+        return "one of " + ", ".join(str(c) for c in meta["choices"])
+    lo = next((k for k in ("ge", "gt") if k in meta), None)
+    hi = next((k for k in ("le", "lt") if k in meta), None)
+    if lo and hi:
+        return f"in {_BOUNDS[lo][1]}{meta[lo]}, {meta[hi]}{_BOUNDS[hi][1]}"
+    return " ".join(f"{_BOUNDS[k][0]} {meta[k]}" for k in (lo, hi) if k)
+
+
+def _allows(meta, value) -> bool:
+    if "choices" in meta:
+        return value in meta["choices"]
+    try:
+        return all(test(value, meta[k]) for k, (_, _, test) in _BOUNDS.items() if k in meta)
+    except TypeError:  # None, or a string where a number belongs
+        return False
+
+
+def choices(section: type, name: str) -> tuple:
+    """The values field `name` of a section class allows, for code that dispatches on it."""
+    return next(f for f in dataclasses.fields(section) if f.name == name).metadata["choices"]
+
+
+# -- rules across the fields of one section --------------------------------------------------
+
+def _run_rules(run, name: Callable[[str], str]) -> list[str]:
+    strategy = run.strategy
+    if not strategy.startswith(DEEPSPEED) or strategy == DEEPSPEED:
+        return []
+    # Lightning's registered names (deepspeed_stage_2, deepspeed_stage_3_offload, ...) build
+    # their own DeepSpeed config, which would silently ignore run.deepspeed_stage/_offload.
+    m = re.fullmatch(rf"{DEEPSPEED}_stage_(\d)(_offload)?.*", strategy)
+    fix = f"{name('strategy')}={DEEPSPEED}"
+    if m:
+        fix += f" {name('deepspeed_stage')}={m[1]}"
+        fix += f" {name('deepspeed_offload')}=true" if m[2] else ""
+    return [f"{name('strategy')}: {strategy!r} is not supported (it would bypass rdpo's "
+            f"DeepSpeed config); use {fix}"]
+
+
+def _model_rules(model, name: Callable[[str], str]) -> list[str]:
+    if model.finetune == "full" and model.quantization != "none":
+        return [f"{name('finetune')}: full fine-tuning cannot train 4-bit weights "
+                f"({name('quantization')}={model.quantization}); use lora (QLoRA)"]
+    return []
+
+
+def _judge_rules(judge, name: Callable[[str], str]) -> list[str]:
+    problems = []
+    if judge.kind != "rule" and not judge.model:
+        what = "checkpoint directory" if judge.kind == "transformers" else "served model name"
+        article = "an" if judge.kind[:1] in "aeiou" else "a"
+        problems.append(f"{name('model')}: {article} {judge.kind} judge needs a model (the {what})")
+    if judge.kind == "openai" and not judge.base_url:
+        problems.append(f"{name('base_url')}: an openai judge needs the server's URL, "
+                        "e.g. http://localhost:8000/v1")
+    return problems
+
+
+_RULES = {RunConfig: _run_rules, ModelConfig: _model_rules, JudgeConfig: _judge_rules}
+
+
+def _is_section(f: dataclasses.Field) -> bool:
+    return f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory)
+
+
+def _missing(section, name: str) -> bool:
+    if isinstance(section, DictConfig):
+        return OmegaConf.is_missing(section, name)
+    return getattr(section, name) == MISSING
+
+
+def check(section, name: Callable[[str], str]) -> list[str]:
+    """Every value problem of a section (a dataclass instance or its DictConfig): missing
+    required values, then choices and bounds from each field's metadata, then the section's
+    rules across fields. `name` turns a field name into the key the problem names
+    (``"judge.{}".format``, or a command-line option)."""
+    cls = OmegaConf.get_type(section) if isinstance(section, DictConfig) else type(section)
+    problems = []
+    for f in dataclasses.fields(cls):
+        if _missing(section, f.name):
+            problems.append(f"{name(f.name)}: missing required value")
+        elif _is_section(f):
+            problems += check(getattr(section, f.name), lambda n, p=f.name: name(f"{p}.{n}"))
+        elif f.metadata:
+            value = getattr(section, f.name)
+            if _allows(f.metadata, value):
+                continue
+            if "choices" in f.metadata:
+                problems.append(f"{name(f.name)}: {value!r} is not {allowed(f.metadata)}")
+            else:
+                problems.append(f"{name(f.name)}: must be {allowed(f.metadata)}, got {value}")
+    rules = _RULES.get(cls)
+    return problems + (rules(section, name) if rules else [])
+
+
+def validate(cfg: DictConfig | Config) -> list[str]:
+    """Every value problem of a merged config (missing required values, ranges, choices, rules)."""
+    return check(cfg, "{}".format)
+
+
+# -- loading ---------------------------------------------------------------------------------
 
 def _leaves(tree, prefix: str = ""):
     for key, value in tree.items():
@@ -325,43 +456,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if problems:
         raise ConfigError(problems)
     return OmegaConf.to_object(base)
-
-
-def validate(cfg: DictConfig) -> list[str]:
-    """Every value problem of a merged config (missing required values, ranges, choices)."""
-    problems = []
-    for key in ("run.dir", "model.path", "data.train_pool"):
-        parent, _, leaf = key.rpartition(".")
-        if OmegaConf.is_missing(OmegaConf.select(cfg, parent), leaf):
-            problems.append(f"{key}: missing required value")
-    for key, choices in _CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in choices:
-            problems.append(f"{key}: {value!r} is not one of {', '.join(choices)}")
-    for key in _POSITIVE:
-        if not OmegaConf.select(cfg, key) > 0:
-            problems.append(f"{key}: must be > 0, got {OmegaConf.select(cfg, key)}")
-    for key in _NON_NEGATIVE:
-        if not OmegaConf.select(cfg, key) >= 0:
-            problems.append(f"{key}: must be >= 0, got {OmegaConf.select(cfg, key)}")
-    if cfg.run.deepspeed_stage not in (2, 3):
-        problems.append(f"run.deepspeed_stage: {cfg.run.deepspeed_stage} is not one of 2, 3")
-    if not 0 <= cfg.dpo.label_smoothing < 0.5:
-        problems.append(f"dpo.label_smoothing: must be in [0, 0.5), got {cfg.dpo.label_smoothing}")
-    if not 0 < cfg.rollout.top_p <= 1:
-        problems.append(f"rollout.top_p: must be in (0, 1], got {cfg.rollout.top_p}")
-    if not 0 <= cfg.toy.flaw_rate <= 1:
-        problems.append(f"toy.flaw_rate: must be in [0, 1], got {cfg.toy.flaw_rate}")
-    if cfg.judge.kind != "rule" and not cfg.judge.model:
-        problems.append(f"judge.model: a {cfg.judge.kind} judge needs a model")
-    if cfg.judge.kind == "openai" and not cfg.judge.base_url:
-        problems.append("judge.base_url: an openai judge needs the server URL")
-    if cfg.model.finetune == "full" and cfg.model.quantization != "none":
-        problems.append("model.finetune: full fine-tuning cannot train 4-bit weights "
-                        f"(model.quantization={cfg.model.quantization}); use lora (QLoRA)")
-    if cfg.rollout.samples_per_prompt < 2:
-        problems.append("rollout.samples_per_prompt: a pair needs at least 2 samples per prompt")
-    return problems
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

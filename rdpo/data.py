@@ -2,70 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from rdpo.collate import collate_sequences, encode_prompt
-from rdpo.packing import pack_pairs
+from rdpo.batches import PairCollator, TrainPair, pair_from_dict, pair_to_dict
+from rdpo.collate import PromptCache
 from rdpo.pool import PromptRecord, load_pool
 
+log = logging.getLogger("rdpo")
 
-@dataclass(frozen=True)
-class TrainPair:
-    """One DPO pair of a round, with its reference log-probs computed when the round built it."""
-
-    record: PromptRecord
-    chosen: str
-    rejected: str
-    ref_chosen_logp: float
-    ref_rejected_logp: float
-
-
-class PairCollator:
-    """Collates `TrainPair`s into one DPO batch.
-
-    With ``packed`` (the default) each pair is one row ``[prompt, chosen, rejected]`` that
-    carries the image and the prompt once (`rdpo.packing`); otherwise the batch holds 2B
-    sequences, the chosen ones then the rejected. Prompt encodings (processor output, image
-    patches included) are cached per prompt id: a round reuses each prompt for several steps.
-    """
-
-    def __init__(self, processor, packed: bool = True):
-        self.processor = processor
-        self.packed = packed
-        self.prompts: dict[str, dict] = {}
-
-    def prompt(self, record: PromptRecord) -> dict:
-        if record.id not in self.prompts:
-            self.prompts[record.id] = encode_prompt(self.processor, record)
-        return self.prompts[record.id]
-
-    def sequences(self, records: Sequence[PromptRecord], completions: Sequence[str]) -> dict:
-        return collate_sequences(self.processor, [self.prompt(r) for r in records], completions)
-
-    def pairs(self, records: Sequence[PromptRecord], chosen: Sequence[str],
-              rejected: Sequence[str]) -> dict:
-        """The model inputs of B pairs: ``{"packed": ...}`` or ``{"sequences": ...}``."""
-        if self.packed:
-            return {"packed": pack_pairs(self.processor, [self.prompt(r) for r in records],
-                                         chosen, rejected)}
-        return {"sequences": self.sequences(list(records) * 2, [*chosen, *rejected])}
-
-    def __call__(self, items: list[TrainPair | None]) -> dict:
-        pairs = [p for p in items if p is not None]
-        if not pairs:
-            # A rank whose round kept no pair still takes its steps (see RoundDataset).
-            return {"empty": True}
-        batch = self.pairs([p.record for p in pairs], [p.chosen for p in pairs],
-                           [p.rejected for p in pairs])
-        batch["ref_chosen_logps"] = torch.tensor([p.ref_chosen_logp for p in pairs])
-        batch["ref_rejected_logps"] = torch.tensor([p.ref_rejected_logp for p in pairs])
-        return batch
+__all__ = ["OnPolicyDataModule", "PairCollator", "TrainPair", "RoundDataset"]
 
 
 class RoundDataset(Dataset):
@@ -118,19 +68,6 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def pair_to_dict(pair: TrainPair) -> dict:
-    """A `TrainPair` as plain data (the prompt by id) for checkpoints."""
-    return {"id": pair.record.id, "chosen": pair.chosen, "rejected": pair.rejected,
-            "ref_chosen_logp": pair.ref_chosen_logp, "ref_rejected_logp": pair.ref_rejected_logp}
-
-
-def pair_from_dict(d: dict, records: dict[str, PromptRecord]) -> TrainPair:
-    if d["id"] not in records:
-        raise ValueError(f"checkpoint pair for prompt {d['id']!r}: no such prompt in the pool")
-    return TrainPair(records[d["id"]], d["chosen"], d["rejected"], d["ref_chosen_logp"],
-                     d["ref_rejected_logp"])
-
-
 class OnPolicyDataModule(L.LightningDataModule):
     """Serves each round's pairs; the round itself is run by `RubricScoringCallback`.
 
@@ -140,9 +77,11 @@ class OnPolicyDataModule(L.LightningDataModule):
 
     def __init__(self, train_pool: str, heldout_pool: str | None = None, *,
                  prompts_per_round: int = 32, batch_size: int = 8, steps_per_round: int = 10,
-                 accumulate_grad_batches: int = 1, seed: int = 0, packed: bool = True):
+                 accumulate_grad_batches: int = 1, seed: int = 0, packed: bool = True,
+                 prompt_cache_mb: float = 512):
         super().__init__()
         self.packed = packed
+        self.prompt_cache_mb = prompt_cache_mb
         self.train_pool = train_pool
         self.heldout_pool = heldout_pool
         self.prompts_per_round = prompts_per_round
@@ -152,6 +91,8 @@ class OnPolicyDataModule(L.LightningDataModule):
         self.seed = seed
         self.processor = None
         self.collator: PairCollator | None = None
+        self.prompts: PromptCache | None = None
+        """Encoded prompts, shared by the round's rollout and the pair collation."""
         self.records: list[PromptRecord] = []
         self.shard: list[PromptRecord] = []
         self.heldout: list[PromptRecord] = []
@@ -164,7 +105,8 @@ class OnPolicyDataModule(L.LightningDataModule):
 
     def connect(self, processor) -> None:
         self.processor = processor
-        self.collator = PairCollator(processor, packed=self.packed)
+        self.prompts = PromptCache(processor, max_mb=self.prompt_cache_mb)
+        self.collator = PairCollator(processor, packed=self.packed, prompts=self.prompts)
 
     def setup(self, stage: str | None = None) -> None:
         if self.processor is None and self.trainer is not None:
@@ -195,12 +137,27 @@ class OnPolicyDataModule(L.LightningDataModule):
         self.round = round_index
         self.batches_done = self.start_batch = 0
         self._shuffle()
+        usage = self.pair_usage()
+        if usage["pairs_unused"]:
+            log.warning("round %d: %d of %d pairs will not be trained (the round serves %d; raise "
+                        "rollout.every_n_steps or data.batch_size, or lower data.prompts_per_round)",
+                        round_index, usage["pairs_unused"], len(self.pairs), self.items_per_round)
 
     def _shuffle(self) -> None:
         rng = random.Random(f"{self.seed}:pairs:{self.round}")
         self.order = []
         while self.pairs and len(self.order) < self.items_per_round:
             self.order += rng.sample(range(len(self.pairs)), len(self.pairs))
+        del self.order[self.items_per_round:]
+
+    def pair_usage(self) -> dict[str, int]:
+        """How often this round trains its pairs: the fewest and most uses of a pair, and how many
+        pairs it never serves (a round serves a fixed number of items, whatever was kept)."""
+        uses = [0] * len(self.pairs)
+        for i in self.order:
+            uses[i] += 1
+        return {"pair_uses_min": min(uses, default=0), "pair_uses_max": max(uses, default=0),
+                "pairs_unused": uses.count(0)}
 
     @property
     def items_per_round(self) -> int:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from rdpo.config import RolloutConfig
 from rdpo.pool import (
     PromptRecord,
     Rubric,
@@ -29,40 +30,38 @@ from rdpo.pool import (
     check_id_and_instruction,
     jsonl_objects,
 )
-from rdpo.rollout import SamplingSettings, generate
-from rdpo.rounds import score_rollouts
+from rdpo.rollout import generate
+from rdpo.rounds import ScoredRollout, score_rollouts, summarize
 from rdpo.scoring import score_response
 
 
 def evaluate_policy(model, processor, records: Sequence[PromptRecord], judge,
-                    settings: SamplingSettings, aggregation: str = "lexicographic",
+                    settings: RolloutConfig, aggregation: str = "lexicographic",
                     seed: int = 0) -> dict:
-    """Sample ``settings.num_samples`` responses per prompt and judge them against the rubric.
+    """Sample ``settings.samples_per_prompt`` responses per prompt and judge them against the
+    rubric; `heldout_summary` of them.
 
-    Returns ``rubric_score`` (mean score over all responses), ``essential_pass_rate`` (fraction
-    of responses meeting every essential criterion), the counts, and ``unknown_verdicts``.
     Sampling is seeded (and the global RNG state restored), so the same policy scores the same.
     Always the rubric score, whatever the judge's pairs strategy, so rubric- and outcome-trained
-    policies are compared on one scale.
+    policies are compared on one scale. Inside a Lightning run, `rdpo.callbacks.HeldoutEvaluation`
+    does the same on every rank's shard, in the trainer's precision context.
     """
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        scored = score_rollouts(judge, generate(model, processor, records, settings), aggregation,
-                                strategy="rubric")
-    finally:
-        torch.random.set_rng_state(state)
-    scores = [s for item in scored for s in item.scores]
-    n = max(1, len(scores))
-    return {
-        "rubric_score": sum(s.value for s in scores) / n,
-        "essential_pass_rate": sum(s.essential_pass is True for s in scores) / n,
-        "prompts": len(scored),
-        "responses": len(scores),
-        "unknown_verdicts": sum(s.unknown for s in scores),
-        "temperature": settings.temperature,
-        "samples_per_prompt": settings.num_samples,
-    }
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        rollouts = list(generate(model, processor, records, settings))
+    return heldout_summary(score_rollouts(judge, rollouts, aggregation, strategy="rubric"),
+                           settings)
+
+
+def heldout_summary(scored: Sequence[ScoredRollout], settings: RolloutConfig) -> dict:
+    """``rubric_score`` (mean score over all responses), ``essential_pass_rate`` (fraction of
+    responses meeting every essential criterion), ``fully_judged`` (responses with a verdict for
+    every criterion: unknowns count as not met, `rdpo.scoring`), ``truncated`` and the counts."""
+    s = summarize(scored)
+    return {"rubric_score": s.mean_score, "essential_pass_rate": s.essential_pass_rate,
+            "prompts": s.prompts, "responses": s.responses, "fully_judged": s.fully_judged,
+            "unknown_verdicts": s.unknown_verdicts, "truncated": s.truncated,
+            "temperature": settings.temperature, "samples_per_prompt": settings.samples_per_prompt}
 
 
 # -- judge evaluation ----------------------------------------------------------------------------

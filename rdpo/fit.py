@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -114,24 +115,51 @@ def resume_path(cfg: Config) -> Path | None:
     return path
 
 
+@dataclass
+class Run:
+    """The live pieces of a run, built from its config by `build`."""
+
+    cfg: Config
+    run_dir: Path
+    checkpoint: Path | None
+    model: object
+    processor: object
+    module: object
+    datamodule: object
+    trainer: object
+    scoring: object
+    heldout: object
+    checkpointer: object
+
+
 def fit(cfg: Config) -> FitResult:
     """Train a policy with on-policy rubric DPO as `cfg` says; write the run directory."""
+    start = time.perf_counter()
+    run = build(cfg)
+    train(run)
+    return finish(run, start)
+
+
+def _eval_settings(cfg: Config):
+    """The held-out evaluation's sampling: the rollout's, at the evaluation's temperature and K."""
+    return dataclasses.replace(cfg.rollout, temperature=cfg.eval.temperature, top_p=1.0, top_k=0,
+                               samples_per_prompt=cfg.eval.samples_per_prompt)
+
+
+def build(cfg: Config) -> Run:
+    """Check the run directory, save the config, load the policy and wire the Lightning pieces."""
     import lightning as L
     import torch
     from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.utilities import rank_zero_only
 
-    from rdpo.callbacks import RubricScoringCallback
+    from rdpo.callbacks import HeldoutEvaluation, RubricScoringCallback
     from rdpo.callbacks.checkpoint import RoundCheckpoint, find_checkpoint, keep_metrics
-    from rdpo.chat import ChatError
     from rdpo.data import OnPolicyDataModule
-    from rdpo.evaluate import evaluate_policy
     from rdpo.model import load_policy
     from rdpo.module import RubricDPOModule
-    from rdpo.rollout import SamplingSettings
     from rdpo.strategy import cluster_plugins, make_strategy
 
-    start = time.perf_counter()
     run_dir = Path(cfg.run.dir)
     check_run_dir(run_dir)
     ckpt = resume_path(cfg)
@@ -162,38 +190,20 @@ def fit(cfg: Config) -> FitResult:
         cfg.data.train_pool, cfg.data.heldout_pool, prompts_per_round=cfg.data.prompts_per_round,
         batch_size=cfg.data.batch_size, steps_per_round=cfg.rollout.every_n_steps,
         accumulate_grad_batches=cfg.data.accumulate_grad_batches, seed=cfg.run.seed,
-        packed=_can_pack(cfg, model))
+        packed=_can_pack(cfg, model), prompt_cache_mb=cfg.data.prompt_cache_mb)
     datamodule.connect(processor)
     datamodule.setup("fit")
     judge = _judge(cfg)
-    sampling = SamplingSettings(
-        num_samples=cfg.rollout.samples_per_prompt, max_new_tokens=cfg.rollout.max_new_tokens,
-        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-        batch_size=cfg.rollout.batch_size)
-    eval_sampling = SamplingSettings(
-        num_samples=cfg.eval.samples_per_prompt, max_new_tokens=cfg.rollout.max_new_tokens,
-        temperature=cfg.eval.temperature, top_p=1.0, batch_size=cfg.rollout.batch_size)
-    heldout = datamodule.heldout[:cfg.eval.max_prompts or None]
 
-    def evaluate() -> dict:
-        return evaluate_policy(model, processor, heldout, judge, eval_sampling,
-                               cfg.pairs.aggregation, seed=cfg.run.seed)
-
-    results: dict = {}
     before_file = run_dir / "eval_before.json"
-    if heldout and ckpt is not None and before_file.is_file():
-        results["before"] = json.loads(before_file.read_text())  # measured before the interruption
-    elif heldout and rank_zero_only.rank == 0:  # only rank 0 writes eval.json
-        results["before"] = evaluate()
-        before_file.write_text(json.dumps(results["before"], indent=2) + "\n")
-    if "before" in results:
-        log.info("held-out before: rubric score %.3f, essential pass %.1f%%",
-                 results["before"]["rubric_score"], 100 * results["before"]["essential_pass_rate"])
-
+    before = (json.loads(before_file.read_text())  # measured before the interruption
+              if ckpt is not None and before_file.is_file() else None)
+    heldout = HeldoutEvaluation(
+        datamodule.heldout[:cfg.eval.max_prompts or None], judge, _eval_settings(cfg),
+        aggregation=cfg.pairs.aggregation, seed=cfg.run.seed, before=before, run_dir=run_dir)
     scoring = RubricScoringCallback(
-        judge, sampling, aggregation=cfg.pairs.aggregation, min_margin=cfg.pairs.min_margin,
-        require_chosen_essential=cfg.pairs.require_chosen_essential, run_dir=run_dir,
-        ref_batch_size=cfg.data.batch_size, reference=cfg.dpo.reference,
+        judge, cfg.rollout, cfg.pairs, run_dir=run_dir, ref_batch_size=cfg.data.batch_size,
+        reference=cfg.dpo.reference,
         reference_model=_frozen_copy(model) if cfg.model.finetune == "full" else None,
         seed=cfg.run.seed, judge_chunk=_judge_chunk(cfg))
     checkpointer = RoundCheckpoint(
@@ -207,35 +217,48 @@ def fit(cfg: Config) -> FitResult:
         strategy=make_strategy(cfg), precision=cfg.run.precision, max_steps=cfg.dpo.max_steps,
         max_epochs=-1, accumulate_grad_batches=cfg.data.accumulate_grad_batches,
         gradient_clip_val=cfg.dpo.grad_clip or None, log_every_n_steps=cfg.run.log_every_n_steps,
-        logger=logger, callbacks=[scoring, checkpointer],
+        logger=logger, callbacks=[heldout, scoring, checkpointer],
         plugins=cluster_plugins(),
         enable_progress_bar=cfg.run.progress_bar, enable_checkpointing=False,
         enable_model_summary=False, default_root_dir=run_dir, use_distributed_sampler=False)
+    return Run(cfg, run_dir, ckpt, model, processor, module, datamodule, trainer, scoring,
+               heldout, checkpointer)
+
+
+def train(run: Run) -> None:
+    """`trainer.fit`; a judge that fails for good names the checkpoint to resume from."""
+    from rdpo.callbacks.checkpoint import find_checkpoint
+    from rdpo.chat import ChatError
+
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+        run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.checkpoint)
     except ChatError as err:
-        last = find_checkpoint(run_dir)
-        raise ChatError(f"judge failed at step {trainer.global_step}: {err}. Last checkpoint: "
+        last = find_checkpoint(run.run_dir)
+        raise ChatError(f"judge failed at step {run.trainer.global_step}: {err}. Last checkpoint: "
                         f"{last or 'none'}; once the judge is back, rerun with run.resume=auto "
-                        f"(judged responses are cached in {cfg.judge.cache})") from err
-    if checkpointer.preempted:
+                        f"(judged responses are cached in {run.cfg.judge.cache})") from err
+
+
+def finish(run: Run, start: float) -> FitResult:
+    """Save the adapter (or model), eval.json and the report (rank 0)."""
+    cfg, run_dir, trainer = run.cfg, run.run_dir, run.trainer
+    seconds = time.perf_counter() - start
+    results = run.heldout.results
+    if run.checkpointer.preempted:
         log.warning("preempted at step %d; rerun with run.resume=auto to continue",
                     trainer.global_step)
-        return FitResult(run_dir, run_dir / "adapter", results, scoring.history,
-                         time.perf_counter() - start, resumed_from=ckpt, preempted=True)
-
+        return FitResult(run_dir, run_dir / "adapter", results, run.scoring.history, seconds,
+                         resumed_from=run.checkpoint, preempted=True)
     # LoRA: the adapter in PEFT format; full fine-tuning: the whole model.
     adapter_dir = run_dir / ("adapter" if cfg.model.finetune == "lora" else "model")
     if trainer.is_global_zero:
-        model.save_pretrained(adapter_dir)
-        processor.save_pretrained(adapter_dir)
-    if "before" in results and trainer.is_global_zero:
-        results["after"] = evaluate()
-        results["gain"] = results["after"]["rubric_score"] - results["before"]["rubric_score"]
-        (run_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
-        log.info("held-out after: rubric score %.3f (before %.3f, gain %+.3f), essential pass "
-                 "%.1f%%", results["after"]["rubric_score"], results["before"]["rubric_score"],
-                 results["gain"], 100 * results["after"]["essential_pass_rate"])
+        run.model.save_pretrained(adapter_dir)
+        run.processor.save_pretrained(adapter_dir)
+        if "after" in results:
+            (run_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+            log.info("held-out: rubric score %.3f -> %.3f (gain %+.3f)",
+                     results["before"]["rubric_score"], results["after"]["rubric_score"],
+                     results["gain"])
     if cfg.run.report and trainer.is_global_zero:
         from rdpo.report import write_report
 
@@ -244,8 +267,8 @@ def fit(cfg: Config) -> FitResult:
             log.info("report: %s and %s", report.png, report.markdown)
         except Exception:  # the run's own files are written: a plotting failure must not fail it
             log.exception("could not write the report; retry with python -m rdpo.report %s", run_dir)
-    result = FitResult(run_dir, adapter_dir, results, scoring.history, time.perf_counter() - start,
-                       resumed_from=ckpt)
+    result = FitResult(run_dir, adapter_dir, results, run.scoring.history,
+                       time.perf_counter() - start, resumed_from=run.checkpoint)
     log.info("run finished in %.0fs: %s", result.seconds, run_dir)
     return result
 

@@ -83,6 +83,33 @@ def unfreeze_language_model(model):
     return model
 
 
+# Attributes that hold a dropout probability used functionally (e.g. an attention kernel's
+# dropout_p) rather than through an nn.Dropout module.
+_DROPOUT_ATTRS = ("attention_dropout", "attn_dropout", "dropout", "hidden_dropout",
+                  "activation_dropout", "dropout_rate")
+
+
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Turn every dropout of `model` off (nn.Dropout modules, LoRA's included, and the
+    probabilities attention layers read as attributes); returns how many were on.
+
+    DPO compares the policy's log-probs with reference log-probs computed in eval mode, and
+    rollouts sample in eval mode: with dropout on in the training step, the step trains a
+    different function than the one that sampled and the one it is compared with.
+    """
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p:
+            module.p = 0.0
+            changed += 1
+        for attr in _DROPOUT_ATTRS:
+            value = getattr(module, attr, None)
+            if isinstance(value, float) and value > 0:
+                setattr(module, attr, 0.0)
+                changed += 1
+    return changed
+
+
 def load_policy(cfg: ModelConfig):
     """(policy, processor) for a model config: PEFT-wrapped for LoRA, the plain model for full
     fine-tuning."""
@@ -91,13 +118,25 @@ def load_policy(cfg: ModelConfig):
         model = unfreeze_language_model(load_base(cfg))
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _dropout(model, cfg)
         log.info("policy %s: %d trainable parameters (full fine-tuning)", cfg.path,
                  sum(p.numel() for p in model.parameters() if p.requires_grad))
         return model, processor
     model = add_lora(load_base(cfg), cfg)
+    _dropout(model, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if trainable == 0:
         raise ValueError(
             f"model.lora.target_modules={cfg.lora.target_modules!r} matches no module of {cfg.path}")
     log.info("policy %s: %d trainable LoRA parameters", cfg.path, trainable)
     return model, processor
+
+
+def _dropout(model, cfg: ModelConfig) -> None:
+    if cfg.disable_dropout:
+        n = disable_dropout(model)
+        if n:
+            log.info("dropout off in %d places (model.disable_dropout=true)", n)
+    elif any(isinstance(m, torch.nn.Dropout) and m.p for m in model.modules()):
+        log.warning("model.disable_dropout=false: the training steps run with dropout, the "
+                    "reference pass and the rollouts without; a round's first step is not at ln 2")

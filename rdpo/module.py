@@ -8,10 +8,8 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
-from rdpo.logps import sequence_logps
 from rdpo.loss import dpo_objective
 from rdpo.packing import completion_lengths, pair_logps
-from rdpo.rollout import SamplingSettings, generate
 
 # Metric name (a torchmetrics module key: no dots) -> logged name (TRL's names).
 METRICS = {"loss": "train/loss", "dpo_loss": "train/dpo_loss", "nll": "train/nll",
@@ -23,9 +21,11 @@ METRICS = {"loss": "train/loss", "dpo_loss": "train/dpo_loss", "nll": "train/nll
 class RubricDPOModule(L.LightningModule):
     """DPO on pairs whose reference log-probs were computed when their round built them.
 
-    `model` is a PEFT-wrapped transformers VLM (only the adapter trains) and `processor` its
-    processor. Batches come from `OnPolicyDataModule`: 2B sequences (chosen, then rejected) with
-    ``ref_chosen_logps`` and ``ref_rejected_logps`` of shape [B].
+    `model` is a PEFT-wrapped transformers VLM (only the adapter trains; or, for full
+    fine-tuning, the VLM with its language model trainable) and `processor` its processor.
+    Batches come from `rdpo.batches.PairCollator`: B packed rows ``[prompt, chosen, rejected]``
+    (``{"packed": ...}``) or, for models that cannot pack, 2B sequences (``{"sequences": ...}``,
+    chosen then rejected), with ``ref_chosen_logps`` and ``ref_rejected_logps`` of shape [B].
     """
 
     def __init__(self, model, processor, *, beta: float = 0.1, loss_type: str = "sigmoid",
@@ -47,14 +47,6 @@ class RubricDPOModule(L.LightningModule):
         self.on_nonfinite = on_nonfinite
         self.nonfinite_skipped = 0
         self.metrics = torch.nn.ModuleDict({name: MeanMetric() for name in METRICS})
-
-    def sequence_logps(self, batch: dict, *, average: bool = False) -> torch.Tensor:
-        """Summed completion log-probs [N] of a collated batch under the current policy."""
-        return sequence_logps(self.model, batch, average=average)
-
-    def generate(self, records, settings: SamplingSettings):
-        """Sample responses from the current policy: a generator of `Rollout`s."""
-        return generate(self.model, self.processor, records, settings)
 
     def pair_logps(self, batch: dict, *, average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(chosen, rejected) completion log-probs [B] of a `PairCollator` batch."""

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from rdpo.collate import TOKEN_FIELDS, end_of_turn_id
+from rdpo.collate import TOKEN_FIELDS, Completion, completion_ids
 from rdpo.logps import sequence_logps, token_logps, unwrap
 
 log = logging.getLogger(__name__)
@@ -42,22 +42,21 @@ def packing_support(model) -> str | None:
     return None
 
 
-def pack_pairs(processor, prompts: Sequence[dict], chosen: Sequence[str],
-               rejected: Sequence[str]) -> dict[str, torch.Tensor]:
+def pack_pairs(processor, prompts: Sequence[dict], chosen: Sequence[Completion],
+               rejected: Sequence[Completion]) -> dict[str, torch.Tensor]:
     """A right-padded batch of B packed rows ``[prompt, chosen, rejected]``.
 
     `prompts` are single-prompt processor outputs (batch dimension 1). Returns the processor's
     per-image fields once per pair, ``input_ids``, ``mm_token_type_ids`` (when the processor
-    gives them) and ``segments`` [B, T] (PAD, PROMPT, CHOSEN, REJECTED). Each completion ends
-    with the end-of-turn token, as in `rdpo.collate.append_completion`.
+    gives them) and ``segments`` [B, T] (PAD, PROMPT, CHOSEN, REJECTED). Completions are token
+    ids as sampled, or texts given the end-of-turn token (`rdpo.collate.completion_ids`).
     """
     tok = processor.tokenizer
-    eot = end_of_turn_id(processor)
     rows, segs, mm_rows = [], [], []
     for prompt, c, r in zip(prompts, chosen, rejected, strict=True):
         p_ids = prompt["input_ids"][0]
-        c_ids = torch.tensor([*tok(c, add_special_tokens=False)["input_ids"], eot])
-        r_ids = torch.tensor([*tok(r, add_special_tokens=False)["input_ids"], eot])
+        c_ids = torch.tensor(completion_ids(processor, c), dtype=torch.long)
+        r_ids = torch.tensor(completion_ids(processor, r), dtype=torch.long)
         rows.append(torch.cat([p_ids, c_ids, r_ids]))
         segs.append(torch.cat([torch.full_like(p_ids, PROMPT), torch.full_like(c_ids, CHOSEN),
                                torch.full_like(r_ids, REJECTED)]))

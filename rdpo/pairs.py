@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from rdpo.scoring import Score
 
 DROP_REASONS = (
+    "truncated",
     "too_few_eligible",
     "tie",
     "below_margin",
@@ -65,11 +66,15 @@ def select_pair(
     *,
     min_margin: float = 0.0,
     require_chosen_essential: bool = True,
+    truncated: Sequence[bool] | None = None,
 ) -> Pair | str:
     """Pick (chosen, rejected) for one prompt, or return the reason (one of `DROP_REASONS`).
 
     Responses with an unknown essential verdict are never used: their score could hide a
-    failed essential criterion. Among eligible responses, chosen is the highest score and
+    failed essential criterion. Responses flagged in `truncated` (cut at the token limit, when
+    the round drops them) are never used either: a pair member teaches where an answer ends;
+    ``truncated`` is the reason when they are why fewer than two responses are left.
+    Among eligible responses, chosen is the highest score and
     rejected the lowest; ties go to the lowest index (for rejected, the lowest index other
     than the chosen one), so selection is deterministic. Filters apply in the order of
     `DROP_REASONS`.
@@ -78,9 +83,10 @@ def select_pair(
         raise ValueError(
             f"prompt {prompt_id!r}: {len(responses)} responses but {len(scores)} scores"
         )
-    eligible = [i for i, s in enumerate(scores) if s.unknown_essential == 0]
+    known = [i for i, s in enumerate(scores) if s.unknown_essential == 0]
+    eligible = [i for i in known if not (truncated and truncated[i])]
     if len(eligible) < 2:
-        return "too_few_eligible"
+        return "too_few_eligible" if len(known) < 2 else "truncated"
     # max/min return the first extreme element, i.e. the lowest index among equals.
     best = max(eligible, key=lambda i: scores[i].value)
     worst = min((i for i in eligible if i != best), key=lambda i: scores[i].value)
@@ -105,22 +111,24 @@ def select_pair(
 
 
 def build_pairs(
-    groups: Iterable[tuple[str, Sequence[str], Sequence[Score]]],
+    groups: Iterable[tuple[str, Sequence[str], Sequence[Score]]
+                     | tuple[str, Sequence[str], Sequence[Score], Sequence[bool]]],
     *,
     min_margin: float = 0.0,
     require_chosen_essential: bool = True,
 ) -> PairSelection:
-    """Apply `select_pair` to every (prompt_id, responses, scores) group of a round."""
+    """Apply `select_pair` to every (prompt_id, responses, scores[, truncated]) group of a round."""
     selection = PairSelection(
         pairs=[], dropped=dict.fromkeys(DROP_REASONS, 0), dropped_ids={r: [] for r in DROP_REASONS}
     )
-    for prompt_id, responses, scores in groups:
+    for prompt_id, responses, scores, *truncated in groups:
         result = select_pair(
             prompt_id,
             responses,
             scores,
             min_margin=min_margin,
             require_chosen_essential=require_chosen_essential,
+            truncated=truncated[0] if truncated else None,
         )
         if isinstance(result, Pair):
             selection.pairs.append(result)

@@ -6,14 +6,16 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rdpo.data import PairCollator, TrainPair
+from rdpo.batches import PairCollator, TrainPair
 from rdpo.packing import pair_logps
 from rdpo.pairs import PairSelection, build_pairs
 from rdpo.rollout import Rollout
@@ -71,26 +73,42 @@ def score_rollouts(judge, rollouts: Iterable[Rollout], aggregation: str,
     return scored
 
 
+TRUNCATED = ("drop", "keep")
+
+
 def select_pairs(scored: Sequence[ScoredRollout], *, min_margin: float,
-                 require_chosen_essential: bool) -> PairSelection:
-    groups = [(s.rollout.record.id, s.rollout.responses, s.scores) for s in scored]
+                 require_chosen_essential: bool, truncated: str = "drop") -> PairSelection:
+    """The round's pairs. ``truncated="drop"``: a response cut at the token limit is never a
+    pair member; ``keep``: it competes like a finished one (and trains as sampled)."""
+    if truncated not in TRUNCATED:
+        raise ValueError(f"truncated {truncated!r} is not one of {', '.join(TRUNCATED)}")
+    groups = [(s.rollout.record.id, s.rollout.responses, s.scores,
+               s.rollout.truncated if truncated == "drop" else None) for s in scored]
     return build_pairs(groups, min_margin=min_margin,
                        require_chosen_essential=require_chosen_essential)
 
 
 @dataclass(frozen=True)
 class RoundSummary:
-    """The numbers of one round (over this rank's prompts)."""
+    """The numbers of one round (or of an evaluation) over some prompts."""
 
     prompts: int
     responses: int
     mean_score: float
     essential_pass_rate: float
     unknown_verdicts: int
+    fully_judged: int
+    """Responses with a verdict for every criterion."""
+    truncated: int
+    """Responses cut at the token limit (finish reason ``length``)."""
     pairs: int
 
+    def as_row(self) -> dict:
+        return dict(self.__dict__)
 
-def summarize(scored: Sequence[ScoredRollout], selection: PairSelection) -> RoundSummary:
+
+def summarize(scored: Sequence[ScoredRollout], selection: PairSelection | None = None
+              ) -> RoundSummary:
     scores = [s for item in scored for s in item.scores]
     return RoundSummary(
         prompts=len(scored),
@@ -98,7 +116,9 @@ def summarize(scored: Sequence[ScoredRollout], selection: PairSelection) -> Roun
         mean_score=sum(s.value for s in scores) / max(1, len(scores)),
         essential_pass_rate=sum(s.essential_pass is True for s in scores) / max(1, len(scores)),
         unknown_verdicts=sum(s.unknown for s in scores),
-        pairs=len(selection.pairs),
+        fully_judged=sum(s.fully_judged for s in scores),
+        truncated=sum(sum(item.rollout.truncated) for item in scored),
+        pairs=len(selection.pairs) if selection is not None else 0,
     )
 
 
@@ -115,45 +135,71 @@ def _reference_context(model, reference: str):
     return model.disable_adapter()
 
 
+def follow_policy(ref: torch.nn.Module, policy: torch.nn.Module) -> None:
+    """Put a frozen reference copy on the policy's device and in the policy's dtype, parameter
+    by parameter (a precision plugin such as ``bf16-true`` converts the policy only)."""
+    params = dict(policy.named_parameters())
+    for name, p in ref.named_parameters():
+        target = params.get(name)
+        if target is not None and (p.device, p.dtype) != (target.device, target.dtype):
+            p.data = p.data.to(target.device, target.dtype)
+    device = next(policy.parameters()).device
+    ref.to(device)  # buffers (a no-op after the first round)
+
+
 @torch.no_grad()
 def reference_logps(model, collator: PairCollator, scored: Sequence[ScoredRollout],
                     selection: PairSelection, batch_size: int = 8, *, reference: str = "base",
-                    reference_model=None) -> list[TrainPair]:
+                    reference_model=None,
+                    precision: Callable[[], AbstractContextManager] = contextlib.nullcontext
+                    ) -> list[TrainPair]:
     """`TrainPair`s for the kept pairs, with reference log-probs computed once, here.
 
     `reference`: ``base`` — the model without its adapters (or `reference_model`, a frozen copy,
     for full fine-tuning); ``round_start`` — the policy as it is when the round builds its pairs
     (iterative DPO; free, since it is computed at the same moment). Instead of a reference
-    forward at every DPO step, each pair costs one reference forward per round.
+    forward at every DPO step, each pair costs one reference forward per round. `precision` is
+    the training step's precision context (Lightning: ``trainer.precision_plugin.forward_context``):
+    the reference must be computed as the step computes the policy, or a round's first step
+    does not start at loss ln 2. Each pair keeps the token ids its responses were sampled as.
     """
     if reference not in REFERENCES:
         raise ValueError(f"reference {reference!r} is not one of {', '.join(REFERENCES)}")
-    by_id = {s.rollout.record.id: s.rollout.record for s in scored}
+    by_id = {s.rollout.record.id: s.rollout for s in scored}
     pairs = selection.pairs
     out: list[TrainPair] = []
     ref = reference_model if reference_model is not None and reference == "base" else model
     context = (contextlib.nullcontext() if ref is not model
                else _reference_context(model, reference))
+    if ref is not model:
+        follow_policy(ref, model)
     device = next(model.parameters()).device
-    ref.to(device)  # a frozen copy follows the policy to its device (a no-op after the first round)
     was_training = ref.training
     ref.eval()
     try:
-        with context:
+        with context, precision():
             for start in range(0, len(pairs), batch_size):
-                chunk = pairs[start:start + batch_size]
-                batch = collator.pairs([by_id[p.prompt_id] for p in chunk],
-                                       [p.chosen for p in chunk], [p.rejected for p in chunk])
+                chunk = [_train_pair(by_id[p.prompt_id], p) for p in pairs[start:start + batch_size]]
+                batch = collator(chunk)
                 chosen, rejected = pair_logps(ref, _to(batch, device))
                 for p, c, r in zip(chunk, chosen.tolist(), rejected.tolist(), strict=True):
-                    out.append(TrainPair(by_id[p.prompt_id], p.chosen, p.rejected, c, r))
+                    out.append(dataclasses.replace(p, ref_chosen_logp=c, ref_rejected_logp=r))
     finally:
         ref.train(was_training)
     return out
 
 
+def _train_pair(rollout: Rollout, pair) -> TrainPair:
+    """The pair as it will train: the responses' sampled ids (texts when none were kept)."""
+    ids = rollout.token_ids
+    return TrainPair(rollout.record, pair.chosen, pair.rejected, 0.0, 0.0,
+                     ids[pair.chosen_index] if ids else None,
+                     ids[pair.rejected_index] if ids else None)
+
+
 def _to(batch: dict, device) -> dict:
-    return {k: _to(v, device) if isinstance(v, dict) else v.to(device) for k, v in batch.items()}
+    return {k: _to(v, device) if isinstance(v, dict) else v.to(device) for k, v in batch.items()
+            if k not in ("ref_chosen_logps", "ref_rejected_logps")}
 
 
 def write_round(directory: Path, scored: Sequence[ScoredRollout], selection: PairSelection,
@@ -163,12 +209,15 @@ def write_round(directory: Path, scored: Sequence[ScoredRollout], selection: Pai
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / "rollouts.jsonl", "w") as f:
         for item in scored:
+            r = item.rollout
             for i, (response, verdicts, score) in enumerate(
-                    zip(item.rollout.responses, item.verdicts, item.scores, strict=True)):
+                    zip(r.responses, item.verdicts, item.scores, strict=True)):
                 f.write(json.dumps({
-                    "prompt_id": item.rollout.record.id, "sample": i, "response": response,
+                    "prompt_id": r.record.id, "sample": i, "response": response,
+                    "finish_reason": r.finish_reasons[i] if r.finish_reasons else None,
                     "verdicts": verdicts, "score": score.value,
                     "essential_pass": score.essential_pass, "unknown": score.unknown,
+                    "token_ids": list(r.token_ids[i]) if r.token_ids else None,
                 }, ensure_ascii=False) + "\n")
     ref = {(p.record.id, p.chosen, p.rejected): p for p in train_pairs}
     with open(directory / "pairs.jsonl", "w") as f:
@@ -182,4 +231,6 @@ def write_round(directory: Path, scored: Sequence[ScoredRollout], selection: Pai
                 "ref_rejected_logp": t.ref_rejected_logp if t else None,
             }, ensure_ascii=False) + "\n")
         f.write(json.dumps({"summary": {"prompts": summary.prompts, "kept": summary.pairs,
-                                        "dropped": selection.dropped}}) + "\n")
+                                        "dropped": selection.dropped,
+                                        "dropped_ids": selection.dropped_ids,
+                                        "truncated_responses": summary.truncated}}) + "\n")

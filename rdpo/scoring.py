@@ -2,9 +2,13 @@
 
 Pure functions of a rubric and a verdict mapping. A verdict is `True` (met), `False` (not met)
 or `None` (the judge could not tell); a criterion missing from the mapping counts as `None`.
-Unknown criteria are skipped: they are left out of both numerator and denominator, as if the
-rubric did not have them. Callers that must not trust such scores (pair selection) look at
-`Score.unknown_essential`.
+
+The one policy for unknown verdicts, the same in scoring, pair selection and evaluation: for the
+score, an unknown criterion counts as **not met** (so a less-judged answer never outranks a fully
+judged one: judging a criterion can only add to a score), and a response with an unknown
+essential criterion has ``essential_pass`` None and is never a pair member (its score could hide
+a failed essential criterion; `rdpo.pairs`). Evaluations report how many responses were fully
+judged beside the score.
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ class Score:
     value: float
     """Aggregated score in [0, 1]; higher is better."""
     essential_met: float
-    """Fraction of known essential criteria met (0.0 if none is known)."""
+    """Fraction of essential criteria met (unknown: not met)."""
     additional_met: float
-    """Weight-normalised fraction of known additional criteria met (1.0 if none is known)."""
+    """Weight-normalised fraction of additional criteria met (unknown: not met; 1.0 if the
+    rubric has none)."""
     essential_pass: bool | None
     """True: every essential met; False: one is not met; None: none failed but some unknown."""
     unknown: int
@@ -38,12 +43,16 @@ class Score:
     unknown_essential: int
     """Number of essential criteria whose verdict is None or missing."""
 
+    @property
+    def fully_judged(self) -> bool:
+        return self.unknown == 0
+
 
 @dataclass(frozen=True)
 class _Tally:
-    essential_known: int
+    essential_total: int
     essential_met: int
-    additional_known_weight: float
+    additional_total_weight: float
     additional_met_weight: float
     essential_failed: bool
     unknown: int
@@ -59,8 +68,8 @@ def _tally(rubric: Rubric, verdicts: Verdicts) -> _Tally:
     for cid, v in verdicts.items():
         if v is not None and not isinstance(v, bool):
             raise ValueError(f"verdict for {cid!r} must be True, False or None, got {v!r}")
-    e_known = e_met = unknown = unknown_e = 0
-    a_known = a_met = 0.0
+    e_met = unknown = unknown_e = 0
+    a_total = a_met = 0.0
     failed = False
     for c in rubric.essential:
         v = verdicts.get(c.id)
@@ -68,17 +77,16 @@ def _tally(rubric: Rubric, verdicts: Verdicts) -> _Tally:
             unknown += 1
             unknown_e += 1
             continue
-        e_known += 1
         e_met += v
         failed |= not v
     for c in rubric.additional:
         v = verdicts.get(c.id)
+        a_total += c.weight
         if v is None:
             unknown += 1
             continue
-        a_known += c.weight
         a_met += c.weight if v else 0.0
-    return _Tally(e_known, e_met, a_known, a_met, failed, unknown, unknown_e)
+    return _Tally(len(rubric.essential), e_met, a_total, a_met, failed, unknown, unknown_e)
 
 
 def _score(t: _Tally, value: float) -> Score:
@@ -91,12 +99,11 @@ def _score(t: _Tally, value: float) -> Score:
         essential_pass = True
     return Score(
         value=value,
-        essential_met=t.essential_met / t.essential_known if t.essential_known else 0.0,
-        # With no known additional criterion the fraction is vacuously full, exactly as for a
-        # rubric that has none: unknowns are skipped, never counted as failures.
+        essential_met=t.essential_met / t.essential_total if t.essential_total else 0.0,
+        # A rubric without additional criteria leaves nothing to miss: vacuously full.
         additional_met=(
-            t.additional_met_weight / t.additional_known_weight
-            if t.additional_known_weight
+            t.additional_met_weight / t.additional_total_weight
+            if t.additional_total_weight
             else 1.0
         ),
         essential_pass=essential_pass,
@@ -108,9 +115,9 @@ def _score(t: _Tally, value: float) -> Score:
 def lexicographic(rubric: Rubric, verdicts: Verdicts) -> Score:
     """The DESIGN default: essentials first, then additional criteria.
 
-    With e the fraction of known essential criteria met and a the weight-normalised fraction
-    of known additional criteria met: value = e/2 if e < 1, else 0.5 + a/2. So any response
-    meeting every essential criterion outranks every response that misses one.
+    With e the fraction of essential criteria met and a the weight-normalised fraction of
+    additional criteria met (unknown: not met): value = e/2 if e < 1, else 0.5 + a/2. So any
+    response meeting every essential criterion outranks every response that misses one.
     """
     s = _score(_tally(rubric, verdicts), 0.0)
     e, a = s.essential_met, s.additional_met
@@ -119,14 +126,12 @@ def lexicographic(rubric: Rubric, verdicts: Verdicts) -> Score:
 
 
 def weighted(rubric: Rubric, verdicts: Verdicts) -> Score:
-    """Weighted fraction of known criteria met; essentials weigh `ESSENTIAL_WEIGHT` (2.0).
-
-    Additional criteria keep their rubric weight. With no known criterion the value is 0.0.
-    """
+    """Weighted fraction of criteria met (unknown: not met); essentials weigh `ESSENTIAL_WEIGHT`
+    (2.0), additional criteria their rubric weight."""
     t = _tally(rubric, verdicts)
-    known = ESSENTIAL_WEIGHT * t.essential_known + t.additional_known_weight
+    total = ESSENTIAL_WEIGHT * t.essential_total + t.additional_total_weight
     met = ESSENTIAL_WEIGHT * t.essential_met + t.additional_met_weight
-    return _score(t, met / known if known else 0.0)
+    return _score(t, met / total if total else 0.0)
 
 
 AGGREGATIONS: dict[str, Callable[[Rubric, Verdicts], Score]] = {

@@ -80,11 +80,16 @@ def test_build_pairs_counts():
         ("gate", ["a", "b"], [sc(0.4, False), sc(0.2, False)]),
         ("margin", ["a", "b"], [sc(0.6), sc(0.55)]),
         ("keep2", ["x", "y", "z"], [sc(0.0, False), sc(0.8), sc(0.7)]),
+        ("cut", ["a", "b"], [sc(1.0), sc(0.0, False)], [True, False]),
+        # the best answer was cut at the token limit: the next-best finished one is chosen
+        ("keep3", ["a", "b", "c"], [sc(1.0), sc(0.9), sc(0.0, False)], [True, False, False]),
     ]
     sel = build_pairs(groups, min_margin=0.1)
-    assert [p.prompt_id for p in sel.pairs] == ["keep1", "keep2"]
+    assert [p.prompt_id for p in sel.pairs] == ["keep1", "keep2", "keep3"]
     assert (sel.pairs[1].chosen, sel.pairs[1].rejected) == ("y", "x")
+    assert (sel.pairs[2].chosen, sel.pairs[2].rejected) == ("b", "c")
     assert sel.dropped == {
+        "truncated": 1,
         "too_few_eligible": 1,
         "tie": 1,
         "below_margin": 1,
@@ -97,7 +102,7 @@ def test_build_pairs_counts():
         sel.dropped_ids["too_few_eligible"] == ["few"] and sel.dropped_ids["identical_text"] == []
     )
     out = json.loads(json.dumps(sel.to_json()))
-    assert out["kept"] == 2 and out["dropped"] == sel.dropped
+    assert out["kept"] == 3 and out["dropped"] == sel.dropped
     assert out["pairs"][0] == {
         "prompt_id": "keep1",
         "chosen": "a",

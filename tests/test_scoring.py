@@ -48,28 +48,41 @@ def test_essential_dominates_additional():
     assert low.value == 0.5 and high.value == pytest.approx(1 / 3)
 
 
-def test_none_verdicts_are_skipped():
+def test_unknown_verdicts_count_as_not_met():
     s = lexicographic(RUBRIC, {**ALL_E, "A1": None, "A2": True})
-    assert s.value == 1.0  # A1 is left out of the denominator, not counted as a failure
-    assert s.unknown == 1 and s.unknown_essential == 0
+    assert s.value == pytest.approx(0.5 + (0.5 / 1.5) / 2)  # A1 unknown = not met: a = 0.5/1.5
+    assert s.unknown == 1 and s.unknown_essential == 0 and not s.fully_judged
     s = lexicographic(RUBRIC, {"E1": True, "E2": None, "E3": False, "A1": False, "A2": True})
-    assert s.essential_met == 0.5 and s.value == 0.25
+    assert s.essential_met == pytest.approx(1 / 3) and s.value == pytest.approx(1 / 6)
     assert s.unknown == 1 and s.unknown_essential == 1
+
+
+def test_less_judged_never_outranks_fully_judged():
+    # The same answer judged fully and with criteria left out: judging can only add to it.
+    full = {**ALL_E, "A1": True, "A2": False}
+    for aggregate in (lexicographic, weighted):
+        base = aggregate(RUBRIC, full).value
+        for left_out in full:
+            partial = {k: v for k, v in full.items() if k != left_out}
+            assert aggregate(RUBRIC, partial).value <= base, (aggregate.__name__, left_out)
+        # an answer whose failing criterion was not judged does not beat one judged to meet it
+        assert aggregate(RUBRIC, {**ALL_E, "A1": True}).value < aggregate(
+            RUBRIC, {**ALL_E, "A1": True, "A2": True}).value
 
 
 def test_missing_ids_are_unknown():
     s = lexicographic(RUBRIC, {"E1": True, "E2": True, "A2": False})
-    assert s.value == pytest.approx(0.5)  # e = 2/2 known -> 0.5 + a/2, a = 0/0.5
+    assert s.value == pytest.approx(2 / 3 / 2)  # e = 2/3 (E3 unknown = not met)
     assert (s.unknown, s.unknown_essential) == (2, 1)
     assert s.essential_pass is None
     empty = lexicographic(RUBRIC, {})
-    assert (empty.value, empty.essential_met, empty.additional_met) == (0.0, 0.0, 1.0)
+    assert (empty.value, empty.essential_met, empty.additional_met) == (0.0, 0.0, 0.0)
     assert (empty.unknown, empty.unknown_essential, empty.essential_pass) == (5, 3, None)
 
 
-def test_all_additional_unknown_counts_as_full():
+def test_all_additional_unknown_counts_as_none_met():
     s = lexicographic(RUBRIC, {**ALL_E, "A1": None})
-    assert s.additional_met == 1.0 and s.value == 1.0
+    assert s.additional_met == 0.0 and s.value == 0.5
 
 
 def test_no_additional_criteria():
@@ -115,7 +128,7 @@ def test_weighted():
     assert s.value == pytest.approx(4.5 / 7.5)
     assert s.essential_met == pytest.approx(2 / 3) and s.additional_met == pytest.approx(1 / 3)
     s = weighted(RUBRIC, {"E1": True, "E2": None, "A2": True})
-    assert s.value == pytest.approx((2 + 0.5) / (2 + 0.5))
+    assert s.value == pytest.approx((2 + 0.5) / 7.5)  # unknowns (E2, E3, A1) count as not met
     assert weighted(RUBRIC, {}).value == 0.0
 
 

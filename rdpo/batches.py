@@ -1,0 +1,91 @@
+"""A round's DPO pairs and their collation into model batches (no Lightning here)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from rdpo.collate import Completion, PromptCache, collate_sequences
+from rdpo.packing import pack_pairs
+from rdpo.pool import PromptRecord
+
+
+@dataclass(frozen=True)
+class TrainPair:
+    """One DPO pair of a round, with its reference log-probs computed when the round built it.
+
+    `chosen_ids`/`rejected_ids` are the token ids the policy sampled; the pair trains on them.
+    Pairs written as text (tests, benchmarks) leave them None and are tokenized, with the
+    end-of-turn token appended.
+    """
+
+    record: PromptRecord
+    chosen: str
+    rejected: str
+    ref_chosen_logp: float
+    ref_rejected_logp: float
+    chosen_ids: tuple[int, ...] | None = None
+    rejected_ids: tuple[int, ...] | None = None
+
+    @property
+    def completions(self) -> tuple[Completion, Completion]:
+        """What the pair trains on: the sampled ids, or the texts."""
+        return (self.chosen if self.chosen_ids is None else self.chosen_ids,
+                self.rejected if self.rejected_ids is None else self.rejected_ids)
+
+
+class PairCollator:
+    """Collates `TrainPair`s into one DPO batch.
+
+    With ``packed`` (the default) each pair is one row ``[prompt, chosen, rejected]`` that
+    carries the image and the prompt once (`rdpo.packing`); otherwise the batch holds 2B
+    sequences, the chosen ones then the rejected. Prompt encodings come from `prompts`, a
+    bounded cache shared with the rollout (a round reuses each prompt for several steps).
+    """
+
+    def __init__(self, processor, packed: bool = True, prompts: PromptCache | None = None):
+        self.processor = processor
+        self.packed = packed
+        self.prompts = prompts if prompts is not None else PromptCache(processor)
+
+    def sequences(self, records: Sequence[PromptRecord], completions: Sequence[Completion]) -> dict:
+        """A right-padded batch of prompt + completion sequences (supervised fine-tuning)."""
+        return collate_sequences(self.processor, [self.prompts.get(r) for r in records],
+                                 completions)
+
+    def pairs(self, records: Sequence[PromptRecord], chosen: Sequence[Completion],
+              rejected: Sequence[Completion]) -> dict:
+        """The model inputs of B pairs: ``{"packed": ...}`` or ``{"sequences": ...}``."""
+        prompts = [self.prompts.get(r) for r in records]
+        if self.packed:
+            return {"packed": pack_pairs(self.processor, prompts, chosen, rejected)}
+        return {"sequences": collate_sequences(self.processor, prompts * 2, [*chosen, *rejected])}
+
+    def __call__(self, items: list[TrainPair | None]) -> dict:
+        pairs = [p for p in items if p is not None]
+        if not pairs:
+            # A rank whose round kept no pair still takes its steps (see RoundDataset).
+            return {"empty": True}
+        chosen, rejected = zip(*(p.completions for p in pairs), strict=True)
+        batch = self.pairs([p.record for p in pairs], chosen, rejected)
+        batch["ref_chosen_logps"] = torch.tensor([p.ref_chosen_logp for p in pairs])
+        batch["ref_rejected_logps"] = torch.tensor([p.ref_rejected_logp for p in pairs])
+        return batch
+
+
+def pair_to_dict(pair: TrainPair) -> dict:
+    """A `TrainPair` as plain data (the prompt by id) for checkpoints."""
+    return {"id": pair.record.id, "chosen": pair.chosen, "rejected": pair.rejected,
+            "ref_chosen_logp": pair.ref_chosen_logp, "ref_rejected_logp": pair.ref_rejected_logp,
+            "chosen_ids": None if pair.chosen_ids is None else list(pair.chosen_ids),
+            "rejected_ids": None if pair.rejected_ids is None else list(pair.rejected_ids)}
+
+
+def pair_from_dict(d: dict, records: dict[str, PromptRecord]) -> TrainPair:
+    if d["id"] not in records:
+        raise ValueError(f"checkpoint pair for prompt {d['id']!r}: no such prompt in the pool")
+    ids = [None if d.get(k) is None else tuple(d[k]) for k in ("chosen_ids", "rejected_ids")]
+    return TrainPair(records[d["id"]], d["chosen"], d["rejected"], d["ref_chosen_logp"],
+                     d["ref_rejected_logp"], *ids)
