@@ -7,6 +7,7 @@ import logging
 import torch
 
 from rdpo.config import ModelConfig
+from rdpo.preflight import hub_errors
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,8 @@ NF4_SKIP = ["model.visual", "visual", "lm_head"]
 def load_processor(path: str):
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(path)
+    with hub_errors("model.path", path):  # a Hub id that cannot be downloaded: one clear error
+        processor = AutoProcessor.from_pretrained(path)
     if processor.tokenizer.pad_token_id is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
     return processor
@@ -43,7 +45,8 @@ def load_base(cfg: ModelConfig):
             # the compute dtype can be sharded with the rest; uint8 (the default) cannot.
             **({"bnb_4bit_quant_storage": DTYPES[cfg.dtype]} if cfg.dtype != "float32" else {}),
         )
-    model = AutoModelForImageTextToText.from_pretrained(cfg.path, **kwargs)
+    with hub_errors("model.path", cfg.path):
+        model = AutoModelForImageTextToText.from_pretrained(cfg.path, **kwargs)
     model.requires_grad_(False)
     if cfg.quantization == "nf4":
         # On AVX512-BF16 CPUs, bitsandbytes (0.50) repacks a 4-bit weight into an inference-only
