@@ -113,7 +113,7 @@ class RubricScoringCallback(L.Callback):
         train_pairs = reference_logps(pl_module.model, dm.collator, scored, selection,
                                       self.ref_batch_size, reference=self.reference,
                                       reference_model=self.reference_model,
-                                      precision=trainer.precision_plugin.forward_context)
+                                      precision=trainer.precision_plugin)
         dm.set_pairs(train_pairs, index)
         # Every rank gets every rank's results: the numbers are the whole round's on each rank.
         parts = _all_gather(trainer, (scored, selection, train_pairs, dm.pair_usage()))

@@ -13,7 +13,9 @@ The protocol (what the callback and the data module read from your module):
    ``datamodule.connect(processor)`` first). Its tokenizer needs a pad token.
 3. ``training_step(batch)`` takes a `PairCollator` batch: the model inputs of B pairs
    (``batch["packed"]``, one row per pair sharing the image and prompt, or
-   ``batch["sequences"]``, 2B rows) plus ``ref_chosen_logps`` and ``ref_rejected_logps`` [B].
+   ``batch["sequences"]``, 2B rows) plus ``ref_chosen_logps`` and ``ref_rejected_logps`` (B floats each:
+   ``rdpo.batches.reference_tensors`` makes float32 tensors of them; as tensors a bf16 precision
+   plugin would round them).
    `rdpo.packing.pair_logps(model, batch)` gives the policy's (chosen, rejected) log-probs [B]
    for either layout. A round whose filters kept no pair yields ``{"empty": True}`` batches:
    return a zero loss that touches the trainable parameters (not None), so the step still
@@ -38,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from rdpo.callbacks import RubricScoringCallback
 
+from rdpo.batches import reference_tensors
 from rdpo.config import PairsConfig, RolloutConfig
 from rdpo.data import OnPolicyDataModule
 from rdpo.judges import RuleJudge
@@ -68,8 +71,7 @@ class MyPreferenceModule(L.LightningModule):
         if batch.get("empty"):
             return sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
         chosen, rejected = pair_logps(self.model, batch)
-        ref_chosen = batch["ref_chosen_logps"].to(chosen)
-        ref_rejected = batch["ref_rejected_logps"].to(rejected)
+        ref_chosen, ref_rejected = reference_tensors(batch, chosen)
         # DPO (Rafailov et al., 2023): -log σ(β[(π_c - ref_c) - (π_r - ref_r)])
         logits = self.beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
         loss = -F.logsigmoid(logits).mean()

@@ -70,9 +70,18 @@ class PairCollator:
             return {"empty": True}
         chosen, rejected = zip(*(p.completions for p in pairs), strict=True)
         batch = self.pairs([p.record for p in pairs], chosen, rejected)
-        batch["ref_chosen_logps"] = torch.tensor([p.ref_chosen_logp for p in pairs])
-        batch["ref_rejected_logps"] = torch.tensor([p.ref_rejected_logp for p in pairs])
+        # Plain floats, not tensors: a precision plugin converts every floating tensor of a batch
+        # to its dtype (bf16-true, DeepSpeed bf16), and a log-prob of -40 in bf16 is off by up
+        # to 0.125 nats. `reference_tensors` makes float32 tensors of them inside the step.
+        batch["ref_chosen_logps"] = [p.ref_chosen_logp for p in pairs]
+        batch["ref_rejected_logps"] = [p.ref_rejected_logp for p in pairs]
         return batch
+
+
+def reference_tensors(batch: dict, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's reference log-probs (chosen, rejected) as float32 tensors on `like`'s device."""
+    return tuple(torch.tensor(batch[k], dtype=torch.float32, device=like.device)
+                 for k in ("ref_chosen_logps", "ref_rejected_logps"))
 
 
 def pair_to_dict(pair: TrainPair) -> dict:

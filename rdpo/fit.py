@@ -40,11 +40,7 @@ def _judge(cfg: Config):
     """The judge `cfg.judge` describes; rounds use its `strategy` (pairs.strategy) for pairs."""
     from rdpo.judges import make_judge
 
-    j = cfg.judge
-    return make_judge(j.kind, model=j.model, base_url=j.base_url, api_key_env=j.api_key_env,
-                      concurrency=j.concurrency, timeout=j.timeout, max_retries=j.max_retries,
-                      parse_retries=j.parse_retries, max_tokens=j.max_tokens,
-                      batch_size=j.batch_size, cache=j.cache, strategy=cfg.pairs.strategy)
+    return make_judge(cfg.judge, strategy=cfg.pairs.strategy)
 
 
 def _frozen_copy(model):
@@ -148,6 +144,11 @@ def _eval_settings(cfg: Config):
 
 def build(cfg: Config) -> Run:
     """Check the run directory, save the config, load the policy and wire the Lightning pieces."""
+    from rdpo.preflight import check_inputs
+
+    # Every input, before torch is imported, the run directory is made or the toy is built
+    # (check_inputs skips the toy's own paths: prepare_toy makes them).
+    check_inputs(cfg)
     import lightning as L
     import torch
     from lightning.pytorch.loggers import CSVLogger
@@ -289,13 +290,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from rdpo.chat import ChatError
+    from rdpo.preflight import HubError
 
     try:
         result = fit(cfg)
-    except RunDirError as e:
+    except (ConfigError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except ChatError as e:
+    except (ChatError, HubError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return PREEMPTED_EXIT if result.preempted else 0

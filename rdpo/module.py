@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
+from rdpo.batches import reference_tensors
 from rdpo.loss import dpo_objective
 from rdpo.packing import completion_lengths, pair_logps
 
@@ -25,7 +26,7 @@ class RubricDPOModule(L.LightningModule):
     fine-tuning, the VLM with its language model trainable) and `processor` its processor.
     Batches come from `rdpo.batches.PairCollator`: B packed rows ``[prompt, chosen, rejected]``
     (``{"packed": ...}``) or, for models that cannot pack, 2B sequences (``{"sequences": ...}``,
-    chosen then rejected), with ``ref_chosen_logps`` and ``ref_rejected_logps`` of shape [B].
+    chosen then rejected), with ``ref_chosen_logps`` and ``ref_rejected_logps`` (B floats each).
     """
 
     def __init__(self, model, processor, *, beta: float = 0.1, loss_type: str = "sigmoid",
@@ -48,6 +49,12 @@ class RubricDPOModule(L.LightningModule):
         self.nonfinite_skipped = 0
         self.metrics = torch.nn.ModuleDict({name: MeanMetric() for name in METRICS})
 
+    def on_train_start(self) -> None:
+        # A bf16-true precision plugin converts the whole module, metric states included: the
+        # logged loss would be rounded to bf16 (ln 2 -> 0.6914). The means stay in float32.
+        for metric in self.metrics.values():
+            metric.set_dtype(torch.float32)
+
     def pair_logps(self, batch: dict, *, average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(chosen, rejected) completion log-probs [B] of a `PairCollator` batch."""
         return pair_logps(self.model, batch, average=average)
@@ -60,8 +67,8 @@ class RubricDPOModule(L.LightningModule):
             return self._no_op_step()
         chosen, rejected = self.pair_logps(batch)
         n_chosen, n_rejected = completion_lengths(batch)
-        obj = dpo_objective(chosen, rejected, batch["ref_chosen_logps"].to(chosen),
-                            batch["ref_rejected_logps"].to(rejected), n_chosen, n_rejected,
+        ref_chosen, ref_rejected = reference_tensors(batch, chosen)
+        obj = dpo_objective(chosen, rejected, ref_chosen, ref_rejected, n_chosen, n_rejected,
                             beta=self.beta, loss_type=self.loss_type,
                             label_smoothing=self.label_smoothing, sft_weight=self.sft_weight)
         loss, out = obj.loss, obj.dpo
@@ -85,8 +92,8 @@ class RubricDPOModule(L.LightningModule):
             raise FloatingPointError(
                 f"non-finite loss {loss.item()} at step {self.global_step} (policy log-probs "
                 f"chosen {chosen.tolist()}, rejected {rejected.tolist()}; reference chosen "
-                f"{batch['ref_chosen_logps'].tolist()}, rejected "
-                f"{batch['ref_rejected_logps'].tolist()}); run.on_nonfinite=skip skips such batches")
+                f"{batch['ref_chosen_logps']}, rejected "
+                f"{batch['ref_rejected_logps']}); run.on_nonfinite=skip skips such batches")
         self.nonfinite_skipped += 1
         self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True,
                  on_epoch=False, reduce_fx="max")

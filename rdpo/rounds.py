@@ -8,8 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,18 +149,17 @@ def follow_policy(ref: torch.nn.Module, policy: torch.nn.Module) -> None:
 @torch.no_grad()
 def reference_logps(model, collator: PairCollator, scored: Sequence[ScoredRollout],
                     selection: PairSelection, batch_size: int = 8, *, reference: str = "base",
-                    reference_model=None,
-                    precision: Callable[[], AbstractContextManager] = contextlib.nullcontext
-                    ) -> list[TrainPair]:
+                    reference_model=None, precision=None) -> list[TrainPair]:
     """`TrainPair`s for the kept pairs, with reference log-probs computed once, here.
 
     `reference`: ``base`` — the model without its adapters (or `reference_model`, a frozen copy,
     for full fine-tuning); ``round_start`` — the policy as it is when the round builds its pairs
     (iterative DPO; free, since it is computed at the same moment). Instead of a reference
-    forward at every DPO step, each pair costs one reference forward per round. `precision` is
-    the training step's precision context (Lightning: ``trainer.precision_plugin.forward_context``):
-    the reference must be computed as the step computes the policy, or a round's first step
-    does not start at loss ln 2. Each pair keeps the token ids its responses were sampled as.
+    forward at every DPO step, each pair costs one reference forward per round. `precision` is the training step's precision (Lightning:
+    ``trainer.precision_plugin``; anything with ``forward_context()`` and ``convert_input(batch)``):
+    the reference must be computed as the step computes the policy, inputs converted the same
+    way, or a round's first step does not start at loss ln 2. Each pair keeps the token ids its
+    responses were sampled as.
     """
     if reference not in REFERENCES:
         raise ValueError(f"reference {reference!r} is not one of {', '.join(REFERENCES)}")
@@ -177,11 +175,12 @@ def reference_logps(model, collator: PairCollator, scored: Sequence[ScoredRollou
     was_training = ref.training
     ref.eval()
     try:
-        with context, precision():
+        with context, (precision.forward_context() if precision else contextlib.nullcontext()):
             for start in range(0, len(pairs), batch_size):
                 chunk = [_train_pair(by_id[p.prompt_id], p) for p in pairs[start:start + batch_size]]
-                batch = collator(chunk)
-                chosen, rejected = pair_logps(ref, _to(batch, device))
+                batch = _to(collator(chunk), device)
+                chosen, rejected = pair_logps(ref, precision.convert_input(batch) if precision
+                                              else batch)
                 for p, c, r in zip(chunk, chosen.tolist(), rejected.tolist(), strict=True):
                     out.append(dataclasses.replace(p, ref_chosen_logp=c, ref_rejected_logp=r))
     finally:
