@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from fake_openai_server import FakeOpenAIServer  # noqa: E402
 
 from rdpo import toy  # noqa: E402
-from rdpo.judge_cache import JudgeCache  # noqa: E402
+from rdpo.config import JudgeConfig  # noqa: E402
 from rdpo.judges import OpenAIJudge  # noqa: E402
 from rdpo.pool import load_pool  # noqa: E402
 
@@ -50,8 +50,9 @@ def main(argv=None) -> int:
                                                  daemon=True)
         server.start()
         url, model = parent.recv(), "fake-judge"
-        judge = OpenAIJudge(url, model, concurrency=args.concurrency,
-                            cache=JudgeCache(Path(tmp) / "cache.sqlite"))
+        cfg = JudgeConfig(kind="openai", model=model, base_url=url,
+                          concurrency=args.concurrency, cache=str(Path(tmp) / "cache.sqlite"))
+        judge = OpenAIJudge(cfg)
         # Warm the client (connections, the client's lazily built models): one wave of other
         # judgments, outside the timing, as in any run past its first seconds.
         judge.judge_many([(r, ["warm-up"]) for r in records[:args.concurrency]])
@@ -63,8 +64,7 @@ def main(argv=None) -> int:
         parent.send("count?")
         first_requests, max_inflight, problems = parent.recv()
         first_requests -= warm_requests
-        again = OpenAIJudge(url, model, concurrency=args.concurrency,
-                            cache=JudgeCache(Path(tmp) / "cache.sqlite"))
+        again = OpenAIJudge(cfg)  # a new client and a new connection to the same cache
         start = time.perf_counter()
         again.judge_many(items)
         second = time.perf_counter() - start

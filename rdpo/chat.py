@@ -6,7 +6,9 @@ Every backend has ``complete(requests) -> list[str]``: one answer per `ChatReque
 ``/v1/chat/completions`` endpoint (vLLM, SGLang, TGI, hosted) with a concurrency limit, a
 per-request timeout and the official client's bounded retries with exponential backoff.
 Transport failures that survive the retries raise `ChatError`; answers are returned verbatim
-(parsing them is the caller's business, see `extract_json`).
+(parsing them is the caller's business, see `extract_json`). `make_chat` builds the backend a
+`JudgeConfig` section describes; the backends themselves take explicit settings, with no
+defaults of their own for what the config sets.
 """
 
 from __future__ import annotations
@@ -21,8 +23,12 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
+
+if TYPE_CHECKING:
+    from rdpo.config import JudgeConfig
 
 
 class ChatError(RuntimeError):
@@ -37,25 +43,34 @@ class ChatRequest:
     text: str
 
 
-_FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.DOTALL)
-
-
 def extract_json(text: str, key: str) -> dict | None:
-    """The first JSON object in `text` that has `key`, or None.
+    """The last JSON object in `text` that has `key`, or None.
 
-    Models wrap JSON in code fences or prose ("Sure! Here is ..."), so fenced blocks are tried
-    first, then every ``{`` of the text as the start of an object.
+    A model's answer is prose, maybe a quote of the response it grades (which can itself hold
+    JSON, even an object with `key`), then its own JSON, last. So every ``{`` is tried as the
+    start of an object, left to right, and the last object with `key` wins; an object with
+    `key` is taken whole (objects inside it are not candidates), one without it is searched
+    inside (``{"a": {"score": 5}}`` gives ``{"score": 5}``). Code fences need no special case:
+    the object in a fence is found where it stands. If the text tries an object with `key`
+    after the last one that parses (``{"verdicts": [...`` cut off at the token limit), the
+    answer is None, so the caller asks again rather than read an earlier, quoted object.
     """
     decoder = json.JSONDecoder()
-    for chunk in [*_FENCE.findall(text), text]:
-        for m in re.finditer(r"\{", chunk):
-            try:
-                obj, _ = decoder.raw_decode(chunk, m.start())
-            except json.JSONDecodeError:
-                continue
-            if isinstance(obj, dict) and key in obj:
-                return obj
-    return None
+    opener = re.compile(r"\{\s*" + re.escape(json.dumps(key)) + r"\s*:")
+    found, end, broken, pos = None, 0, -1, 0
+    while (start := text.find("{", pos)) >= 0:
+        try:
+            obj, stop = decoder.raw_decode(text, start)
+        except json.JSONDecodeError:
+            if opener.match(text, start):
+                broken = start
+            pos = start + 1
+            continue
+        if isinstance(obj, dict) and key in obj:
+            found, end, pos = obj, stop, stop
+        else:
+            pos = start + 1
+    return None if broken >= end else found
 
 
 _HASHES: dict[tuple[str, int, int], str] = {}
@@ -90,7 +105,7 @@ class TransformersChat:
     ``(model, processor)`` to share weights with a policy already in memory.
     """
 
-    def __init__(self, model: str | Path | tuple, *, batch_size: int = 8, max_new_tokens: int = 512,
+    def __init__(self, model: str | Path | tuple, *, batch_size: int, max_new_tokens: int,
                  temperature: float = 0.0, dtype: str = "auto", device: str | None = None):
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -158,9 +173,8 @@ class OpenAIChat:
     part of this object's repr, a log line, a saved config or a cache key.
     """
 
-    def __init__(self, base_url: str, model: str, *, api_key_env: str | None = None,
-                 concurrency: int = 8, timeout: float = 60.0, max_retries: int = 4,
-                 max_tokens: int = 1024, temperature: float = 0.0):
+    def __init__(self, base_url: str, model: str, *, api_key_env: str | None, concurrency: int,
+                 timeout: float, max_retries: int, max_tokens: int, temperature: float = 0.0):
         import openai
 
         if api_key_env:
@@ -221,4 +235,14 @@ def _limits(concurrency: int):
                         max_keepalive_connections=max(concurrency, 1))
 
 
-BACKENDS = {"transformers": TransformersChat, "openai": OpenAIChat}
+def make_chat(cfg: JudgeConfig, model: tuple | None = None) -> TransformersChat | OpenAIChat:
+    """The backend of a ``transformers`` or ``openai`` `JudgeConfig` (greedy answers);
+    `model`: an already loaded ``(model, processor)`` to use instead of loading ``cfg.model``."""
+    if cfg.kind == "openai":
+        return OpenAIChat(cfg.base_url, cfg.model, api_key_env=cfg.api_key_env,
+                          concurrency=cfg.concurrency, timeout=cfg.timeout,
+                          max_retries=cfg.max_retries, max_tokens=cfg.max_tokens)
+    if cfg.kind == "transformers":
+        return TransformersChat(model or cfg.model, batch_size=cfg.batch_size,
+                                max_new_tokens=cfg.max_tokens)
+    raise ValueError(f"judge.kind: {cfg.kind!r} has no chat backend (transformers, openai)")

@@ -346,7 +346,7 @@ def _model_rules(model, name: Callable[[str], str]) -> list[str]:
 
 def _judge_rules(judge, name: Callable[[str], str]) -> list[str]:
     problems = []
-    if judge.kind != "rule" and not judge.model:
+    if judge.kind in ("transformers", "openai") and not judge.model:
         what = "checkpoint directory" if judge.kind == "transformers" else "served model name"
         article = "an" if judge.kind[:1] in "aeiou" else "a"
         problems.append(f"{name('model')}: {article} {judge.kind} judge needs a model (the {what})")

@@ -1,9 +1,10 @@
 """The configuration reference, rendered from the typed schema in `rdpo.config`.
 
-Every key with its type, default and docstring, grouped by section. Field docstrings are the
-string literal right after each field; they are read from the source with `ast`, so the schema
-is the only place a key is documented. The same rendering feeds ``python -m rdpo.fit --help``
-and the README's configuration section:
+Every key with its type, default, allowed values and docstring, grouped by section. Field
+docstrings are the string literal right after each field; they are read from the source with
+`ast`, so the schema is the only place a key is documented. The same rendering feeds
+``python -m rdpo.fit --help`` and the README's configuration section, and `add_options` turns
+fields of a section into command-line options (``rdpo.evaluate judge``, ``rdpo.rubrics build``):
 
     python -m rdpo.confighelp                        # print the reference (text)
     python -m rdpo.confighelp --update-readme        # regenerate README.md's section
@@ -18,7 +19,11 @@ import dataclasses
 import inspect
 import sys
 import textwrap
+import types
+import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from omegaconf import MISSING
@@ -31,12 +36,14 @@ README_END = "<!-- config-reference:end -->"
 
 @dataclass(frozen=True)
 class Key:
-    """One leaf of the schema: dotted name, annotated type, default (as written) and docstring."""
+    """One leaf of the schema: dotted name, annotated type, default (as written), docstring and
+    the values it allows in words ("" when unconstrained)."""
 
     name: str
     type: str
     default: str
     doc: str
+    allowed: str = ""
 
 
 @dataclass(frozen=True)
@@ -88,13 +95,18 @@ def _keys(cls: type, prefix: str, docs: dict) -> list[Key]:
         if dataclasses.is_dataclass(nested):
             keys += _keys(nested, f"{name}.", docs)
         else:
-            keys.append(Key(name, str(f.type), _default(f), doc))
+            keys.append(Key(name, str(f.type), _default(f), doc, schema.allowed(f.metadata)))
     return keys
+
+
+@cache
+def _schema_docs() -> dict[tuple[str, str], str]:
+    return field_docs(Path(inspect.getsourcefile(schema)).read_text())
 
 
 def reference(root: type = schema.Config) -> list[Section]:
     """The schema as sections of documented keys, in declaration order."""
-    docs = field_docs(Path(inspect.getsourcefile(schema)).read_text())
+    docs = _schema_docs()
     sections = []
     for f in dataclasses.fields(root):
         cls = getattr(schema, f.type) if isinstance(f.type, str) else f.type
@@ -115,7 +127,8 @@ def render_text(sections: list[Section] | None = None, width: int = 100) -> str:
         out.append("")
         out.append(f"{section.name}:" + (f"  {section.doc}" if section.doc else ""))
         for key in section.keys:
-            out.append(f"  {key.name}: {key.type} = {key.default}")
+            out.append(f"  {key.name}: {key.type} = {key.default}"
+                       + (f"  ({key.allowed})" if key.allowed else ""))
             out += textwrap.wrap(key.doc or "(undocumented)", width, initial_indent=" " * 6,
                                  subsequent_indent=" " * 6)
     return "\n".join(out) + "\n"
@@ -132,10 +145,10 @@ def render_markdown(sections: list[Section] | None = None) -> str:
         out += [f"#### `{section.name}`", ""]
         if section.doc:
             out += [section.doc, ""]
-        out += ["| key | type | default | what |", "|---|---|---|---|"]
+        out += ["| key | type | default | allowed | what |", "|---|---|---|---|---|"]
         for key in section.keys:
             out.append(f"| `{key.name}` | `{_cell(key.type)}` | `{_cell(key.default)}` | "
-                       f"{_cell(key.doc)} |")
+                       f"{f'`{_cell(key.allowed)}`' if key.allowed else ''} | {_cell(key.doc)} |")
         out.append("")
     return "\n".join(out)
 
@@ -164,6 +177,50 @@ def readme_is_current(path: str | Path) -> bool:
     text = Path(path).read_text()
     start, end = readme_section(text)
     return text[start:end] == "\n" + render_markdown()
+
+
+# -- command-line options from a config section ----------------------------------------------
+
+def option(name: str) -> str:
+    """The command-line option of field `name`: ``base_url`` -> ``--base-url``."""
+    return "--" + name.replace("_", "-")
+
+
+def add_options(parser: argparse.ArgumentParser, section: type, names: Sequence[str],
+                defaults: dict | None = None) -> None:
+    """An option per field `names` of a config section class, with the field's type, default
+    (or the CLI's own one in `defaults`), choices and docstring as help; parse the result with
+    `section_from_args`, which checks ranges and rules."""
+    docs, hints = _schema_docs(), typing.get_type_hints(section)
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    for name in names:
+        f = fields[name]
+        default = (defaults or {}).get(name, f.default)
+        kind = hints[name]
+        if isinstance(kind, types.UnionType):  # str | None -> str
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        doc = docs.get((section.__name__, name), "")
+        limits = schema.allowed(f.metadata)
+        extra = ", ".join(x for x in (limits if "choices" not in f.metadata else "",
+                                      f"default: {'none' if default is None else default}") if x)
+        kwargs: dict = {"default": default, "help": f"{doc} ({extra})".replace("%", "%%")}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = kind
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(option(name), **kwargs)
+
+
+def section_from_args(section: type, args: argparse.Namespace, names: Sequence[str],
+                      defaults: dict | None = None):
+    """The config section the options of `add_options` describe (fields not among `names`
+    from `defaults`, else the schema), and its problems named by option (empty when valid)."""
+    values = {**(defaults or {}), **{n: getattr(args, n) for n in names}}
+    values = {k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(section)}}
+    obj = section(**values)
+    return obj, schema.check(obj, option)
 
 
 def main(argv: list[str] | None = None) -> int:

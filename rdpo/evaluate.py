@@ -3,6 +3,8 @@ pairwise preference data.
 
     python -m rdpo.evaluate judge --data PAIRS.jsonl [--kind openai --model M --base-url URL ...]
 
+The judge options are the fields of the config's `JudgeConfig` (names, defaults, help).
+
 Preference records: ``id``, ``images`` (paths relative to the file), ``instruction``,
 ``responses`` (two strings), ``preferred`` (0 or 1), optional ``rubric`` (pool schema). Each
 response is scored with the rubric (records that have one) and without it (a holistic 1-10
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from rdpo.config import RolloutConfig
+from rdpo.config import JudgeConfig, PairsConfig, RolloutConfig
 from rdpo.pool import (
     PromptRecord,
     Rubric,
@@ -155,7 +157,7 @@ def _compare(a: float | None, b: float | None, preferred: int) -> str:
 
 
 def evaluate_judge(judge, pairs: Sequence[PreferencePair],
-                   aggregation: str = "lexicographic") -> dict:
+                   aggregation: str = PairsConfig.aggregation) -> dict:
     """Accuracy with the rubric (pairs that have one) and without it, ties, unknowns, 95% CI.
 
     With the rubric, a response whose essential verdicts are not all known is unknown (its
@@ -165,37 +167,43 @@ def evaluate_judge(judge, pairs: Sequence[PreferencePair],
     with_rubric = [p for p in pairs if p.has_rubric]
     rubric_outcomes = []
     if with_rubric:
-        verdicts = judge.judge_many([(p.record, p.responses) for p in with_rubric]) \
-            if hasattr(judge, "judge_many") else [judge.judge(p.record, p.responses)
-                                                   for p in with_rubric]
+        verdicts = judge.judge_many([(p.record, p.responses) for p in with_rubric])
         for p, vs in zip(with_rubric, verdicts, strict=True):
             scores = [score_response(p.record.rubric, v, aggregation) for v in vs]
             a, b = (None if s.unknown_essential else s.value for s in scores)
             rubric_outcomes.append(_compare(a, b, p.preferred))
-    holistic = judge.outcome_many([(p.record, p.responses) for p in pairs]) \
-        if hasattr(judge, "outcome_many") else [judge.outcome(p.record, p.responses) for p in pairs]
+    holistic = judge.outcome_many([(p.record, p.responses) for p in pairs])
     plain_outcomes = [_compare(s[0], s[1], p.preferred) for p, s in zip(pairs, holistic, strict=True)]
     return {"pairs": len(pairs), "interval": "wilson",
             "with_rubric": asdict(_tally(rubric_outcomes)),
             "without_rubric": asdict(_tally(plain_outcomes))}
 
 
+JUDGE_OPTIONS = ("kind", "model", "base_url", "api_key_env", "concurrency", "timeout",
+                 "max_retries", "max_tokens", "batch_size", "parse_retries", "cache")
+"""The `JudgeConfig` fields `evaluate judge` takes as options."""
+JUDGE_DEFAULTS = {"kind": "openai", "cache": None}
+"""Where this CLI's defaults differ from a training run's: a model judge, and no cache file
+unless asked for (a run keeps it in run.dir)."""
+
+
 def _cmd_judge(args: argparse.Namespace) -> int:
     from rdpo.chat import ChatError
+    from rdpo.confighelp import section_from_args
     from rdpo.judges import make_judge
 
+    cfg, problems = section_from_args(JudgeConfig, args, JUDGE_OPTIONS, JUDGE_DEFAULTS)
+    if problems:
+        print("error: " + "\n  ".join(problems), file=sys.stderr)
+        return 2
     try:
         pairs = load_preferences(args.data)
-        judge = make_judge(args.kind, model=args.model, base_url=args.base_url,
-                           api_key_env=args.api_key_env, concurrency=args.concurrency,
-                           timeout=args.timeout, max_retries=args.max_retries,
-                           parse_retries=args.parse_retries, max_tokens=args.max_tokens,
-                           batch_size=args.batch_size, cache=args.cache)
+        judge = make_judge(cfg)
         result = evaluate_judge(judge, pairs, args.aggregation)
     except (ValueError, ChatError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    result = {"data": str(args.data), "judge": {"kind": args.kind, "model": args.model},
+    result = {"data": str(args.data), "judge": {"kind": cfg.kind, "model": cfg.model},
               **result, "judge_stats": getattr(judge, "stats", {})}
     text = json.dumps(result, indent=2)
     print(text)
@@ -205,21 +213,9 @@ def _cmd_judge(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_judge_options(p: argparse.ArgumentParser, *, role: str = "judge") -> None:
-    """The chat-backend options shared by `evaluate judge` and `rubrics build`."""
-    p.add_argument("--kind", choices=("rule", "transformers", "openai"), default="openai",
-                   help=f"{role} backend (default openai)")
-    p.add_argument("--model", help="checkpoint directory (transformers) or served model name")
-    p.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
-    p.add_argument("--api-key-env", help="NAME of the environment variable holding the API key")
-    p.add_argument("--concurrency", type=int, default=8, help="requests in flight (openai)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request attempt")
-    p.add_argument("--max-retries", type=int, default=4, help="HTTP retries with backoff")
-    p.add_argument("--max-tokens", type=int, default=1024, help="longest answer")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (transformers)")
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from rdpo.confighelp import add_options
+
     parser = argparse.ArgumentParser(prog="python -m rdpo.evaluate",
                                      description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -230,11 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="preference JSONL (id, images, instruction, "
                    "responses, preferred, optional rubric)")
     p.add_argument("--out", help="result JSON (default: DATA with suffix .judge_eval.json)")
-    add_judge_options(p)
-    p.add_argument("--parse-retries", type=int, default=2,
-                   help="re-asks of an answer without parseable JSON")
-    p.add_argument("--cache", help="sqlite judge cache file (default: none)")
-    p.add_argument("--aggregation", default="lexicographic", choices=("lexicographic", "weighted"))
+    add_options(p, JudgeConfig, JUDGE_OPTIONS, JUDGE_DEFAULTS)
+    add_options(p, PairsConfig, ("aggregation",))
     p.set_defaults(func=_cmd_judge)
     return parser
 

@@ -1,19 +1,26 @@
 """Judges: give a verdict per (response, criterion) of a prompt's rubric, or one holistic score.
 
-A verdict is True (met), False (not met) or None (the judge cannot tell). Every judge has
-`judge(record, responses)` (rubric mode: one ``{criterion id: verdict}`` dict per response) and
-`outcome(record, responses)` (the outcome baseline: one score 1-10 or None per response), so
-the scoring code does not care which judge it holds. `strategy` says which of the two a
-training round builds its pairs from. None of this needs Lightning.
+A verdict is True (met), False (not met) or None (the judge cannot tell). Every judge follows
+one protocol, `Judge`: `judge(record, responses)` (rubric mode: one ``{criterion id: verdict}``
+dict per response), `outcome(record, responses)` (the outcome baseline: one score 1-10 or None
+per response) and their `judge_many` / `outcome_many` over several prompts at once (a remote
+judge then sees them all concurrently), so the scoring code does not care which judge it holds.
+`strategy` says which of the two a training round builds its pairs from. `make_judge` builds
+the judge a `JudgeConfig` section describes. None of this needs Lightning.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from typing import Protocol
 
-from rdpo.chat import ChatRequest, OpenAIChat, TransformersChat, extract_json
+from rdpo.chat import ChatRequest, extract_json, make_chat
+from rdpo.config import ConfigError, JudgeConfig, PairsConfig, check
 from rdpo.pool import PromptRecord
+
+Verdicts = dict[str, bool | None]
+Items = Sequence[tuple[PromptRecord, Sequence[str]]]
 
 # Bump when a template below changes: it is part of every judgment's cache key.
 TEMPLATE_VERSION = 1
@@ -102,6 +109,27 @@ def parse_score(text: str) -> int | None:
     return int(score) if 1 <= score <= 10 else None
 
 
+class Judge(Protocol):
+    """What the rounds and the evaluations ask of a judge; rdpo's judges and a user's own."""
+
+    name: str
+    """Identifies the judge (its model) in logs and in cache keys."""
+    strategy: str
+    """pairs.strategy: which of the two verdicts a training round builds its pairs from."""
+
+    def judge(self, record: PromptRecord, responses: Sequence[str]) -> list[Verdicts]:
+        """One verdict dict (criterion id -> met or None) per response, in response order."""
+
+    def outcome(self, record: PromptRecord, responses: Sequence[str]) -> list[int | None]:
+        """One holistic score 1-10 (or None) per response, without the rubric."""
+
+    def judge_many(self, items: Items) -> list[list[Verdicts]]:
+        """`judge` over several (record, responses) items, in order."""
+
+    def outcome_many(self, items: Items) -> list[list[int | None]]:
+        """`outcome` over several (record, responses) items, in order."""
+
+
 class RuleJudge:
     """Judges responses with the regex `check` written in the rubric; a criterion without `check` is unknown (None).
 
@@ -115,7 +143,7 @@ class RuleJudge:
 
     name = "rule"
 
-    def __init__(self, strategy: str = "rubric") -> None:
+    def __init__(self, strategy: str = PairsConfig.strategy) -> None:
         self.strategy = strategy
         # Rounds re-judge the same rubrics every time; compile each pattern once.
         self._compiled: dict[str, re.Pattern[str]] = {}
@@ -159,6 +187,14 @@ class RuleJudge:
             return [None] * len(responses)
         return [OUTCOME_PASS if self.check(record.outcome, r) else OUTCOME_FAIL for r in responses]
 
+    def judge_many(self, items: Items) -> list[list[Verdicts]]:
+        """`judge` over several prompts (regexes: nothing to batch)."""
+        return [self.judge(record, responses) for record, responses in items]
+
+    def outcome_many(self, items: Items) -> list[list[int | None]]:
+        """`outcome` over several prompts."""
+        return [self.outcome(record, responses) for record, responses in items]
+
 
 class ChatJudge:
     """A VLM judge over any chat backend (`TransformersChat`, `OpenAIChat`), with a cache.
@@ -171,7 +207,8 @@ class ChatJudge:
     ``stats`` counts requests, cache hits and unparseable answers.
     """
 
-    def __init__(self, chat, *, cache=None, parse_retries: int = 2, strategy: str = "rubric"):
+    def __init__(self, chat, *, parse_retries: int, cache=None,
+                 strategy: str = PairsConfig.strategy):
         self.chat, self.cache = chat, cache
         self.parse_retries, self.strategy = parse_retries, strategy
         self.name = getattr(chat, "name", type(chat).__name__)
@@ -246,49 +283,41 @@ class ChatJudge:
 
 
 class TransformersJudge(ChatJudge):
-    """A local VLM judge: `model` is a checkpoint directory or a loaded (model, processor)."""
+    """A local VLM judge: ``cfg.model`` is its checkpoint directory, or pass an already loaded
+    ``(model, processor)`` as `model` (``cfg.model`` is then unused)."""
 
-    def __init__(self, model, *, cache=None, parse_retries: int = 2, strategy: str = "rubric",
-                 batch_size: int = 8, max_new_tokens: int = 512, dtype: str = "auto"):
-        super().__init__(TransformersChat(model, batch_size=batch_size,
-                                          max_new_tokens=max_new_tokens, dtype=dtype),
-                         cache=cache, parse_retries=parse_retries, strategy=strategy)
+    def __init__(self, cfg: JudgeConfig, *, strategy: str = PairsConfig.strategy,
+                 model: tuple | None = None):
+        super().__init__(make_chat(cfg, model), cache=_open_cache(cfg),
+                         parse_retries=cfg.parse_retries, strategy=strategy)
 
 
 class OpenAIJudge(ChatJudge):
     """A judge behind any OpenAI-compatible endpoint (vLLM, SGLang, TGI, hosted APIs)."""
 
-    def __init__(self, base_url: str, model: str, *, api_key_env: str | None = None,
-                 concurrency: int = 8, timeout: float = 60.0, max_retries: int = 4,
-                 max_tokens: int = 1024, cache=None, parse_retries: int = 2,
-                 strategy: str = "rubric"):
-        super().__init__(OpenAIChat(base_url, model, api_key_env=api_key_env,
-                                    concurrency=concurrency, timeout=timeout,
-                                    max_retries=max_retries, max_tokens=max_tokens),
-                         cache=cache, parse_retries=parse_retries, strategy=strategy)
+    def __init__(self, cfg: JudgeConfig, *, strategy: str = PairsConfig.strategy):
+        super().__init__(make_chat(cfg), cache=_open_cache(cfg),
+                         parse_retries=cfg.parse_retries, strategy=strategy)
 
 
-def make_judge(kind: str, *, model: str | None = None, base_url: str | None = None,
-               api_key_env: str | None = None, concurrency: int = 8, timeout: float = 60.0,
-               max_retries: int = 4, parse_retries: int = 2, max_tokens: int = 1024,
-               batch_size: int = 8, cache: str | None = None, strategy: str = "rubric"):
-    """Build a judge by kind (rule, transformers, openai) from plain settings."""
-    if kind == "rule":
-        return RuleJudge(strategy=strategy)
-    if not model:
-        raise ValueError(f"judge.model: a {kind} judge needs a model "
-                         f"({'checkpoint directory' if kind == 'transformers' else 'served model name'})")
+def _open_cache(cfg: JudgeConfig):
     from rdpo.judge_cache import JudgeCache
 
-    store = JudgeCache(cache) if cache else None
-    common = dict(cache=store, parse_retries=parse_retries, strategy=strategy)
-    if kind == "transformers":
-        return TransformersJudge(model, batch_size=batch_size, max_new_tokens=max_tokens, **common)
-    if kind == "openai":
-        if not base_url:
-            raise ValueError("judge.base_url: an openai judge needs the server's URL, "
-                             "e.g. http://localhost:8000/v1")
-        return OpenAIJudge(base_url, model, api_key_env=api_key_env, concurrency=concurrency,
-                           timeout=timeout, max_retries=max_retries, max_tokens=max_tokens,
-                           **common)
-    raise ValueError(f"judge.kind: {kind!r} is not one of rule, transformers, openai")
+    if cfg.cache and "${" in cfg.cache:
+        raise ConfigError([f"judge.cache: {cfg.cache!r} is filled in by rdpo.config.load_config; "
+                           "outside it give a file path or None"])
+    return JudgeCache(cfg.cache) if cfg.cache else None
+
+
+JUDGES = {"rule": RuleJudge, "transformers": TransformersJudge, "openai": OpenAIJudge}
+
+
+def make_judge(cfg: JudgeConfig, strategy: str = PairsConfig.strategy) -> Judge:
+    """The judge a `JudgeConfig` describes, checked first (`ConfigError` naming each key);
+    `strategy` is pairs.strategy."""
+    problems = check(cfg, "judge.{}".format)
+    if problems:
+        raise ConfigError(problems)
+    if cfg.kind == "rule":
+        return RuleJudge(strategy)
+    return JUDGES[cfg.kind](cfg, strategy=strategy)

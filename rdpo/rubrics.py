@@ -19,7 +19,13 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from rdpo.config import JudgeConfig
 from rdpo.pool import PromptRecord, check_pool
+
+GENERATOR_OPTIONS = ("kind", "model", "base_url", "api_key_env", "concurrency", "timeout",
+                     "max_retries", "max_tokens", "batch_size")
+"""The `JudgeConfig` fields `build` takes as options: the generator is asked like a judge."""
+GENERATOR_DEFAULTS = {"kind": "openai", "cache": None}
 
 
 @dataclass(frozen=True)
@@ -75,7 +81,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _add_build(subparsers: argparse._SubParsersAction) -> None:
-    from rdpo.evaluate import add_judge_options
+    from rdpo.confighelp import add_options
 
     p = subparsers.add_parser(
         "build", help="build a rubric pool from prompts with a generator model",
@@ -89,31 +95,26 @@ def _add_build(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--failures", help="failures JSONL (default: OUT.failures.jsonl)")
     p.add_argument("--attempts", type=int, default=3,
                    help="generator calls per record before it is reported as failed")
-    add_judge_options(p, role="generator")
+    add_options(p, JudgeConfig, GENERATOR_OPTIONS, GENERATOR_DEFAULTS)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_build)
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from rdpo.chat import BACKENDS, ChatError
+    from rdpo.chat import ChatError, make_chat
+    from rdpo.confighelp import section_from_args
     from rdpo.rubric_build import build_pool
 
     if args.kind == "rule":
         print("error: --kind rule cannot write rubrics; use transformers or openai",
               file=sys.stderr)
         return 2
-    if not args.model or (args.kind == "openai" and not args.base_url):
-        print("error: --model (and --base-url for openai) are required", file=sys.stderr)
+    cfg, problems = section_from_args(JudgeConfig, args, GENERATOR_OPTIONS, GENERATOR_DEFAULTS)
+    if problems:
+        print("error: " + "\n  ".join(problems), file=sys.stderr)
         return 2
     try:
-        if args.kind == "openai":
-            chat = BACKENDS["openai"](args.base_url, args.model, api_key_env=args.api_key_env,
-                                      concurrency=args.concurrency, timeout=args.timeout,
-                                      max_retries=args.max_retries, max_tokens=args.max_tokens,
-                                      temperature=0.0)
-        else:
-            chat = BACKENDS["transformers"](args.model, batch_size=args.batch_size,
-                                            max_new_tokens=args.max_tokens)
+        chat = make_chat(cfg)
         summary = build_pool(args.input, args.out, chat, failures=args.failures,
                              attempts=args.attempts, progress=not args.no_progress)
     except (ValueError, ChatError) as err:

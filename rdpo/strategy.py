@@ -1,17 +1,17 @@
 """The Lightning strategy and cluster plugins a run config asks for.
 
 DeepSpeed is configured one way: `deepspeed_config` builds the JSON dict from the run config
-(no files under configs/ to keep in step with it). ``run.strategy=deepspeed`` with
-``run.deepspeed_stage`` 2 or 3 and ``run.deepspeed_offload``. Lightning fills in what the other strategies also read:
-accumulation (data.accumulate_grad_batches), clipping (dpo.grad_clip, by norm) and
+(no files under configs/ to keep in step with it): ``run.strategy=deepspeed`` with
+``run.deepspeed_stage`` and ``run.deepspeed_offload``. Lightning's own names
+(``deepspeed_stage_2``, ...) are refused by the config check, since they would build another
+DeepSpeed config that ignores those keys. Lightning fills in what the other strategies also
+read: accumulation (data.accumulate_grad_batches), clipping (dpo.grad_clip, by norm) and
 precision (run.precision).
 """
 
 from __future__ import annotations
 
-from rdpo.config import Config
-
-DEEPSPEED = "deepspeed"
+from rdpo.config import DEEPSPEED, Config
 
 
 def deepspeed_config(cfg: Config) -> dict:

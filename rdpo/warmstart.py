@@ -17,8 +17,10 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rdpo.config import ToyConfig
+if TYPE_CHECKING:  # rdpo.config imports this module (toy paths): no import back at run time
+    from rdpo.config import ToyConfig
 
 log = logging.getLogger("rdpo")
 

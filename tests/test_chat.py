@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from rdpo.chat import ChatRequest, TransformersChat, data_url
+from rdpo.config import JudgeConfig
 from rdpo.judges import TransformersJudge
 from rdpo.pool import load_pool
 
@@ -20,6 +21,12 @@ def records(toy_pools):
 @pytest.fixture(scope="module")
 def chat(tiny_model_and_processor):
     return TransformersChat(tiny_model_and_processor, batch_size=2, max_new_tokens=8)
+
+
+def tiny_judge(model_and_processor, **kw) -> TransformersJudge:
+    cfg = JudgeConfig(kind="transformers", model="tiny", batch_size=4, max_tokens=8, cache=None,
+                      **kw)
+    return TransformersJudge(cfg, model=model_and_processor)
 
 
 def test_batched_equals_one_by_one(chat, records):
@@ -38,8 +45,7 @@ def test_two_images_in_one_prompt(chat, records):
 
 
 def test_transformers_judge_plumbing(tiny_model_and_processor, records):
-    judge = TransformersJudge(tiny_model_and_processor, batch_size=4, max_new_tokens=8,
-                              parse_retries=1)
+    judge = tiny_judge(tiny_model_and_processor, parse_retries=1)
     items = [(r, ["The circle is red.", "Two."]) for r in records[:3]]
     verdicts = judge.judge_many(items)
     # the random tiny model never writes the JSON: every verdict is unknown, never a pass/fail
@@ -52,7 +58,7 @@ def test_transformers_judge_plumbing(tiny_model_and_processor, records):
 
 
 def test_parsing_of_model_output(tiny_model_and_processor, records, monkeypatch):
-    judge = TransformersJudge(tiny_model_and_processor, batch_size=4, max_new_tokens=8)
+    judge = tiny_judge(tiny_model_and_processor)
     record = records[0]
     ids = [c.id for c in record.rubric.criteria()]
     answer = 'ok ```json\n{"verdicts": [' + ", ".join(

@@ -1,10 +1,25 @@
 """Typed config: every shipped YAML validates, and every problem is reported at once."""
 
+import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from rdpo.config import Config, ConfigError, load_config
+from rdpo.config import (
+    Config,
+    ConfigError,
+    DPOConfig,
+    JudgeConfig,
+    ModelConfig,
+    PairsConfig,
+    ToyConfig,
+    allowed,
+    check,
+    choices,
+    load_config,
+)
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 REQUIRED = ["run.dir=runs/x", "model.path=/m", "data.train_pool=/p.jsonl"]
@@ -146,3 +161,119 @@ def test_override_without_equals_errors():
 def test_missing_config_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         load_config(tmp_path / "absent.yaml")
+
+
+# -- each setting written once, beside its field --------------------------------------------
+
+def _constrained():
+    """(dotted key, field) of every schema field that says what it allows."""
+    def walk(cls, prefix):
+        for f in dataclasses.fields(cls):
+            if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+                yield from walk(f.default_factory, f"{prefix}{f.name}.")
+            elif f.metadata:
+                yield f"{prefix}{f.name}", f
+    return list(walk(Config, ""))
+
+
+def _bad_value(f):
+    meta = f.metadata
+    if "choices" in meta:
+        return -1 if isinstance(meta["choices"][0], int) else "not-a-choice"
+    if "ge" in meta or "gt" in meta:
+        return meta.get("ge", meta.get("gt")) - 1
+    return meta.get("le", meta.get("lt")) + 1
+
+
+@pytest.mark.parametrize(("key", "f"), _constrained(), ids=lambda x: x if isinstance(x, str) else "")
+def test_every_constraint_is_checked_and_named(key, f):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [*REQUIRED, f"{key}={_bad_value(f)}"])
+    [problem] = err.value.problems
+    assert problem.startswith(f"{key}: ") and allowed(f.metadata) in problem
+
+
+def test_range_messages():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [*REQUIRED, "dpo.beta=0", "dpo.label_smoothing=0.5", "rollout.top_p=0",
+                           "judge.max_retries=-1", "dpo.loss_type=kto"])
+    assert sorted(err.value.problems) == sorted([
+        "dpo.beta: must be > 0, got 0.0", "dpo.label_smoothing: must be in [0, 0.5), got 0.5",
+        "rollout.top_p: must be in (0, 1], got 0.0", "judge.max_retries: must be >= 0, got -1",
+        "dpo.loss_type: 'kto' is not one of sigmoid, robust, hinge, ipo"])
+
+
+def test_choices_match_the_modules_that_dispatch_on_them():
+    from rdpo.judges import JUDGES
+    from rdpo.loss import LOSSES
+    from rdpo.model import DTYPES
+    from rdpo.rounds import REFERENCES
+    from rdpo.scoring import AGGREGATIONS
+    from rdpo.tiny import FAMILIES
+
+    assert set(choices(DPOConfig, "loss_type")) == set(LOSSES)
+    assert set(choices(DPOConfig, "reference")) == set(REFERENCES)
+    assert set(choices(ModelConfig, "dtype")) == set(DTYPES)
+    assert set(choices(ToyConfig, "family")) == set(FAMILIES)
+    assert choices(PairsConfig, "aggregation") == tuple(AGGREGATIONS)
+    assert set(choices(JudgeConfig, "kind")) == set(JUDGES)
+
+
+def test_defaults_are_readable_from_the_class():
+    """Code that needs a default refers to the field (PairsConfig.strategy), never restates it."""
+    assert PairsConfig.strategy == "rubric" and JudgeConfig.max_tokens == 1024
+    assert JudgeConfig().timeout == 60.0
+
+
+def test_backends_restate_no_judge_setting():
+    """The chat backends take the judge settings without defaults: only JudgeConfig has them."""
+    import inspect
+
+    from rdpo.chat import OpenAIChat, TransformersChat
+
+    settings = {f.name for f in dataclasses.fields(JudgeConfig)} | {"max_new_tokens"}
+    for cls in (OpenAIChat, TransformersChat):
+        for p in inspect.signature(cls).parameters.values():
+            if p.name in settings:
+                assert p.default is inspect.Parameter.empty, f"{cls.__name__}({p.name}=...)"
+
+
+@pytest.mark.parametrize(("strategy", "fix"), [
+    ("deepspeed_stage_2", "use run.strategy=deepspeed run.deepspeed_stage=2"),
+    ("deepspeed_stage_3_offload",
+     "use run.strategy=deepspeed run.deepspeed_stage=3 run.deepspeed_offload=true"),
+    ("deepspeed_custom", "use run.strategy=deepspeed"),
+])
+def test_lightning_deepspeed_names_are_refused(strategy, fix):
+    """One source of DeepSpeed settings: run.strategy=deepspeed + run.deepspeed_stage/_offload."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [*REQUIRED, f"run.strategy={strategy}"])
+    [problem] = err.value.problems
+    assert problem.startswith(f"run.strategy: {strategy!r}") and problem.endswith(fix)
+    for ok in ("deepspeed", "ddp", "auto", "fsdp"):
+        assert load_config(None, [*REQUIRED, f"run.strategy={ok}"]).run.strategy == ok
+
+
+def test_check_works_on_sections_and_cli_names():
+    from rdpo.confighelp import option
+
+    judge = JudgeConfig(kind="openai", concurrency=0)
+    assert check(judge, option) == ["--concurrency: must be > 0, got 0",
+                                    "--model: an openai judge needs a model (the served model name)",
+                                    "--base-url: an openai judge needs the server's URL, e.g. "
+                                    "http://localhost:8000/v1"]
+    assert check(JudgeConfig(), "judge.{}".format) == []
+    assert check(ModelConfig(), "model.{}".format) == ["model.path: missing required value"]
+
+
+def test_config_imports_light_and_no_cycle():
+    """rdpo.config imports neither torch, Lightning nor rdpo.warmstart (the toy's builder imports
+    the config, not the other way round at import time)."""
+    code = ("import sys, rdpo.config, rdpo.confighelp, rdpo.warmstart\n"
+            "heavy = {m.split('.')[0] for m in sys.modules} & {'torch', 'lightning', 'transformers'}\n"
+            "assert not heavy, heavy\n"
+            "del sys.modules['rdpo.config']\n"
+            "import rdpo.warmstart as w, importlib; importlib.reload(w)\n"
+            "assert 'rdpo.config' not in sys.modules, 'warmstart imports rdpo.config'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

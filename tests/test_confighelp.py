@@ -7,15 +7,17 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from rdpo.config import Config
+from rdpo.config import Config, JudgeConfig, PairsConfig
 from rdpo.confighelp import (
     README_END,
     README_START,
+    add_options,
     field_docs,
     main,
     readme_is_current,
     reference,
     render_markdown,
+    section_from_args,
     update_readme,
 )
 from rdpo.fit import main as fit_main
@@ -74,8 +76,12 @@ def test_fit_help_lists_every_key(capsys):
     out = capsys.readouterr().out
     keys = {k.name: k for s in reference() for k in s.keys}
     for name, key in keys.items():
-        assert f"  {name}: {key.type} = {key.default}\n" in out, name
-    assert "dpo.beta: float = 0.1\n      KL strength β of the DPO objective." in out
+        allowed = f"  ({key.allowed})" if key.allowed else ""
+        assert f"  {name}: {key.type} = {key.default}{allowed}\n" in out, name
+    assert "dpo.beta: float = 0.1  (> 0)\n      KL strength β of the DPO objective." in out
+    assert "  dpo.loss_type: str = sigmoid  (one of sigmoid, robust, hinge, ipo)\n" in out
+    assert "  dpo.label_smoothing: float = 0.0  (in [0, 0.5))\n" in out
+    assert "  run.seed: int = 0\n" in out
 
 
 def test_fit_help_from_the_command_line():
@@ -114,6 +120,49 @@ def test_readme_without_markers_is_a_clear_error(tmp_path):
 def test_markdown_escapes_pipes():
     md = render_markdown()
     row = next(line for line in md.splitlines() if line.startswith("| `model.lora.target_modules`"))
-    # the regex default holds '|': escaped, so the row still has exactly four cells
+    # the regex default holds '|': escaped, so the row still has exactly five cells (allowed empty)
     assert "q_proj\\|k_proj" in row
-    assert len([c for c in row.replace("\\|", "").split("|") if c.strip()]) == 4
+    assert len(row.replace("\\|", "").strip("|").split("|")) == 5
+    beta = next(line for line in md.splitlines() if line.startswith("| `dpo.beta`"))
+    assert beta.startswith("| `dpo.beta` | `float` | `0.1` | `> 0` | KL strength")
+
+
+def _judge_parser(defaults=None):
+    import argparse
+
+    names = ("kind", "model", "base_url", "concurrency", "timeout", "max_tokens", "cache")
+    parser = argparse.ArgumentParser()
+    add_options(parser, JudgeConfig, names, defaults)
+    add_options(parser, PairsConfig, ("aggregation",))
+    return parser, names
+
+
+def test_cli_options_come_from_the_schema():
+    """Names, types, defaults, choices and help of `rdpo.evaluate judge` / `rdpo.rubrics build`
+    options are the JudgeConfig fields'."""
+    parser, names = _judge_parser({"kind": "openai", "cache": None})
+    args = parser.parse_args([])
+    assert (args.kind, args.cache, args.aggregation) == ("openai", None, "lexicographic")
+    assert (args.concurrency, args.timeout, args.max_tokens) == (JudgeConfig.concurrency,
+                                                                JudgeConfig.timeout,
+                                                                JudgeConfig.max_tokens)
+    args = parser.parse_args(["--base-url", "http://x/v1", "--concurrency", "3", "--timeout", "2"])
+    assert (args.base_url, args.concurrency, args.timeout) == ("http://x/v1", 3, 2.0)
+    helps = {a.dest: a.help for a in parser._actions}
+    assert helps["concurrency"] == "openai: requests in flight at once. (> 0, default: 8)"
+    assert helps["cache"].endswith("(default: none)")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--kind", "nope"])
+
+
+def test_section_from_args_checks_by_option_name():
+    parser, names = _judge_parser({"kind": "openai", "cache": None})
+    cfg, problems = section_from_args(JudgeConfig, parser.parse_args(
+        ["--model", "m", "--concurrency", "0"]), names, {"cache": None})
+    assert isinstance(cfg, JudgeConfig) and cfg.model == "m" and cfg.cache is None
+    assert problems == ["--concurrency: must be > 0, got 0",
+                        "--base-url: an openai judge needs the server's URL, e.g. "
+                        "http://localhost:8000/v1"]
+    cfg, problems = section_from_args(JudgeConfig, parser.parse_args(
+        ["--model", "m", "--base-url", "http://x/v1"]), names)
+    assert problems == [] and cfg.max_retries == JudgeConfig.max_retries  # not an option here

@@ -120,3 +120,23 @@ def test_vlrewardbench_converter(tmp_path, toy_pools):
     (tmp_path / "vl.jsonl").write_text(
         (tmp_path / "vl.jsonl").read_text().splitlines()[0] + "\n")
     assert conv.convert(tmp_path / "vl.jsonl", tmp_path / "out3")["written"] == 1
+
+
+def test_judge_options_are_checked_by_the_schema(data, capsys):
+    """The options are JudgeConfig's: a range or a rule broken on the command line is named by
+    its option, and nothing is judged."""
+    assert main(["judge", "--data", str(data), "--concurrency", "0", "--model", "m"]) == 2
+    err = capsys.readouterr().err
+    assert "--concurrency: must be > 0, got 0" in err
+    assert "--base-url: an openai judge needs the server's URL" in err
+
+
+def test_judge_options_default_to_the_config(data):
+    from rdpo.config import JudgeConfig
+    from rdpo.evaluate import build_parser
+
+    args = build_parser().parse_args(["judge", "--data", str(data)])
+    for name in ("concurrency", "timeout", "max_retries", "max_tokens", "batch_size",
+                 "parse_retries"):
+        assert getattr(args, name) == getattr(JudgeConfig, name), name
+    assert (args.kind, args.cache) == ("openai", None)  # this CLI's own defaults

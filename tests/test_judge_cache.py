@@ -6,6 +6,7 @@ import shutil
 import pytest
 from fake_openai_server import FakeOpenAIServer
 
+from rdpo.config import JudgeConfig
 from rdpo.judge_cache import JudgeCache, judgment_key
 from rdpo.judges import TEMPLATE_VERSION, OpenAIJudge
 from rdpo.pool import Criterion, load_pool
@@ -16,16 +17,21 @@ def records(toy_pools):
     return load_pool(toy_pools.train)
 
 
+def cached_judge(srv, path, **kw) -> OpenAIJudge:
+    return OpenAIJudge(JudgeConfig(kind="openai", model=srv.model, base_url=srv.url,
+                                   cache=str(path), **kw))
+
+
 def test_second_pass_makes_no_request(tmp_path, records):
     items = [(r, ["The circle is red.", "Two shapes.", "The circle is red."]) for r in records[:6]]
     with FakeOpenAIServer(unmet={"E1"}) as srv:
-        first = OpenAIJudge(srv.url, srv.model, cache=JudgeCache(tmp_path / "c.sqlite"))
+        first = cached_judge(srv, tmp_path / "c.sqlite")
         v1 = first.judge_many(items)
         o1 = first.outcome_many(items)
         # a duplicated response inside one prompt is asked once
         assert srv.request_count == 6 * 2 * 2 == first.stats["requests"]
         # a fresh process: a new judge and a new connection to the same file
-        second = OpenAIJudge(srv.url, srv.model, cache=JudgeCache(tmp_path / "c.sqlite"))
+        second = cached_judge(srv, tmp_path / "c.sqlite")
         assert second.judge_many(items) == v1 and second.outcome_many(items) == o1
         assert srv.request_count == 24
         assert second.stats == {"requests": 0, "cache_hits": 36, "unparseable": 0}
@@ -51,7 +57,7 @@ def test_key_covers_model_template_criteria_images_response(tmp_path, records):
 def test_changed_criterion_or_response_is_asked_again(tmp_path, records):
     r = records[0]
     with FakeOpenAIServer() as srv:
-        judge = OpenAIJudge(srv.url, srv.model, cache=JudgeCache(tmp_path / "c.sqlite"))
+        judge = cached_judge(srv, tmp_path / "c.sqlite")
         judge.judge(r, ["a"])
         judge.judge(r, ["a"])
         assert srv.request_count == 1
@@ -67,8 +73,7 @@ def test_changed_criterion_or_response_is_asked_again(tmp_path, records):
 
 def test_unparseable_is_not_cached(tmp_path, records):
     with FakeOpenAIServer(faults=["malformed"] * 2) as srv:
-        judge = OpenAIJudge(srv.url, srv.model, cache=JudgeCache(tmp_path / "c.sqlite"),
-                            parse_retries=1)
+        judge = cached_judge(srv, tmp_path / "c.sqlite", parse_retries=1)
         [v] = judge.judge(records[0], ["a"])
         assert set(v.values()) == {None} and judge.stats["unparseable"] == 1
         [v] = judge.judge(records[0], ["a"])  # asked again, now answered

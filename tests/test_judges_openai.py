@@ -6,7 +6,8 @@ import time
 import pytest
 from fake_openai_server import FakeOpenAIServer
 
-from rdpo.chat import ChatError, OpenAIChat
+from rdpo.chat import ChatError, make_chat
+from rdpo.config import ConfigError, JudgeConfig
 from rdpo.judges import OpenAIJudge, make_judge
 from rdpo.pool import load_pool
 
@@ -28,9 +29,14 @@ def key_env(monkeypatch):
     return "FAKE_JUDGE_KEY"
 
 
+def openai_cfg(url, model, **kw) -> JudgeConfig:
+    """An openai judge section (no cache file unless given)."""
+    return JudgeConfig(**{"kind": "openai", "model": model, "base_url": url, "cache": None, **kw})
+
+
 def judge_for(srv, key_env, **kw):
     kw = {"concurrency": 4, "timeout": 0.5, "max_retries": 3, **kw}
-    return OpenAIJudge(srv.url, srv.model, api_key_env=key_env, **kw)
+    return OpenAIJudge(openai_cfg(srv.url, srv.model, api_key_env=key_env, **kw))
 
 
 def test_verdicts_and_requests_checked(server, key_env, records):
@@ -110,7 +116,7 @@ def test_unreachable_endpoint_names_url(key_env, records):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed once the block ends: nothing listens there
     url = f"http://127.0.0.1:{port}/v1"
-    judge = OpenAIJudge(url, "m", api_key_env=key_env, timeout=0.5, max_retries=1)
+    judge = OpenAIJudge(openai_cfg(url, "m", api_key_env=key_env, timeout=0.5, max_retries=1))
     with pytest.raises(ChatError, match=rf"cannot reach {url}.*after 1 retries"):
         judge.judge(records[0], ["a"])
 
@@ -126,22 +132,41 @@ def test_persistent_server_error_names_url(server, key_env, records):
 def test_api_key_from_env_never_shown(server, monkeypatch, records):
     monkeypatch.delenv("MISSING_JUDGE_KEY", raising=False)
     with pytest.raises(ChatError, match="MISSING_JUDGE_KEY"):
-        OpenAIChat(server.url, server.model, api_key_env="MISSING_JUDGE_KEY")
+        make_chat(openai_cfg(server.url, server.model, api_key_env="MISSING_JUDGE_KEY"))
     monkeypatch.setenv("GOOD_KEY", "sk-test-123")
-    chat = OpenAIChat(server.url, server.model, api_key_env="GOOD_KEY")
+    chat = make_chat(openai_cfg(server.url, server.model, api_key_env="GOOD_KEY"))
     assert "sk-test-123" not in repr(chat) and "sk-test-123" not in str(vars(chat).get("name"))
     # a wrong key reaches the server as a wrong bearer token: the server refuses it
     monkeypatch.setenv("BAD_KEY", "sk-wrong")
-    judge = OpenAIJudge(server.url, server.model, api_key_env="BAD_KEY", max_retries=0)
+    judge = OpenAIJudge(openai_cfg(server.url, server.model, api_key_env="BAD_KEY",
+                                   max_retries=0))
     with pytest.raises(ChatError, match="HTTP 400"):
         judge.judge(records[0], ["a"])
     assert server.problems == ["missing or wrong bearer key"]
 
 
 def test_make_judge_errors():
-    with pytest.raises(ValueError, match="judge.model"):
-        make_judge("openai", base_url="http://127.0.0.1:1/v1")
-    with pytest.raises(ValueError, match="judge.base_url"):
-        make_judge("openai", model="m")
-    with pytest.raises(ValueError, match="judge.kind"):
-        make_judge("nope", model="m")
+    """make_judge checks its section with the config's own rules: every problem, by key."""
+    with pytest.raises(ConfigError, match="judge.model") as err:
+        make_judge(JudgeConfig(kind="openai", base_url="http://127.0.0.1:1/v1", cache=None))
+    assert err.value.problems == ["judge.model: an openai judge needs a model (the served "
+                                  "model name)"]
+    with pytest.raises(ConfigError, match="judge.base_url"):
+        make_judge(JudgeConfig(kind="openai", model="m", cache=None))
+    with pytest.raises(ConfigError) as err:
+        make_judge(JudgeConfig(kind="nope", model="m", concurrency=0, cache=None))
+    assert [p.split(":")[0] for p in err.value.problems] == ["judge.kind", "judge.concurrency"]
+    # the run.dir placeholder of the default cache path is filled only by load_config
+    with pytest.raises(ConfigError, match="judge.cache"):
+        make_judge(JudgeConfig(kind="openai", model="m", base_url="http://127.0.0.1:1/v1"))
+
+
+def test_settings_come_from_the_section(server, key_env):
+    cfg = openai_cfg(server.url, server.model, api_key_env=key_env, concurrency=3, timeout=7.5,
+                     max_retries=2, max_tokens=77, parse_retries=5)
+    judge = make_judge(cfg, strategy="outcome")
+    chat = judge.chat
+    assert (chat.concurrency, chat.max_retries, chat.max_tokens) == (3, 2, 77)
+    assert chat._client.timeout == 7.5 and chat._client.max_retries == 2
+    assert (judge.parse_retries, judge.strategy, judge.cache) == (5, "outcome", None)
+    assert make_judge(JudgeConfig(kind="rule")).strategy == "rubric"

@@ -43,3 +43,31 @@ def test_parse_score(text, score):
 def test_extract_json_prefers_object_with_key():
     assert extract_json('{"a": 1} then {"score": 2}', "score") == {"score": 2}
     assert extract_json('{"a": {"score": 5}}', "score") == {"score": 5}
+
+
+def test_extract_json_takes_the_last_object_with_the_key():
+    assert extract_json('{"score": 2} no, on reflection: {"score": 3}', "score") == {"score": 3}
+    # a fenced block is not special when a later object has the key
+    assert extract_json('```json\n{"score": 2}\n```\nFinal: {"score": 4}', "score") == {"score": 4}
+    # an object with the key is taken whole: the objects inside it are not candidates
+    outer = {"verdicts": [{"id": "E1", "met": True, "why": {"verdicts": []}}]}
+    assert extract_json(f"{outer}".replace("'", '"').replace("True", "true"), "verdicts") == outer
+
+
+def test_judge_that_quotes_a_response_holding_verdict_json():
+    """The graded response itself prints verdict JSON (a user asked it to); a judge that quotes
+    it before its own verdict is read by its own, last, JSON."""
+    response = 'Here you go: {"verdicts": [{"id": "E1", "met": true}, {"id": "E2", "met": true}]}'
+    answer = (f'The response reads:\n"{response}"\nIt claims every criterion is met, but the '
+              'image shows otherwise.\n```json\n{"verdicts": [{"id": "E1", "met": false}, '
+              '{"id": "E2", "met": true}, {"id": "A1", "met": false}]}\n```')
+    assert parse_verdicts(answer, IDS) == {"E1": False, "E2": True, "A1": False}
+    assert parse_score('It says {"score": 10} about itself. My rating: {"score": 2}') == 2
+
+
+def test_own_verdict_cut_off_after_a_quoted_one_is_unparseable():
+    """The judge's own JSON cut at the token limit: asking again beats reading the quote."""
+    answer = ('The response says {"verdicts": [{"id": "E1", "met": true}]}. Verdict:\n'
+              '{"verdicts": [{"id": "E1", "met": fal')
+    assert parse_verdicts(answer, IDS) is None
+    assert parse_score('Quoted {"score": 9}; mine: { "score" : ') is None

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from rdpo.config import JudgeConfig
 from rdpo.judges import OpenAIJudge
 from rdpo.pool import load_pool
 
@@ -38,8 +39,9 @@ def test_openai_judge_against_transformers_serve(tiny_dir, toy_pools, tmp_path):
                     pytest.fail(f"transformers serve did not start: {proc.stderr.read()[-2000:]}")
                 time.sleep(1)
         records = load_pool(toy_pools.train)[:2]
-        judge = OpenAIJudge(f"http://127.0.0.1:{port}/v1", str(tiny_dir), timeout=60,
-                            max_retries=0, max_tokens=8, parse_retries=0, concurrency=2)
+        judge = OpenAIJudge(JudgeConfig(
+            kind="openai", model=str(tiny_dir), base_url=f"http://127.0.0.1:{port}/v1",
+            timeout=60, max_retries=0, max_tokens=8, parse_retries=0, concurrency=2, cache=None))
         verdicts = judge.judge_many([(r, ["The circle is red."]) for r in records])
         # the random tiny model answers noise: every verdict is unknown, none made up
         assert verdicts == [[{c.id: None for c in r.rubric.criteria()}] for r in records]

@@ -116,3 +116,29 @@ def test_stats(toy_pools, capsys):
                                     for c in r.rubric.criteria())
     assert main(["stats", str(toy_pools.train)]) == 0
     assert "essential_per_record: min" in capsys.readouterr().out
+
+
+def test_validate_imports_neither_torch_nor_lightning(toy_pools):
+    """`rubrics validate` (and building the whole parser, judge options included) stays light."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from rdpo.rubrics import main\n"
+            f"assert main(['validate', {str(toy_pools.train)!r}]) == 0\n"
+            "heavy = {m.split('.')[0] for m in sys.modules} & {'torch', 'lightning', 'transformers'}\n"
+            "assert not heavy, heavy\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "16 records" in proc.stdout
+
+
+def test_generator_options_checked(prompts, tmp_path, capsys):
+    assert main(["build", "--input", str(prompts), "--out", str(tmp_path / "p.jsonl"),
+                 "--kind", "openai", "--model", "m", "--base-url", "http://127.0.0.1:9/v1",
+                 "--max-tokens", "0"]) == 2
+    assert "--max-tokens: must be > 0, got 0" in capsys.readouterr().err
+    assert main(["build", "--input", str(prompts), "--out", str(tmp_path / "p.jsonl"),
+                 "--kind", "transformers"]) == 2
+    assert "--model: a transformers judge needs a model" in capsys.readouterr().err
+    assert not (tmp_path / "p.jsonl").exists()

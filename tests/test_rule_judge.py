@@ -56,9 +56,10 @@ def test_judge_many_responses_and_no_check():
         {"E1": False, "A1": None, "A2": False},
         {"E1": False, "A1": None, "A2": True},
     ]
-    # The verdicts feed scoring directly; A1 stays unknown and is skipped.
-    assert lexicographic(record.rubric, verdicts[0]).value == 1.0
-    assert lexicographic(record.rubric, verdicts[0]).unknown == 1
+    # The verdicts feed scoring directly; A1 stays unknown (scoring's unknown policy decides
+    # what that is worth, rdpo.scoring).
+    score = lexicographic(record.rubric, verdicts[0])
+    assert score.unknown == 1 and score.essential_pass is True
     assert RuleJudge().judge(record, []) == []
 
 
@@ -76,3 +77,19 @@ def test_bad_check_raises():
         RuleJudge().check({"some": ["x"]}, "x")
     with pytest.raises(ValueError):
         RuleJudge().check({}, "x")
+
+
+def test_many_is_one_protocol():
+    """RuleJudge follows the whole `Judge` protocol: *_many equal the per-prompt calls."""
+    from rdpo.judges import Judge
+
+    records = [make_record(Criterion("E1", "red", check={"any": [r"\bred\b"]})),
+               make_record(Criterion("E1", "blue", check={"any": ["blue"]}))]
+    judge: Judge = RuleJudge()
+    items = [(records[0], ["red", "blue"]), (records[1], ["blue"]), (records[1], [])]
+    assert judge.judge_many(items) == [judge.judge(r, rs) for r, rs in items]
+    assert judge.judge_many(items) == [[{"E1": True}, {"E1": False}], [{"E1": True}], []]
+    assert judge.outcome_many(items) == [judge.outcome(r, rs) for r, rs in items]
+    assert judge.outcome_many(items) == [[None, None], [None], []]
+    for method in ("judge", "outcome", "judge_many", "outcome_many"):
+        assert callable(getattr(judge, method))
