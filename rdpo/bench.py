@@ -125,10 +125,10 @@ def _run_rdpo(work, records, chosen, rejected, steps, batch, device, precision) 
     import torch
     from torch.utils.data import DataLoader
 
-    from rdpo.data import PairCollator, TrainPair
+    from rdpo.batches import PairCollator, TrainPair
     from rdpo.model import load_policy
     from rdpo.module import RubricDPOModule
-    from rdpo.packing import pair_logps
+    from rdpo.rounds import with_reference_logps
 
     model, processor = load_policy(_model_config(work, precision))
     _lora_init(model, work / "lora_init.pt")
@@ -141,22 +141,18 @@ def _run_rdpo(work, records, chosen, rejected, steps, batch, device, precision) 
         def on_train_batch_end(self, trainer, module, outputs, b, i):
             losses.append(float(outputs["loss"]))
 
-    module = RubricDPOModule(model, processor, beta=0.1, lr=1e-4, max_steps=steps)
+    from rdpo.config import DPOConfig
+
+    module = RubricDPOModule(model, processor, DPOConfig(beta=0.1, lr=1e-4, max_steps=steps))
     trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_steps=steps,
                         precision="bf16-mixed" if precision == "bf16" else "32-true",
                         gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Record()])
     start = time.perf_counter()
     # Reference log-probs once per pair (adapters off), as a round computes them.
-    pairs = []
-    model.eval()
-    with torch.no_grad(), model.disable_adapter(), torch.autocast(device, torch.bfloat16, enabled=precision == "bf16"):
-        for i in range(0, len(records), batch):
-            b = collator.pairs(records[i:i + batch], chosen[i:i + batch], rejected[i:i + batch])
-            b = {"packed": {k: v.to(device) for k, v in b["packed"].items()}}
-            rc, rr = pair_logps(model, b)
-            pairs += [TrainPair(*x) for x in zip(records[i:i + batch], chosen[i:i + batch], rejected[i:i + batch],
-                                                  rc.float().tolist(), rr.float().tolist(), strict=True)]
+    pairs = with_reference_logps(
+        model, collator, [TrainPair(*x, 0.0, 0.0) for x in zip(records, chosen, rejected, strict=True)],
+        batch, precision=trainer.precision_plugin)
     model.train()
     trainer.fit(module, DataLoader(pairs, batch_size=batch, shuffle=False, collate_fn=collator))
     if device == "cuda":

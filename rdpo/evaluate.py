@@ -27,9 +27,9 @@ from rdpo.config import JudgeConfig, PairsConfig, RolloutConfig
 from rdpo.pool import (
     PromptRecord,
     Rubric,
-    _check_images,
-    _check_rubric,
     check_id_and_instruction,
+    check_images,
+    check_rubric,
     jsonl_objects,
 )
 from rdpo.rollout import generate
@@ -99,10 +99,10 @@ def load_preferences(path: str | Path) -> list[PreferencePair]:
         preferred = raw.get("preferred")
         if isinstance(preferred, bool) or preferred not in (0, 1):
             report("preferred", f"must be 0 or 1, got {preferred!r}")
-        images = _check_images(raw.get("images"), base, True, report)
+        images = check_images(raw.get("images"), base, True, report)
         rubric = None
         if raw.get("rubric") is not None:
-            rubric = _check_rubric(raw["rubric"], report)
+            rubric = check_rubric(raw["rubric"], report)
         if report.count:
             continue
         record = PromptRecord(id=raw["id"], images=images, instruction=raw["instruction"],

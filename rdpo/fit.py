@@ -179,11 +179,7 @@ def build(cfg: Config) -> Run:
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
 
     model, processor = load_policy(cfg.model)
-    module = RubricDPOModule(
-        model, processor, beta=cfg.dpo.beta, loss_type=cfg.dpo.loss_type,
-        label_smoothing=cfg.dpo.label_smoothing, lr=cfg.dpo.lr, weight_decay=cfg.dpo.weight_decay,
-        warmup_steps=cfg.dpo.warmup_steps, schedule=cfg.dpo.schedule, max_steps=cfg.dpo.max_steps,
-        sft_weight=cfg.dpo.sft_weight, on_nonfinite=cfg.run.on_nonfinite)
+    module = RubricDPOModule(model, processor, cfg.dpo, on_nonfinite=cfg.run.on_nonfinite)
     # Checkpoints hold the trainable weights only (`RoundCheckpoint`); the base comes from
     # model.path when a run resumes.
     module.strict_loading = False

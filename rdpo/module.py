@@ -9,6 +9,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from rdpo.batches import reference_tensors
+from rdpo.config import DPOConfig, RunConfig
 from rdpo.loss import dpo_objective
 from rdpo.packing import completion_lengths, pair_logps
 
@@ -27,24 +28,16 @@ class RubricDPOModule(L.LightningModule):
     Batches come from `rdpo.batches.PairCollator`: B packed rows ``[prompt, chosen, rejected]``
     (``{"packed": ...}``) or, for models that cannot pack, 2B sequences (``{"sequences": ...}``,
     chosen then rejected), with ``ref_chosen_logps`` and ``ref_rejected_logps`` (B floats each).
+    `dpo` is the run config's section of the same name (loss, optimizer, schedule);
+    `on_nonfinite` is ``run.on_nonfinite``.
     """
 
-    def __init__(self, model, processor, *, beta: float = 0.1, loss_type: str = "sigmoid",
-                 label_smoothing: float = 0.0, lr: float = 1e-4, weight_decay: float = 0.0,
-                 warmup_steps: int = 0, schedule: str = "constant", max_steps: int = 100,
-                 sft_weight: float = 0.0, on_nonfinite: str = "skip"):
+    def __init__(self, model, processor, dpo: DPOConfig | None = None, *,
+                 on_nonfinite: str = RunConfig.on_nonfinite):
         super().__init__()
         self.model = model
         self.processor = processor
-        self.beta = beta
-        self.loss_type = loss_type
-        self.label_smoothing = label_smoothing
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.warmup_steps = warmup_steps
-        self.schedule = schedule
-        self.max_steps = max_steps
-        self.sft_weight = sft_weight
+        self.dpo = dpo = dpo or DPOConfig()
         self.on_nonfinite = on_nonfinite
         self.nonfinite_skipped = 0
         self.metrics = torch.nn.ModuleDict({name: MeanMetric() for name in METRICS})
@@ -69,8 +62,9 @@ class RubricDPOModule(L.LightningModule):
         n_chosen, n_rejected = completion_lengths(batch)
         ref_chosen, ref_rejected = reference_tensors(batch, chosen)
         obj = dpo_objective(chosen, rejected, ref_chosen, ref_rejected, n_chosen, n_rejected,
-                            beta=self.beta, loss_type=self.loss_type,
-                            label_smoothing=self.label_smoothing, sft_weight=self.sft_weight)
+                            beta=self.dpo.beta, loss_type=self.dpo.loss_type,
+                            label_smoothing=self.dpo.label_smoothing,
+                            sft_weight=self.dpo.sft_weight)
         loss, out = obj.loss, obj.dpo
         if not torch.isfinite(loss):
             return self._nonfinite(loss, chosen, rejected, batch)
@@ -102,7 +96,7 @@ class RubricDPOModule(L.LightningModule):
     def _no_op_step(self) -> torch.Tensor:
         """Zero-weight metric updates and a zero loss that touches every trainable weight."""
         for name in METRICS:
-            if name != "nll" or self.sft_weight:
+            if name != "nll" or self.dpo.sft_weight:
                 self._log_metric(name, torch.zeros(()), 0)
         return sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
 
@@ -115,13 +109,14 @@ class RubricDPOModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        dpo = self.dpo
+        optimizer = torch.optim.AdamW(params, lr=dpo.lr, weight_decay=dpo.weight_decay)
 
         def factor(step: int) -> float:
-            if step < self.warmup_steps:
-                return (step + 1) / (self.warmup_steps + 1)
-            if self.schedule == "cosine":
-                progress = (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps)
+            if step < dpo.warmup_steps:
+                return (step + 1) / (dpo.warmup_steps + 1)
+            if dpo.schedule == "cosine":
+                progress = (step - dpo.warmup_steps) / max(1, dpo.max_steps - dpo.warmup_steps)
                 return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
             return 1.0
 

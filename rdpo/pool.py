@@ -116,11 +116,16 @@ def _nonempty_str(value: Any) -> bool:
 
 def jsonl_objects(path: Path, problems: list[Problem]) -> Iterator[tuple[int, dict, _Collector]]:
     """(line number, object, the line's reporter) for each non-blank line of a JSON Lines file;
-    a line that is not JSON or not an object is reported to `problems` and skipped."""
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    a line that is not UTF-8, not JSON or not an object is reported to `problems` and skipped."""
+    for lineno, raw_line in enumerate(path.read_bytes().splitlines(), 1):
+        report = _Collector(str(path), lineno, problems)
+        try:
+            line = raw_line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            report("json", f"not UTF-8: {err}")
+            continue
         if not line.strip():
             continue
-        report = _Collector(str(path), lineno, problems)
         try:
             raw = json.loads(line)
         except json.JSONDecodeError as err:
@@ -213,7 +218,8 @@ def _check_criterion(raw: Any, field: str, essential: bool, report: _Collector) 
     return Criterion(id=raw["id"], text=raw["text"], weight=float(weight), check=check)
 
 
-def _check_rubric(raw: Any, report: _Collector) -> Rubric | None:
+def check_rubric(raw: Any, report: _Collector) -> Rubric | None:
+    """A record's ``rubric`` object as a `Rubric`, or None with its problems reported."""
     if not isinstance(raw, dict):
         report("rubric", f"must be an object, got {type(raw).__name__}")
         return None
@@ -265,9 +271,11 @@ def _check_outcome(raw: Any, report: _Collector) -> dict | None:
     return _check_check(raw["check"], "outcome.check", report)
 
 
-def _check_images(
+def check_images(
     raw: Any, base: Path, open_images: bool, report: _Collector
 ) -> tuple[Path, ...] | None:
+    """A record's ``images`` (paths relative to `base`) as resolved paths, or None with its
+    problems reported; `open_images` also checks that each file is a readable image."""
     if not isinstance(raw, list) or not raw:
         report("images", "must be a non-empty list of image paths")
         return None
@@ -292,21 +300,16 @@ def _check_images(
     return tuple(paths) if report.count == before else None
 
 
-def _check_record(
-    raw: Any, base: Path, open_images: bool, report: _Collector
-) -> PromptRecord | None:
-    if not isinstance(raw, dict):
-        report("record", f"must be a JSON object, got {type(raw).__name__}")
-        return None
+def _check_record(raw: dict, lineno: int, seen: dict[str, int], base: Path, open_images: bool,
+                  report: _Collector) -> PromptRecord | None:
     _unknown_keys(raw, RECORD_KEYS, "record", report)
-    for key in ("id", "instruction", "images", "rubric"):
+    # Ids of broken records are tracked too, so a duplicate is caught whichever copy is bad.
+    check_id_and_instruction(raw, lineno, seen, report)
+    for key in ("images", "rubric"):
         if key not in raw:
             report(key, "missing")
-    for key in ("id", "instruction"):
-        if key in raw and not _nonempty_str(raw[key]):
-            report(key, "must be a non-empty string")
-    images = _check_images(raw["images"], base, open_images, report) if "images" in raw else None
-    rubric = _check_rubric(raw["rubric"], report) if "rubric" in raw else None
+    images = check_images(raw["images"], base, open_images, report) if "images" in raw else None
+    rubric = check_rubric(raw["rubric"], report) if "rubric" in raw else None
     reference = raw.get("reference")
     if reference is not None and not isinstance(reference, str):
         report("reference", f"must be a string, got {type(reference).__name__}")
@@ -336,44 +339,20 @@ def check_pool(
     """
     path = Path(path)
     file = str(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+    if not path.is_file():
         return [], [Problem(file, 0, "file", "pool file not found")]
-    except OSError as err:
-        return [], [Problem(file, 0, "file", f"cannot read pool file: {err}")]
     base = path.resolve().parent
     records: list[PromptRecord] = []
     problems: list[Problem] = []
-    first_line: dict[str, int] = {}
-    n_lines = 0
-    for lineno, raw_line in enumerate(data.splitlines(), start=1):
-        report = _Collector(file, lineno, problems)
-        try:
-            text = raw_line.decode("utf-8")
-        except UnicodeDecodeError as err:
-            report("json", f"not UTF-8: {err}")
-            continue
-        if not text.strip():
-            continue
-        n_lines += 1
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as err:
-            report("json", f"invalid JSON: {err}")
-            continue
-        record = _check_record(raw, base, open_images, report)
-        # Track ids even of broken records, so a duplicate is caught whichever copy is bad.
-        rid = raw.get("id") if isinstance(raw, dict) else None
-        if _nonempty_str(rid):
-            if rid in first_line:
-                report("id", f"duplicate id {rid!r} (first on line {first_line[rid]})")
-                record = None
-            else:
-                first_line[rid] = lineno
-        if record is not None:
-            records.append(record)
-    if n_lines == 0:
+    seen: dict[str, int] = {}
+    try:
+        for lineno, raw, report in jsonl_objects(path, problems):
+            record = _check_record(raw, lineno, seen, base, open_images, report)
+            if record is not None:
+                records.append(record)
+    except OSError as err:
+        return [], [Problem(file, 0, "file", f"cannot read pool file: {err}")]
+    if not records and not problems:
         problems.append(Problem(file, 0, "file", "pool has no records"))
     return records, problems
 

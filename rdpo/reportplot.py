@@ -49,10 +49,10 @@ def _score_panel(ax, runs: list[RunData], key: str, eval_key: str, title: str) -
             ax.plot([r.step for r in run.rounds], [getattr(r, key) for r in run.rounds], "o-",
                     color=color, ms=4, lw=1.5)
             drawn = True
-        # held-out: before (step 0), any evaluation logged during training, after (last step)
-        points = run.metric(f"eval/{eval_key}")
+        # held-out (eval.json): before (step 0) and after (last step)
+        points = []
         if "before" in run.eval:
-            points = [(0, run.eval["before"][eval_key])] + points
+            points = [(0, run.eval["before"][eval_key])]
         if "after" in run.eval and _after_step(run) is not None:
             points = points + [(_after_step(run), run.eval["after"][eval_key])]
         if points:

@@ -47,25 +47,22 @@ def score_rollouts(judge, rollouts: Iterable[Rollout], aggregation: str,
     """Judge every response and score it: against its prompt's rubric (strategy ``rubric``), or
     with one holistic verdict (``outcome``; verdicts are then ``{"outcome": score}``).
 
-    `strategy` defaults to the judge's own ``strategy`` attribute (``rubric`` if it has none).
-    Judges with ``judge_many``/``outcome_many`` get all prompts at once (remote judges then
-    run them concurrently).
+    `strategy` defaults to the judge's own. Every judge (`rdpo.judges.Judge`) takes all prompts
+    at once through ``judge_many``/``outcome_many`` (remote judges then run them concurrently).
     """
     rollouts = list(rollouts)
-    strategy = strategy or getattr(judge, "strategy", "rubric")
+    strategy = strategy or judge.strategy
     items = [(r.record, r.responses) for r in rollouts]
     scored = []
     if strategy == "outcome":
-        many = getattr(judge, "outcome_many", None)
-        outcomes = many(items) if many else [judge.outcome(*item) for item in items]
+        outcomes = judge.outcome_many(items)
         for rollout, values in zip(rollouts, outcomes, strict=True):
             scored.append(ScoredRollout(rollout, [{"outcome": v} for v in values],
                                         [outcome_score(v) for v in values]))
         return scored
     if strategy != "rubric":
         raise ValueError(f"pairs.strategy: {strategy!r} is not one of rubric, outcome")
-    many = getattr(judge, "judge_many", None)
-    all_verdicts = many(items) if many else [judge.judge(*item) for item in items]
+    all_verdicts = judge.judge_many(items)
     for rollout, verdicts in zip(rollouts, all_verdicts, strict=True):
         scores = [score_response(rollout.record.rubric, v, aggregation) for v in verdicts]
         scored.append(ScoredRollout(rollout, verdicts, scores))
@@ -146,25 +143,34 @@ def follow_policy(ref: torch.nn.Module, policy: torch.nn.Module) -> None:
     ref.to(device)  # buffers (a no-op after the first round)
 
 
-@torch.no_grad()
 def reference_logps(model, collator: PairCollator, scored: Sequence[ScoredRollout],
                     selection: PairSelection, batch_size: int = 8, *, reference: str = "base",
                     reference_model=None, precision=None) -> list[TrainPair]:
-    """`TrainPair`s for the kept pairs, with reference log-probs computed once, here.
+    """`TrainPair`s for a round's kept pairs, each with the token ids its responses were sampled
+    as and reference log-probs computed once, here (`with_reference_logps`)."""
+    by_id = {s.rollout.record.id: s.rollout for s in scored}
+    pairs = [_train_pair(by_id[p.prompt_id], p) for p in selection.pairs]
+    return with_reference_logps(model, collator, pairs, batch_size, reference=reference,
+                                reference_model=reference_model, precision=precision)
+
+
+@torch.no_grad()
+def with_reference_logps(model, collator: PairCollator, pairs: Sequence[TrainPair],
+                         batch_size: int = 8, *, reference: str = "base", reference_model=None,
+                         precision=None) -> list[TrainPair]:
+    """`pairs` with their reference log-probs filled in.
 
     `reference`: ``base`` — the model without its adapters (or `reference_model`, a frozen copy,
     for full fine-tuning); ``round_start`` — the policy as it is when the round builds its pairs
     (iterative DPO; free, since it is computed at the same moment). Instead of a reference
-    forward at every DPO step, each pair costs one reference forward per round. `precision` is the training step's precision (Lightning:
-    ``trainer.precision_plugin``; anything with ``forward_context()`` and ``convert_input(batch)``):
-    the reference must be computed as the step computes the policy, inputs converted the same
-    way, or a round's first step does not start at loss ln 2. Each pair keeps the token ids its
-    responses were sampled as.
+    forward at every DPO step, each pair costs one reference forward per round. `precision` is
+    the training step's precision (Lightning: ``trainer.precision_plugin``; anything with
+    ``forward_context()`` and ``convert_input(batch)``): the reference must be computed as the
+    step computes the policy, inputs converted the same way, or a round's first step does not
+    start at loss ln 2.
     """
     if reference not in REFERENCES:
         raise ValueError(f"reference {reference!r} is not one of {', '.join(REFERENCES)}")
-    by_id = {s.rollout.record.id: s.rollout for s in scored}
-    pairs = selection.pairs
     out: list[TrainPair] = []
     ref = reference_model if reference_model is not None and reference == "base" else model
     context = (contextlib.nullcontext() if ref is not model
@@ -177,7 +183,7 @@ def reference_logps(model, collator: PairCollator, scored: Sequence[ScoredRollou
     try:
         with context, (precision.forward_context() if precision else contextlib.nullcontext()):
             for start in range(0, len(pairs), batch_size):
-                chunk = [_train_pair(by_id[p.prompt_id], p) for p in pairs[start:start + batch_size]]
+                chunk = list(pairs[start:start + batch_size])
                 batch = _to(collator(chunk), device)
                 chosen, rejected = pair_logps(ref, precision.convert_input(batch) if precision
                                               else batch)

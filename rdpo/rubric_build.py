@@ -21,10 +21,10 @@ from pathlib import Path
 from rdpo.chat import ChatRequest, extract_json
 from rdpo.pool import (
     PromptRecord,
-    _check_images,
-    _check_rubric,
     _Collector,
     check_id_and_instruction,
+    check_images,
+    check_rubric,
     jsonl_objects,
 )
 
@@ -72,7 +72,7 @@ def read_prompts(path: str | os.PathLike) -> list[PromptIn]:
         ref = raw.get("reference")
         if ref is not None and not isinstance(ref, str):
             report("reference", f"must be a string, got {type(ref).__name__}")
-        images = _check_images(raw.get("images"), base, True, report)
+        images = check_images(raw.get("images"), base, True, report)
         if not report.count:
             out.append(PromptIn(raw["id"], images, raw["instruction"], ref))
     if problems:
@@ -87,7 +87,7 @@ def parse_rubric(text: str) -> tuple[dict | None, list[str]]:
         return None, ["no JSON object with an 'essential' list in the answer"]
     obj = {k: v for k, v in obj.items() if k in ("essential", "additional")}
     problems: list = []
-    rubric = _check_rubric(obj, _Collector("<generator>", 0, problems))
+    rubric = check_rubric(obj, _Collector("<generator>", 0, problems))
     if rubric is None:
         return None, [f"{p.field}: {p.message}" for p in problems]
     return rubric.to_json(), []

@@ -83,16 +83,13 @@ def _criterion_labels(pool: str | None) -> dict[str, dict[str, str]]:
 
 
 def _round_parts(directory: Path) -> list[Path] | None:
-    """The folders holding one round's files (one per rank); None while it is being written."""
-    parts = [directory] if (directory / "rollouts.jsonl").exists() else sorted(directory.glob("rank*"))
-    for part in parts:
-        pairs = part / "pairs.jsonl"
-        if not pairs.is_file():
-            return None
-        lines = pairs.read_text().rstrip("\n").rsplit("\n", 1)
-        if not lines[-1].startswith('{"summary"'):
-            return None
-    return parts or None
+    """The folder of one round's files (every rank's, written once by rank 0) in a list; None
+    while it is being written."""
+    pairs = directory / "pairs.jsonl"
+    if not (directory / "rollouts.jsonl").is_file() or not pairs.is_file():
+        return None
+    lines = pairs.read_text().rstrip("\n").rsplit("\n", 1)
+    return [directory] if lines[-1].startswith('{"summary"') else None
 
 
 def read_round(directory: Path, index: int, step: int,
@@ -193,6 +190,8 @@ def load_run(path: str | Path, name: str | None = None) -> RunData:
             results = json.loads(eval_file.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{eval_file}:{e.lineno}: invalid JSON ({e.msg})") from None
-    steps = [s for points in series.values() for s, _ in points] + [r.step for r in rounds]
+    # The last training step: held-out results are logged at the step after the last one.
+    steps = [s for name, points in series.items() if not name.startswith("heldout/")
+             for s, _ in points] + [r.step for r in rounds]
     return RunData(name or path.name, path, config, rounds, series, results,
                    max(steps) if steps else None)

@@ -104,7 +104,7 @@ def warm_start(model_dir: Path, out_dir: Path, pool: Path, *, steps: int, lr: fl
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from rdpo import toy as task
-    from rdpo.data import PairCollator
+    from rdpo.batches import PairCollator
     from rdpo.logps import sequence_logps
     from rdpo.pool import load_pool
 

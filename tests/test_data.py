@@ -4,7 +4,8 @@
 import pytest
 import torch
 
-from rdpo.data import OnPolicyDataModule, TrainPair
+from rdpo.batches import TrainPair
+from rdpo.data import OnPolicyDataModule
 from rdpo.pool import load_pool
 from rdpo.rubrics import main as rubrics_main
 

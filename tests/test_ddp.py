@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from scale_runs import fit_cli, jsonl, log_text, toy_cache
+from scale_runs import fit_cli, jsonl, log_text
 
 from rdpo.config import load_config
 from rdpo.pool import load_pool
@@ -14,8 +14,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    cache = toy_cache(tmp_path_factory)
+def runs(small_toy, tmp_path_factory):
+    cache = small_toy.cache
     root = tmp_path_factory.mktemp("ddp")
     ddp, single = root / "ddp", root / "single"
     # 8 prompts per rank = each rank's whole shard, so both runs' rounds cover the same 16.
@@ -80,7 +80,7 @@ def test_matches_single_process_where_it_should(runs):
     reference log-probs of a pair are those a single process computes for it. The sampled
     responses themselves differ by design: each rank samples its own shard with its own seed
     (`round_seed(seed, round, rank)`) in its own generation batches."""
-    from rdpo.data import PairCollator
+    from rdpo.batches import PairCollator
     from rdpo.model import load_policy
     from rdpo.packing import pair_logps
 

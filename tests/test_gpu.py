@@ -3,15 +3,15 @@
 import pytest
 import torch
 
+from rdpo.batches import PairCollator, TrainPair
 from rdpo.collate import collate_sequences, encode_prompt
-from rdpo.config import ModelConfig
-from rdpo.data import PairCollator, TrainPair
+from rdpo.config import DPOConfig, ModelConfig, RolloutConfig
 from rdpo.logps import sequence_logps
 from rdpo.model import load_policy
 from rdpo.module import RubricDPOModule
 from rdpo.packing import pack_pairs, packed_logps
 from rdpo.pool import load_pool
-from rdpo.rollout import SamplingSettings, generate
+from rdpo.rollout import generate
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -34,12 +34,12 @@ def test_qlora_nf4_bf16_trains_on_cuda(tiny_dir, toy_pools):
     assert not any("visual" in n for n in four_bit) and "lm_head" not in four_bit
 
     records = load_pool(toy_pools.train)[:2]
-    rollouts = list(generate(model, processor, records, SamplingSettings(num_samples=2, max_new_tokens=6)))
+    rollouts = list(generate(model, processor, records, RolloutConfig(samples_per_prompt=2, max_new_tokens=6)))
     assert [len(r.responses) for r in rollouts] == [2, 2]
 
     collator = PairCollator(processor, packed=True)
     pairs = [TrainPair(r, c, j, -20.0, -20.0) for r, c, j in zip(records, CHOSEN, REJECTED, strict=True)]
-    module = RubricDPOModule(model, processor, beta=0.1, sft_weight=1.0)
+    module = RubricDPOModule(model, processor, DPOConfig(beta=0.1, sft_weight=1.0))
     model.train()
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

@@ -3,11 +3,11 @@ across the eval (sampling) / train alternation of a round."""
 
 import torch
 
-from rdpo.config import ModelConfig
-from rdpo.data import PairCollator
+from rdpo.batches import PairCollator
+from rdpo.config import ModelConfig, RolloutConfig
 from rdpo.model import load_policy
 from rdpo.pool import load_pool
-from rdpo.rollout import SamplingSettings, generate
+from rdpo.rollout import generate
 
 
 def test_nf4_policy_trains_after_sampling(tiny_dir, toy_pools):
@@ -21,7 +21,7 @@ def test_nf4_policy_trains_after_sampling(tiny_dir, toy_pools):
 
     records = load_pool(toy_pools.train)[:2]
     # sampling runs in eval mode: it must not leave the 4-bit weights unusable for training
-    rollouts = list(generate(model, processor, records, SamplingSettings(num_samples=2, max_new_tokens=4)))
+    rollouts = list(generate(model, processor, records, RolloutConfig(samples_per_prompt=2, max_new_tokens=4)))
     assert [len(r.responses) for r in rollouts] == [2, 2]
 
     model.train()

@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 
+from rdpo.batches import PairCollator
 from rdpo.collate import collate_sequences, encode_prompt
 from rdpo.config import ModelConfig
-from rdpo.data import PairCollator
 from rdpo.logps import sequence_logps
 from rdpo.model import load_policy
 from rdpo.pairs import Pair, PairSelection
