@@ -124,42 +124,22 @@ class TransformersChat:
             self.model.to(device)
         self.batch_size, self.max_new_tokens, self.temperature = batch_size, max_new_tokens, temperature
 
-    def _generate(self, chunk: Sequence[ChatRequest]) -> list[str]:
-        import torch
-
-        proc, tok = self.processor, self.processor.tokenizer
-        texts, images = [], []
-        for req in chunk:
-            content = [{"type": "image"} for _ in req.images] + [{"type": "text", "text": req.text}]
-            texts.append(proc.apply_chat_template([{"role": "user", "content": content}],
-                                                  add_generation_prompt=True, tokenize=False))
-            for path in req.images:
-                with Image.open(path) as im:
-                    images.append(im.convert("RGB"))
-        batch = proc(text=texts, images=images or None, padding=True, padding_side="left",
-                     return_tensors="pt")
-        device = next(self.model.parameters()).device
-        batch = {k: v.to(device) for k, v in batch.items()}
-        greedy = self.temperature == 0
-        vocab = tok.get_vocab()
-        with torch.no_grad():
-            out = self.model.generate(
-                **batch, max_new_tokens=self.max_new_tokens, do_sample=not greedy,
-                temperature=None if greedy else self.temperature, top_p=None, top_k=None,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=vocab.get("<|im_end|>", tok.eos_token_id),
-                # An image token inside the answer would derail Qwen-VL's rotary indexing.
-                suppress_tokens=[vocab[t] for t in ("<|image_pad|>", "<|video_pad|>",
-                                                    "<|vision_start|>") if t in vocab] or None)
-        return [t.strip() for t in tok.batch_decode(out[:, batch["input_ids"].shape[1]:],
-                                                     skip_special_tokens=True)]
-
     def complete(self, requests: Sequence[ChatRequest]) -> list[str]:
-        """One greedy (or sampled) answer per request, in order."""
-        answers: list[str] = []
-        for start in range(0, len(requests), self.batch_size):
-            answers += self._generate(requests[start:start + self.batch_size])
-        return answers
+        """One greedy (or sampled) answer per request, in order.
+
+        Through the policy's own sampler (`rdpo.rollout.generate`): the same chat template,
+        stop ids, suppressed vision tokens and explicit generation settings.
+        """
+        from rdpo.config import RolloutConfig
+        from rdpo.pool import PromptRecord, Rubric
+        from rdpo.rollout import generate
+
+        records = [PromptRecord(id=str(i), images=tuple(req.images), instruction=req.text,
+                                rubric=Rubric(essential=(), additional=()))
+                   for i, req in enumerate(requests)]
+        settings = RolloutConfig(samples_per_prompt=1, max_new_tokens=self.max_new_tokens,
+                                 temperature=self.temperature, batch_size=self.batch_size)
+        return [r.responses[0] for r in generate(self.model, self.processor, records, settings)]
 
 
 class OpenAIChat:

@@ -64,7 +64,7 @@ def test_parsing_of_model_output(tiny_model_and_processor, records, monkeypatch)
     answer = 'ok ```json\n{"verdicts": [' + ", ".join(
         f'{{"id": "{i}", "met": {"true" if n % 2 else "false"}}}' for n, i in enumerate(ids[:-1])
     ) + "]}\n```"
-    monkeypatch.setattr(judge.chat, "_generate", lambda chunk: [answer] * len(chunk))
+    monkeypatch.setattr(judge.chat, "complete", lambda requests: [answer] * len(requests))
     [row] = judge.judge(record, ["x"])
     assert row == {**{i: bool(n % 2) for n, i in enumerate(ids[:-1])}, ids[-1]: None}
 
