@@ -132,15 +132,16 @@ def _reference_context(model, reference: str):
 
 
 def follow_policy(ref: torch.nn.Module, policy: torch.nn.Module) -> None:
-    """Put a frozen reference copy on the policy's device and in the policy's dtype, parameter
-    by parameter (a precision plugin such as ``bf16-true`` converts the policy only)."""
-    params = dict(policy.named_parameters())
-    for name, p in ref.named_parameters():
-        target = params.get(name)
-        if target is not None and (p.device, p.dtype) != (target.device, target.dtype):
-            p.data = p.data.to(target.device, target.dtype)
-    device = next(policy.parameters()).device
-    ref.to(device)  # buffers (a no-op after the first round)
+    """Put a frozen reference copy on the policy's device and in the policy's dtypes, tensor by
+    tensor, buffers included (a precision plugin such as ``bf16-true`` converts the policy only,
+    rotary frequencies too)."""
+    for mine, theirs in ((ref.named_parameters(), dict(policy.named_parameters())),
+                         (ref.named_buffers(), dict(policy.named_buffers()))):
+        for name, t in mine:
+            target = theirs.get(name)
+            if target is not None and (t.device, t.dtype) != (target.device, target.dtype):
+                t.data = t.data.to(target.device, target.dtype)
+    ref.to(next(policy.parameters()).device)  # anything left (a no-op after the first round)
 
 
 def reference_logps(model, collator: PairCollator, scored: Sequence[ScoredRollout],

@@ -40,6 +40,8 @@ PRECISIONS = {
     "bf16-mixed": [],
     "bf16-true": [],
     "nf4+bf16-mixed": ["model.quantization=nf4", "model.dtype=bfloat16"],
+    # full fine-tuning: the frozen reference copy follows the policy the plugin converted to bf16
+    "full+bf16-true": ["model.finetune=full"],
 }
 
 
