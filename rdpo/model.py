@@ -136,6 +136,9 @@ def load_policy(cfg: ModelConfig):
 
 
 def _dropout(model, cfg: ModelConfig) -> None:
+    # The policy is built to train: train mode throughout (from_pretrained leaves eval mode,
+    # which Lightning warns about); sampling and the reference pass switch to eval themselves.
+    model.train()
     if cfg.disable_dropout:
         n = disable_dropout(model)
         if n:
