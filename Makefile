@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rdpo-installed
 
-.PHONY: venv quickstart test lint clean
+.PHONY: venv quickstart test test-fast lint clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,12 @@ lint: venv
 # went missing (a bad path, a broken conftest), so it is reported and fails loudly.
 test: lint
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+
+# The unit layer alone, for every edit: no end-to-end training (fit, the rdpo.fit CLI, DDP,
+# SLURM, TRL, benchmarks: marker `slow`) and no CUDA (marker `gpu`). Under 90 s on 2 cores.
+test-fast: venv
+	@$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
 clean:

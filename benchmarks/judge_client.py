@@ -10,7 +10,6 @@ make zero requests. Prints both figures and exits 1 if either bound is missed. N
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import sys
 import tempfile
 import time
@@ -26,53 +25,34 @@ from rdpo.judges import OpenAIJudge  # noqa: E402
 from rdpo.pool import load_pool  # noqa: E402
 
 
-def _serve(latency: float, conn) -> None:
-    """The server in its own process, as a real one would be (no shared GIL with the client)."""
-    with FakeOpenAIServer(latency=latency) as srv:
-        conn.send(srv.url)
-        for _ in range(3):  # after the warm-up, the first pass and the second pass
-            conn.recv()
-            conn.send((srv.request_count, srv.max_inflight, srv.problems))
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=256, help="judgments (prompts x responses)")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--latency", type=float, default=0.25, help="server seconds per request")
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
+    # The server runs in its own process, as a real one would (no shared GIL with the client).
+    with tempfile.TemporaryDirectory() as tmp, FakeOpenAIServer(latency=args.latency) as srv:
         pools = toy.write_pools(Path(tmp) / "task", n_train=args.n, n_heldout=1)
         records = load_pool(pools.train)[:args.n]
         items = [(r, [f"Answer {i}."]) for i, r in enumerate(records)]
-        parent, child = mp.Pipe()
-        server = mp.get_context("spawn").Process(target=_serve, args=(args.latency, child),
-                                                 daemon=True)
-        server.start()
-        url, model = parent.recv(), "fake-judge"
-        cfg = JudgeConfig(kind="openai", model=model, base_url=url,
+        cfg = JudgeConfig(kind="openai", model=srv.model, base_url=srv.url,
                           concurrency=args.concurrency, cache=str(Path(tmp) / "cache.sqlite"))
         judge = OpenAIJudge(cfg)
         # Warm the client (connections, the client's lazily built models): one wave of other
         # judgments, outside the timing, as in any run past its first seconds.
         judge.judge_many([(r, ["warm-up"]) for r in records[:args.concurrency]])
-        parent.send("count?")
-        warm_requests = parent.recv()[0]
+        warm_requests = srv.request_count
         start = time.perf_counter()
         judge.judge_many(items)
         first = time.perf_counter() - start
-        parent.send("count?")
-        first_requests, max_inflight, problems = parent.recv()
-        first_requests -= warm_requests
+        first_requests, max_inflight = srv.request_count - warm_requests, srv.max_inflight
         again = OpenAIJudge(cfg)  # a new client and a new connection to the same cache
         start = time.perf_counter()
         again.judge_many(items)
         second = time.perf_counter() - start
-        parent.send("count?")
-        total, _, problems = parent.recv()
-        second_requests = total - first_requests - warm_requests
-        server.join(timeout=10)
-        assert not problems, problems
+        second_requests = srv.request_count - first_requests - warm_requests
+        assert not srv.problems, srv.problems
     bound = 1.2 * args.n * args.latency / args.concurrency
     ideal = args.n * args.latency / args.concurrency
     print(f"first pass:  {args.n} judgments, concurrency {args.concurrency}, latency "

@@ -84,9 +84,6 @@ class RoundCheckpoint(L.Callback):
         if stepped and not last:
             if not self._maybe_preempt(trainer) and self.enabled and step % self.every_n_steps == 0:
                 self.save(trainer)
-        kill_at = os.environ.get("RDPO_TEST_KILL_AT_STEP")  # fault injection for the tests
-        if kill_at and stepped and step == int(kill_at):
-            os.kill(os.getpid(), signal.SIGKILL)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._maybe_preempt(trainer) and self.enabled:

@@ -1,4 +1,5 @@
-"""Session-wide tiny fixtures: one 2-layer Qwen2-VL with its processor, and small toy pools."""
+"""Session-wide tiny fixtures: one 2-layer Qwen2-VL with its processor, small toy pools, and
+the warm-started small toy of the end-to-end tests."""
 
 import pytest
 import torch
@@ -28,3 +29,18 @@ def tiny_model_and_processor(tiny_dir):
 def toy_pools(tmp_path_factory):
     """`rdpo.toy.ToyPools` of the shapes task with 16 train and 8 held-out prompts."""
     return toy.write_pools(tmp_path_factory.mktemp("toy_pools"), n_train=16, n_heldout=8, seed=0)
+
+
+@pytest.fixture(scope="session")
+def small_toy_cache(tmp_path_factory):
+    """The one toy cache directory of the session (other families of the small toy go here)."""
+    return tmp_path_factory.getbasetemp() / "small-toy-cache"
+
+
+@pytest.fixture(scope="session")
+def small_toy(small_toy_cache):
+    """The small toy of the end-to-end tests (tests/small_toy.py), built once per session:
+    `SmallToy` with the cache directory and the paths of model, policy and pools."""
+    from small_toy import build_small_toy
+
+    return build_small_toy(small_toy_cache)

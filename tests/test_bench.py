@@ -4,6 +4,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # trains rdpo and TRL's DPOTrainer in a subprocess
+
 
 def test_bench_dpo_json(tmp_path):
     out = subprocess.run(

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rdpo.config import ToyConfig
 from rdpo.module import RubricDPOModule
-from rdpo.warmstart import prepare_toy
+
+pytestmark = pytest.mark.slow  # Lightning fit loops on the warm-started toy
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "own_module.py"
 
@@ -24,11 +24,8 @@ def example():
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    # the same small toy as tests/test_report.py: built once per session, whichever runs first
-    return prepare_toy(ToyConfig(enabled=True, cache_dir=str(tmp_path_factory.getbasetemp() / "toy-cache-small"),
-                                 n_train=16, n_heldout=8, warmstart_steps=30, warmstart_lr=3e-3,
-                                 flaw_rate=0.5))
+def toy(small_toy):
+    return small_toy.paths
 
 
 def _lora_b(model):

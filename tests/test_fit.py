@@ -10,21 +10,20 @@ import torch
 from rdpo.config import load_config
 from rdpo.fit import fit, main
 
+# The tests that take `run` train (slow); the CLI and config checks do not.
+slow = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(small_toy, tmp_path_factory):
     root = tmp_path_factory.mktemp("fit")
-    cfg = load_config("configs/quickstart.yaml", [
-        f"run.dir={root / 'run'}", f"toy.cache_dir={root / 'cache'}", "run.progress_bar=false",
-        # small and fast: a short warm start, two rounds of two steps
-        "toy.n_train=16", "toy.n_heldout=8", "toy.warmstart_steps=30", "toy.warmstart_lr=3e-3",
-        "toy.flaw_rate=0.5", "dpo.max_steps=4", "rollout.every_n_steps=2",
-        "rollout.samples_per_prompt=4", "data.batch_size=4", "data.prompts_per_round=16",
-        "dpo.lr=5e-3", "eval.samples_per_prompt=2", "rollout.max_new_tokens=12",
-    ])
+    cfg = load_config("configs/quickstart.yaml", [  # two rounds of two steps
+        *small_toy.overrides, f"run.dir={root / 'run'}", "dpo.max_steps=4",
+        "rollout.every_n_steps=2"])
     return cfg, fit(cfg)
 
 
+@slow
 def test_run_directory(run):
     cfg, result = run
     d = result.run_dir
@@ -40,6 +39,7 @@ def test_run_directory(run):
     assert again.model.path == cfg.model.path and again.toy.enabled
 
 
+@slow
 def test_rollouts_and_pairs_files(run):
     cfg, result = run
     rollouts = [json.loads(x) for x in (result.run_dir / "rounds/0000/rollouts.jsonl").open()]
@@ -62,6 +62,7 @@ def test_rollouts_and_pairs_files(run):
         assert math.isfinite(p["ref_chosen_logp"]) and p["ref_chosen_logp"] < 0
 
 
+@slow
 def test_loss_starts_at_ln2_and_lora_trains(run):
     cfg, result = run
     rows = list(csv.DictReader((result.run_dir / "logs/metrics.csv").open()))
@@ -80,6 +81,7 @@ def test_loss_starts_at_ln2_and_lora_trains(run):
     assert all("language_model" in n for n, _ in model.named_parameters() if "lora_" in n)
 
 
+@slow
 def test_eval_json(run):
     _, result = run
     ev = json.loads((result.run_dir / "eval.json").read_text())
@@ -99,6 +101,7 @@ def test_cli_reports_every_bad_key(capsys):
         assert key in err
 
 
+@slow
 def test_seeded_runs_repeat(run, tmp_path):
     """Same seed, same numbers: the round's first scores come out identical."""
     cfg, result = run
@@ -110,6 +113,7 @@ def test_seeded_runs_repeat(run, tmp_path):
     assert again.rounds[0]["pairs"] == result.rounds[0]["pairs"]
 
 
+@slow
 def test_full_finetuning_uses_a_frozen_reference(run, tmp_path):
     """model.finetune=full: every language-model weight trains, the vision tower does not, the
     reference is a frozen copy (loss ln 2 at step 0), and the whole model is saved."""

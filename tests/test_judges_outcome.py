@@ -4,6 +4,8 @@ import dataclasses
 import json
 import random
 
+import pytest
+
 from rdpo import toy
 from rdpo.config import load_config
 from rdpo.fit import fit
@@ -52,15 +54,12 @@ def test_outcome_pairs_use_the_same_rules(toy_pools):
     assert outcome_score(None).unknown == 1 and outcome_score(10).essential_pass is True
 
 
-def test_fit_with_outcome_strategy(tmp_path):
+@pytest.mark.slow
+def test_fit_with_outcome_strategy(small_toy, tmp_path):
     cfg = load_config("configs/quickstart.yaml", [
-        f"run.dir={tmp_path / 'run'}", f"toy.cache_dir={tmp_path / 'cache'}",
-        "run.progress_bar=false", "pairs.strategy=outcome",
-        "toy.n_train=16", "toy.n_heldout=8", "toy.warmstart_steps=30", "toy.warmstart_lr=3e-3",
-        "toy.flaw_rate=0.5", "dpo.max_steps=2", "rollout.every_n_steps=2",
-        "rollout.samples_per_prompt=4", "data.batch_size=4", "data.prompts_per_round=16",
-        "eval.samples_per_prompt=1", "rollout.max_new_tokens=12", "eval.max_prompts=4",
-    ])
+        *small_toy.overrides, f"run.dir={tmp_path / 'run'}", "pairs.strategy=outcome",
+        "dpo.max_steps=2", "rollout.every_n_steps=2", "eval.samples_per_prompt=1",
+        "eval.max_prompts=4"])
     result = fit(cfg)
     rows = [json.loads(x) for x in (result.run_dir / "rounds/0000/rollouts.jsonl").open()]
     assert len(rows) == 16 * 4

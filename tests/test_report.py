@@ -11,23 +11,19 @@ from rdpo.fit import fit
 from rdpo.report import CriterionMove, criterion_moves, main, write_report
 from rdpo.rundir import RoundStats, RunData, load_run
 
-SMALL = ["run.progress_bar=false", "toy.n_train=16", "toy.n_heldout=8", "toy.warmstart_steps=30",
-         "toy.warmstart_lr=3e-3", "toy.flaw_rate=0.5", "rollout.samples_per_prompt=4",
-         "data.batch_size=4", "data.prompts_per_round=16", "dpo.lr=5e-3",
-         "eval.samples_per_prompt=2", "rollout.max_new_tokens=12"]
+# Only the tests that take `runs` train (slow); the others write run files by hand.
+slow = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(small_toy, tmp_path_factory):
     """Two real runs: three rounds of two steps (report written by fit), and a one-round run."""
     root = tmp_path_factory.mktemp("report")
-    cache = tmp_path_factory.getbasetemp() / "toy-cache-small"
-    a = fit(load_config("configs/quickstart.yaml", SMALL + [
-        f"run.dir={root / 'a' / 'run'}", f"toy.cache_dir={cache}", "dpo.max_steps=6",
-        "rollout.every_n_steps=2"]))
-    b = fit(load_config("configs/quickstart.yaml", SMALL + [
-        f"run.dir={root / 'b' / 'run'}", f"toy.cache_dir={cache}", "dpo.max_steps=2",
-        "rollout.every_n_steps=2", "run.seed=1", "data.heldout_pool=null", "run.report=false"]))
+    a = fit(load_config("configs/quickstart.yaml", small_toy.overrides + [
+        f"run.dir={root / 'a' / 'run'}", "dpo.max_steps=6", "rollout.every_n_steps=2"]))
+    b = fit(load_config("configs/quickstart.yaml", small_toy.overrides + [
+        f"run.dir={root / 'b' / 'run'}", "dpo.max_steps=2", "rollout.every_n_steps=2",
+        "run.seed=1", "data.heldout_pool=null", "run.report=false"]))
     return a, b
 
 
@@ -40,6 +36,7 @@ def _check_png(path, size=(1800, 1500)):
         assert len(im.convert("RGB").getcolors(maxcolors=1 << 20)) > 200
 
 
+@slow
 def test_fit_writes_its_report(runs):
     a, b = runs
     _check_png(a.run_dir / "report.png")
@@ -52,6 +49,7 @@ def test_fit_writes_its_report(runs):
     assert not (b.run_dir / "report.png").exists() and not (b.run_dir / "report.md").exists()
 
 
+@slow
 def test_numbers_match_the_run_files(runs):
     a, _ = runs
     run = load_run(a.run_dir)
@@ -74,6 +72,7 @@ def test_numbers_match_the_run_files(runs):
     assert [s for s, _ in margins] == list(range(6)) and margins[0][1] == pytest.approx(0, abs=1e-4)
 
 
+@slow
 def test_overlay_of_two_runs(runs, tmp_path):
     a, b = runs
     result = write_report([a.run_dir, b.run_dir], tmp_path / "cmp.png")
@@ -86,6 +85,7 @@ def test_overlay_of_two_runs(runs, tmp_path):
     assert "round 0 vs round 2" in md and "round 0 vs round 0" in md  # single-round run
 
 
+@slow
 def test_run_still_going(runs, tmp_path):
     """No eval.json yet, the last round half written, metrics.csv cut mid-line."""
     a, _ = runs
@@ -143,6 +143,7 @@ def test_criteria_ranked_by_evidence_not_by_size():
     assert CriterionMove("x", 0.5, 0.5, 10, 10).z == 0.0
 
 
+@slow
 def test_bad_input_names_the_file_and_line(runs, tmp_path, capsys):
     a, _ = runs
     assert main([str(tmp_path / "missing")]) == 2

@@ -8,8 +8,9 @@ import time
 
 import pytest
 import torch
+from fake_openai_server import FakeOpenAIServer
 from safetensors.torch import load_file
-from scale_runs import HashJudgeServer, fit_cli, jsonl, log_text, toy_cache
+from scale_runs import fit_cli, jsonl, log_text
 
 pytestmark = pytest.mark.slow
 
@@ -17,55 +18,66 @@ CADENCE = ["run.checkpoint_every_n_steps=2"]
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return toy_cache(tmp_path_factory)
+def cache(small_toy):
+    return small_toy.cache
+
+
+def _wait_for(proc, run_dir, done, deadline, what):
+    while not done():
+        assert proc.poll() is None, log_text(run_dir)
+        assert time.monotonic() < deadline, f"{what}: not reached in time"
+        time.sleep(0.05)
 
 
 def _kill_mid_judging(run_dir, cache, server, extra):
-    """Start a run; SIGKILL it once round 0 is written and round 1 has had 8 answers."""
+    """Start a run; once round 0 is written, let the judge answer 8 more requests and hold
+    the next ones unanswered; SIGKILL the run while it waits on them (so the kill lands at
+    the same point every time). Returns the answer count when round 0 was written."""
     proc = fit_cli(run_dir, cache, *extra, wait=False)
     deadline = time.monotonic() + 240
     try:
-        while not (run_dir / "rounds/0000").is_dir():
-            assert proc.poll() is None, log_text(run_dir)
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        start = len(server.answered)
-        while len(server.answered) < start + 8:
-            assert proc.poll() is None, log_text(run_dir)
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
+        _wait_for(proc, run_dir, (run_dir / "rounds/0000").is_dir, deadline, "round 0")
+        # Round 1 samples after 4 training steps: it is not being judged yet.
+        start = server.hold_after(8)
+
+        def held():
+            state = server.state()
+            return state["held"] > 0 and len(state["answered"]) == start + 8
+
+        _wait_for(proc, run_dir, held, deadline, "8 answers, then a request held")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
     finally:
         if proc.poll() is None:
             proc.kill()
+    server.release()
     return start
 
 
 def test_killed_twice_resumes_to_the_same_weights(cache, tmp_path):
     """Uninterrupted run A vs run B: B is SIGKILLed in the middle of round 1's judging, resumed
-    (and killed again at step 7, between checkpoints, by RDPO_TEST_KILL_AT_STEP), and resumed
-    once more. B ends with A's pairs, rollouts and adapter weights, bit for bit (CPU, fixed
+    (and killed again right after step 7, between checkpoints, by tests/kill_at_step.py), and
+    resumed once more. B ends with A's pairs, rollouts and adapter weights, bit for bit (CPU, fixed
     seeds: sampling is seeded per round and rank, the checkpoint restores weights, optimizer,
     data position and RNG); judgments answered before a kill are not asked again beyond the
     one judge call that was in flight (one prompt's 4 responses at concurrency 2)."""
-    with HashJudgeServer(latency=0.03) as server_a:
+    with FakeOpenAIServer(judging="hash") as server_a:
         a = tmp_path / "a"
         proc = fit_cli(a, cache, *CADENCE, *server_a.judge_overrides())
         assert proc.returncode == 0, log_text(a)
+        answered_a = server_a.answered
 
-    with HashJudgeServer(latency=0.03) as server:
+    with FakeOpenAIServer(judging="hash") as server:
         b = tmp_path / "b"
         extra = [*CADENCE, *server.judge_overrides(), "run.resume=auto"]
         round1_start = _kill_mid_judging(b, cache, server, extra)
         killed_at = len(server.answered)
-        assert killed_at > round1_start  # killed while round 1 was being judged
+        assert killed_at == round1_start + 8  # killed while round 1 was being judged
         assert not (b / "rounds/0001").exists()  # a round's files appear complete or not at all
         assert (b / "checkpoints/last.ckpt").is_file()
         before_kill = set(server.answered)
 
-        proc = fit_cli(b, cache, *extra, env={"RDPO_TEST_KILL_AT_STEP": "7"})
+        proc = fit_cli(b, cache, *extra, kill_at_step=7)
         assert proc.returncode == -signal.SIGKILL, log_text(b)
         second = server.answered[killed_at:]
         repeated = [t for t in second if t in before_kill]
@@ -75,10 +87,11 @@ def test_killed_twice_resumes_to_the_same_weights(cache, tmp_path):
 
         proc = fit_cli(b, cache, *extra)
         assert proc.returncode == 0, log_text(b)
-        third = server.answered[after_second:]
+        answered_b = server.answered
+        third = answered_b[after_second:]
         # Resumed at step 6 inside round 1: its pairs came from the checkpoint; the only
         # judgments now are of the final policy's held-out answers, none seen before.
-        assert not set(third) & set(server.answered[:after_second])
+        assert not set(third) & set(answered_b[:after_second])
     assert log_text(b).count("resuming from") == 2
 
     for name in ("rounds/0000/rollouts.jsonl", "rounds/0000/pairs.jsonl",
@@ -95,7 +108,7 @@ def test_killed_twice_resumes_to_the_same_weights(cache, tmp_path):
     # logs/metrics.csv covers the whole run once: B's losses are A's, step for step.
     assert _losses(b) == _losses(a) and len(_losses(a)) == 8
     # Same judge answers in total: A asked each judgment once; B at most 4 more.
-    assert len(set(server.answered)) == len(set(server_a.answered))
+    assert len(set(answered_b)) == len(set(answered_a))
 
 
 def _losses(run):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from scale_runs import ROOT, SMALL, jsonl, toy_cache
+from scale_runs import ROOT, RUN, jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -37,14 +37,14 @@ def _squeue(env, job):
     return out.stdout.strip()
 
 
-def test_fit_sbatch_preempted_requeued_resumed(cluster, tmp_path_factory, tmp_path):
-    cache = toy_cache(tmp_path_factory)
+def test_fit_sbatch_preempted_requeued_resumed(cluster, small_toy, tmp_path):
+    cache = small_toy.cache
     run = tmp_path / "run"
     env = {**cluster, "RDPO_PYTHON": str(ROOT / ".venv/bin/python")}
     args = ["sbatch", "--parsable", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2",
             "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
             f"--output={tmp_path}/slurm-%j.out", f"--chdir={ROOT}",
-            str(ROOT / "slurm/fit.sbatch"), "configs/quickstart.yaml", *SMALL,
+            str(ROOT / "slurm/fit.sbatch"), "configs/quickstart.yaml", *RUN,
             "data.prompts_per_round=8", f"run.dir={run}", f"toy.cache_dir={cache}",
             "run.strategy=ddp", "run.accelerator=cpu"]
     job = subprocess.run(args, env=env, check=True, capture_output=True, text=True).stdout.strip()

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 trl = pytest.importorskip("trl")
+pytestmark = pytest.mark.slow  # TRL's DPOTrainer training steps
 
 from rdpo.config import ModelConfig  # noqa: E402
 from rdpo.logps import sequence_logps  # noqa: E402
