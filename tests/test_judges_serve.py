@@ -17,6 +17,7 @@ from rdpo.pool import load_pool
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
+pytestmark = pytest.mark.slow  # starts a `transformers serve` process and loads a model in it
 
 
 def test_openai_judge_against_transformers_serve(tiny_dir, toy_pools, tmp_path):

@@ -5,6 +5,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -16,6 +18,7 @@ def test_editable_install_maps_callbacks():
     assert RubricScoringCallback.__module__ == "rdpo.callbacks.scoring"
 
 
+@pytest.mark.slow  # builds and installs a wheel with pip in subprocesses
 def test_wheel_installs_callbacks(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                     "-q", "-w", str(tmp_path / "dist"), str(ROOT)], check=True)
