@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from fake_openai_server import FakeOpenAIServer  # noqa: E402
 
-from rdpo import toy  # noqa: E402
 from rdpo.config import JudgeConfig  # noqa: E402
+from rdpo.demo import toy  # noqa: E402
 from rdpo.judges import OpenAIJudge  # noqa: E402
 from rdpo.pool import load_pool  # noqa: E402
 

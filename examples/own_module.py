@@ -115,7 +115,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.model is None or args.pool is None:
         from rdpo.config import ToyConfig
-        from rdpo.warmstart import prepare_toy
+        from rdpo.demo.warmstart import prepare_toy
 
         paths = prepare_toy(ToyConfig(enabled=True))
         args.model, args.pool = args.model or str(paths.policy), args.pool or str(paths.train_pool)

@@ -39,8 +39,8 @@ def build(out: Path, shape: str, pairs: int, response_tokens: int, image_side: i
     """The model (random init), its processor and a pool of `pairs` prompts with two responses each."""
     from PIL import Image
 
-    from rdpo import toy
-    from rdpo.tiny import build_tiny_vlm
+    from rdpo.demo import toy
+    from rdpo.demo.tiny import build_tiny_vlm
 
     build_tiny_vlm(out / "model", toy.corpus(), image_pixels=image_side * image_side, seed=seed,
                    **SHAPES[shape])

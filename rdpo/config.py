@@ -87,7 +87,7 @@ class ToyConfig:
     cache_dir: str = ".cache/rdpo"
     """Where the tiny model, the warm-started policy and the task pools are cached."""
     family: str = setting("qwen2_vl", choices=("qwen2_vl", "qwen2_5_vl", "qwen3_vl"))
-    """Architecture of the tiny model (`rdpo.tiny`)."""
+    """Architecture of the tiny model (`rdpo.demo.tiny`)."""
     hidden_size: int = 64
     """Width of the tiny model's language and vision towers."""
     layers: int = 2
@@ -443,7 +443,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if base.toy.enabled:
         # The toy's model and pools live in the cache under a key of the toy settings; writing
         # the paths into the config makes the saved config.yaml say what was trained.
-        from rdpo.warmstart import toy_paths
+        from rdpo.demo.warmstart import toy_paths
 
         paths = toy_paths(OmegaConf.to_object(base.toy))
         for key, value in (("model.path", paths.policy), ("data.train_pool", paths.train_pool),

@@ -173,7 +173,7 @@ def build(cfg: Config) -> Run:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     if cfg.toy.enabled:
-        from rdpo.warmstart import prepare_toy
+        from rdpo.demo.warmstart import prepare_toy
 
         prepare_toy(cfg.toy)
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)

@@ -4,8 +4,8 @@ the warm-started small toy of the end-to-end tests."""
 import pytest
 import torch
 
-from rdpo import toy
-from rdpo.tiny import build_tiny_vlm
+from rdpo.demo import toy
+from rdpo.demo.tiny import build_tiny_vlm
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +27,7 @@ def tiny_model_and_processor(tiny_dir):
 
 @pytest.fixture(scope="session")
 def toy_pools(tmp_path_factory):
-    """`rdpo.toy.ToyPools` of the shapes task with 16 train and 8 held-out prompts."""
+    """`rdpo.demo.toy.ToyPools` of the shapes task with 16 train and 8 held-out prompts."""
     return toy.write_pools(tmp_path_factory.mktemp("toy_pools"), n_train=16, n_heldout=8, seed=0)
 
 

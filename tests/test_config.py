@@ -204,12 +204,12 @@ def test_range_messages():
 
 
 def test_choices_match_the_modules_that_dispatch_on_them():
+    from rdpo.demo.tiny import FAMILIES
     from rdpo.judges import JUDGES
     from rdpo.loss import LOSSES
     from rdpo.model import DTYPES
     from rdpo.rounds import REFERENCES
     from rdpo.scoring import AGGREGATIONS
-    from rdpo.tiny import FAMILIES
 
     assert set(choices(DPOConfig, "loss_type")) == set(LOSSES)
     assert set(choices(DPOConfig, "reference")) == set(REFERENCES)
@@ -267,13 +267,13 @@ def test_check_works_on_sections_and_cli_names():
 
 
 def test_config_imports_light_and_no_cycle():
-    """rdpo.config imports neither torch, Lightning nor rdpo.warmstart (the toy's builder imports
+    """rdpo.config imports neither torch, Lightning nor rdpo.demo.warmstart (the toy's builder imports
     the config, not the other way round at import time)."""
-    code = ("import sys, rdpo.config, rdpo.confighelp, rdpo.warmstart\n"
+    code = ("import sys, rdpo.config, rdpo.confighelp, rdpo.demo.warmstart\n"
             "heavy = {m.split('.')[0] for m in sys.modules} & {'torch', 'lightning', 'transformers'}\n"
             "assert not heavy, heavy\n"
             "del sys.modules['rdpo.config']\n"
-            "import rdpo.warmstart as w, importlib; importlib.reload(w)\n"
+            "import rdpo.demo.warmstart as w, importlib; importlib.reload(w)\n"
             "assert 'rdpo.config' not in sys.modules, 'warmstart imports rdpo.config'\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -6,7 +6,7 @@ import random
 import pytest
 from fake_openai_server import FakeOpenAIServer
 
-from rdpo import toy
+from rdpo.demo import toy
 from rdpo.evaluate import load_preferences, main, wilson
 
 

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from rdpo import toy
 from rdpo.config import load_config
+from rdpo.demo import toy
 from rdpo.fit import fit
 from rdpo.judges import OUTCOME_FAIL, OUTCOME_PASS, RuleJudge
 from rdpo.pool import load_pool

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from rdpo import toy
 from rdpo.collate import collate_sequences, encode_prompt
+from rdpo.demo import toy
+from rdpo.demo.tiny import build_tiny_vlm
 from rdpo.logps import sequence_logps
 from rdpo.packing import (
     CHOSEN,
@@ -16,7 +17,6 @@ from rdpo.packing import (
     pair_attention_mask,
 )
 from rdpo.pool import load_pool
-from rdpo.tiny import build_tiny_vlm
 
 CHOSEN_TEXT = ["There is a red circle on the left.", "Blue.", "Two shapes: a green square."]
 REJECTED_TEXT = ["A purple triangle and a dog and a blue square on the right side.", "Red red red.", "No."]

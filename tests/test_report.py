@@ -9,7 +9,7 @@ from PIL import Image
 from rdpo.config import load_config
 from rdpo.fit import fit
 from rdpo.report import CriterionMove, criterion_moves, main, write_report
-from rdpo.rundir import RoundStats, RunData, load_run
+from rdpo.report.rundir import RoundStats, RunData, load_run
 
 # Only the tests that take `runs` train (slow); the others write run files by hand.
 slow = pytest.mark.slow

@@ -4,8 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from rdpo import toy
-from rdpo.tiny import FAMILIES, build_tiny_vlm
+from rdpo.demo import toy
+from rdpo.demo.tiny import FAMILIES, build_tiny_vlm
 
 # family -> (processor class, model class, image size (w, h), pixel budget)
 EXPECTED = {

@@ -5,8 +5,8 @@ import re
 import pytest
 from PIL import Image
 
-from rdpo import toy
-from rdpo.toy import COLORS, SHAPES, Scene
+from rdpo.demo import toy
+from rdpo.demo.toy import COLORS, SHAPES, Scene
 
 WHITE = (255, 255, 255)
 LEFT_CENTRE, RIGHT_CENTRE = (28, 28), (84, 28)

@@ -72,8 +72,8 @@ def _build_atomically(target: Path, build) -> None:
 
 def prepare_toy(toy: ToyConfig) -> ToyPaths:
     """Build whatever of the toy is not cached yet; return its paths."""
-    from rdpo import toy as task
-    from rdpo.tiny import build_tiny_vlm
+    from rdpo.demo import toy as task
+    from rdpo.demo.tiny import build_tiny_vlm
 
     paths = toy_paths(toy)
     pixels = 112 * 56 if toy.family != "qwen3_vl" else 128 * 64
@@ -103,8 +103,8 @@ def warm_start(model_dir: Path, out_dir: Path, pool: Path, *, steps: int, lr: fl
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from rdpo import toy as task
     from rdpo.batches import PairCollator
+    from rdpo.demo import toy as task
     from rdpo.logps import sequence_logps
     from rdpo.pool import load_pool
 

@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rdpo.rundir import RoundStats, RunData, load_run
+from rdpo.report.rundir import RoundStats, RunData, load_run
 
 TOP_CRITERIA = 10
 MIN_JUDGED = 10  # a criterion judged fewer times than this (in either round) is too noisy to rank
@@ -86,7 +86,7 @@ def _default_out(run_dirs: list[Path]) -> Path:
 
 def write_report(run_dirs, out: str | Path | None = None) -> ReportResult:
     """Render ``OUT.png`` and ``OUT.md`` for the runs in `run_dirs` (see the module docstring)."""
-    from rdpo.reportplot import plot_runs
+    from rdpo.report.plot import plot_runs
 
     run_dirs = [Path(d) for d in run_dirs]
     if not run_dirs:
@@ -195,7 +195,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"wrote {result.png} and {result.markdown}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
