@@ -29,12 +29,14 @@ class HeldoutEvaluation(L.Callback):
 
     `settings` is the sampling of the evaluation (a `RolloutConfig`). `before` is a result
     measured earlier (a resumed run keeps its first "before"). With `run_dir`, rank 0 writes
-    ``eval_before.json`` there as soon as it is measured.
+    ``eval_before.json`` there as soon as it is measured. `server`: sample through this
+    `rdpo.rollout_server.VLLMRollout` (rollout.engine=vllm).
     """
 
     def __init__(self, records: Sequence[PromptRecord], judge, settings: RolloutConfig, *,
                  aggregation: str = "lexicographic", seed: int = 0, before: dict | None = None,
-                 run_dir: str | Path | None = None):
+                 run_dir: str | Path | None = None, server=None):
+        self.server = server
         self.records = list(records)
         self.judge = judge
         self.settings = settings
@@ -47,7 +49,7 @@ class HeldoutEvaluation(L.Callback):
         rank, world = trainer.global_rank, trainer.world_size
         shard = self.records[rank::world]
         rollouts = sample(trainer, pl_module, shard, self.settings, seed=self.seed + rank,
-                          prompts=getattr(trainer.datamodule, "prompts", None))
+                          prompts=getattr(trainer.datamodule, "prompts", None), server=self.server)
         scored = score_rollouts(self.judge, rollouts, self.aggregation, strategy="rubric")
         return heldout_summary([s for part in _all_gather(trainer, scored) for s in part],
                                self.settings)

@@ -68,14 +68,16 @@ class RubricScoringCallback(L.Callback):
     Writes ``rounds/NNNN/{rollouts,pairs}.jsonl`` under `run_dir` when given (rank 0, all
     ranks' rollouts). `judge_chunk`: prompts judged per call (0: the whole round at once);
     a cached judge stores each call's verdicts, so a run killed mid-judging loses at most the
-    call in flight.
+    call in flight. `server`: a `rdpo.rollout_server.VLLMRollout` to sample through
+    (rollout.engine=vllm); None samples with ``generate``.
     """
 
     def __init__(self, judge, rollout: RolloutConfig | None = None,
                  pairs: PairsConfig | None = None, *, run_dir: str | Path | None = None,
                  ref_batch_size: int = 8, reference: str = "base", reference_model=None,
-                 seed: int = 0, judge_chunk: int = 0):
+                 seed: int = 0, judge_chunk: int = 0, server=None):
         self.judge = judge
+        self.server = server
         self.rollout = rollout or RolloutConfig()
         self.pairs = pairs or PairsConfig()
         self.run_dir = Path(run_dir) if run_dir else None
@@ -105,7 +107,7 @@ class RubricScoringCallback(L.Callback):
         start = time.perf_counter()
         records = dm.round_prompts(index)
         rollouts = sample(trainer, pl_module, records, self.rollout, seed=round_seed(
-            self.seed, index, trainer.global_rank), prompts=dm.prompts)
+            self.seed, index, trainer.global_rank), prompts=dm.prompts, server=self.server)
         scored = self._score(rollouts)
         selection = select_pairs(scored, min_margin=self.pairs.min_margin,
                                  require_chosen_essential=self.pairs.require_chosen_essential,
@@ -176,10 +178,14 @@ ROUND_METRICS = ("mean_score", "essential_pass_rate", "pairs", "unknown_verdicts
 
 
 def sample(trainer: L.Trainer, pl_module: L.LightningModule, records, rollout: RolloutConfig, *,
-           seed: int, num_samples: int | None = None, prompts=None) -> list:
+           seed: int, num_samples: int | None = None, prompts=None, server=None) -> list:
     """Rollouts of `records` from the policy as it trains: in the trainer's precision context,
     weights gathered under ZeRO-3, from a generator seeded with `seed` (the global RNG is left
-    as it was)."""
+    as it was). With `server` (a `VLLMRollout`), the policy's adapter is published to the
+    server (collective: every rank calls this) and the server samples, seeded per prompt."""
+    if server is not None:
+        return _sample_on_server(trainer, pl_module, records, rollout, seed=seed,
+                                 num_samples=num_samples, prompts=prompts, server=server)
     device = next(pl_module.model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
             _gathered_for_generation(trainer, pl_module.model), \
@@ -187,6 +193,19 @@ def sample(trainer: L.Trainer, pl_module: L.LightningModule, records, rollout: R
         torch.manual_seed(seed)
         return list(generate(pl_module.model, pl_module.processor, records, rollout,
                              num_samples=num_samples, prompts=prompts))
+
+
+def _sample_on_server(trainer, pl_module, records, rollout, *, seed, num_samples, prompts,
+                      server) -> list:
+    from rdpo.rollout import stop_token_ids, suppressed_token_ids
+
+    model, processor = pl_module.model, pl_module.processor
+    with _gathered_for_generation(trainer, model):
+        server.publish(model, trainer.global_step, is_main=trainer.is_global_zero,
+                       barrier=trainer.strategy.barrier)
+    return server.sample(processor, records, rollout, stop_ids=stop_token_ids(processor, model),
+                         suppress_ids=suppressed_token_ids(processor), seed=seed,
+                         num_samples=num_samples, prompts=prompts)
 
 
 def _all_gather(trainer: L.Trainer, obj) -> list:

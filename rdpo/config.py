@@ -184,6 +184,23 @@ class RolloutConfig:
     """A response cut at max_new_tokens (finish reason length): drop (never a pair member; its
     prompt may still pair two finished responses) or keep (trained on as sampled, no end of
     turn appended)."""
+    engine: str = setting("transformers", choices=("transformers", "vllm"))
+    """Who samples: transformers (``generate`` in the training process) or vllm (an
+    OpenAI-compatible vLLM server serving model.path with --enable-lora; each round's adapter is
+    saved to run.dir/adapters/ and loaded at run time, `rdpo.rollout_server`). LoRA only."""
+    base_url: str | None = None
+    """vllm: the server's base URL, e.g. http://localhost:8001/v1."""
+    api_key_env: str | None = None
+    """vllm: NAME of the environment variable holding the server's API key (null: none needed)."""
+    model: str | None = None
+    """vllm: the served base model's name (null: the one base model /v1/models lists)."""
+    concurrency: int = setting(8, gt=0)
+    """vllm: prompts in flight at once (each asks for K samples)."""
+    timeout: float = setting(300.0, gt=0)
+    """vllm: seconds per request attempt."""
+    max_retries: int = setting(4, ge=0)
+    """vllm: retries (exponential backoff) on connection errors, timeouts, 429 and 5xx, and
+    reloads of an adapter the server lost (restarted), before the run stops naming its checkpoint."""
 
 
 @dataclass
@@ -356,7 +373,24 @@ def _judge_rules(judge, name: Callable[[str], str]) -> list[str]:
     return problems
 
 
-_RULES = {RunConfig: _run_rules, ModelConfig: _model_rules, JudgeConfig: _judge_rules}
+def _rollout_rules(rollout, name: Callable[[str], str]) -> list[str]:
+    if rollout.engine == "vllm" and not rollout.base_url:
+        return [f"{name('base_url')}: the vllm engine needs the server's URL, "
+                "e.g. http://localhost:8001/v1"]
+    return []
+
+
+def _config_rules(cfg, name: Callable[[str], str]) -> list[str]:
+    if cfg.rollout.engine == "vllm" and cfg.model.finetune == "full":
+        # The server receives the policy as a LoRA adapter; full weights would need a weight
+        # push into the running engine, which rdpo does not do.
+        return [f"{name('rollout.engine')}: vllm serves the policy as a LoRA adapter; "
+                f"{name('model.finetune')}=full needs rollout.engine=transformers"]
+    return []
+
+
+_RULES = {RunConfig: _run_rules, ModelConfig: _model_rules, JudgeConfig: _judge_rules,
+          RolloutConfig: _rollout_rules, Config: _config_rules}
 
 
 def _is_section(f: dataclasses.Field) -> bool:

@@ -61,7 +61,8 @@ def _judge_chunk(cfg: Config) -> int:
 
 
 def _preemption_signal() -> int | None:
-    """SIGUSR1 under SLURM (slurm/fit.sbatch forwards it to the tasks), else none."""
+    """SIGUSR1 under SLURM (sent to the tasks, or to slurm/fit.sbatch, which forwards it), else
+    none."""
     return signal.SIGUSR1 if "SLURM_JOB_ID" in os.environ else None
 
 
@@ -191,18 +192,24 @@ def build(cfg: Config) -> Run:
     datamodule.connect(processor)
     datamodule.setup("fit")
     judge = _judge(cfg)
+    server = None
+    if cfg.rollout.engine == "vllm":
+        from rdpo.rollout_server import VLLMRollout
+
+        server = VLLMRollout(cfg.rollout, run_dir / "adapters")
 
     before_file = run_dir / "eval_before.json"
     before = (json.loads(before_file.read_text())  # measured before the interruption
               if ckpt is not None and before_file.is_file() else None)
     heldout = HeldoutEvaluation(
         datamodule.heldout[:cfg.eval.max_prompts or None], judge, _eval_settings(cfg),
-        aggregation=cfg.pairs.aggregation, seed=cfg.run.seed, before=before, run_dir=run_dir)
+        aggregation=cfg.pairs.aggregation, seed=cfg.run.seed, before=before, run_dir=run_dir,
+        server=server)
     scoring = RubricScoringCallback(
         judge, cfg.rollout, cfg.pairs, run_dir=run_dir, ref_batch_size=cfg.data.batch_size,
         reference=cfg.dpo.reference,
         reference_model=_frozen_copy(model) if cfg.model.finetune == "full" else None,
-        seed=cfg.run.seed, judge_chunk=_judge_chunk(cfg))
+        seed=cfg.run.seed, judge_chunk=_judge_chunk(cfg), server=server)
     checkpointer = RoundCheckpoint(
         run_dir / "checkpoints", cfg.run.checkpoint_every_n_steps or cfg.rollout.every_n_steps,
         stop_signal=_preemption_signal(), enabled=cfg.run.checkpoint)
@@ -226,6 +233,7 @@ def train(run: Run) -> None:
     """`trainer.fit`; a judge that fails for good names the checkpoint to resume from."""
     from rdpo.callbacks.checkpoint import find_checkpoint
     from rdpo.chat import ChatError
+    from rdpo.rollout_server import RolloutServerError
 
     try:
         run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.checkpoint)
@@ -234,6 +242,11 @@ def train(run: Run) -> None:
         raise ChatError(f"judge failed at step {run.trainer.global_step}: {err}. Last checkpoint: "
                         f"{last or 'none'}; once the judge is back, rerun with run.resume=auto "
                         f"(judged responses are cached in {run.cfg.judge.cache})") from err
+    except RolloutServerError as err:
+        last = find_checkpoint(run.run_dir)
+        raise RolloutServerError(
+            f"rollout server failed at step {run.trainer.global_step}: {err}. Last checkpoint: "
+            f"{last or 'none'}; once the server is back, rerun with run.resume=auto") from err
 
 
 def finish(run: Run, start: float) -> FitResult:
@@ -271,6 +284,9 @@ def finish(run: Run, start: float) -> FitResult:
 
 
 def main(argv: list[str] | None = None) -> int:
+    stop = _preemption_signal()
+    if stop is not None:  # a signal before training starts is held for RoundCheckpoint, not fatal
+        signal.pthread_sigmask(signal.SIG_BLOCK, {stop})
     from rdpo.confighelp import render_text
 
     parser = argparse.ArgumentParser(prog="python -m rdpo.fit", description=__doc__.splitlines()[0],
@@ -278,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    parser.add_argument("--print-run-dir", action="store_true",
+                        help="print run.dir as the config resolves it and exit (slurm/fit.sbatch)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -285,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.print_run_dir:
+        print(cfg.run.dir)
+        return 0
     from rdpo.chat import ChatError
     from rdpo.preflight import HubError
 
@@ -296,11 +317,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ChatError, HubError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return PREEMPTED_EXIT if result.preempted else 0
+    if result.preempted and "SLURM_STEP_ID" not in os.environ:
+        return PREEMPTED_EXIT
+    # Under srun a non-zero status is a failure: --kill-on-bad-exit would kill the tasks still
+    # finishing. slurm/fit.sbatch learns of the preemption from checkpoints/preempted instead.
+    return 0
 
 
 PREEMPTED_EXIT = 3
-"""Exit status of a run stopped by the preemption signal (checkpoint saved)."""
+"""Exit status of a run stopped by the preemption signal (checkpoint saved), except in an
+srun task, which exits 0 then."""
 
 
 if __name__ == "__main__":

@@ -89,13 +89,15 @@ def train_tokenizer(corpus: list[str], vocab_size: int = 512):
     )
 
 
-def _model_config(family: str, tokenizer, hidden: int, layers: int, *, head_dim: int = 16,
+def _model_config(family: str, tokenizer, hidden: int, layers: int, *, head_dim: int = 32,
                   intermediate: int | None = None, vocab_size: int | None = None,
                   vision_hidden: int | None = None, vision_layers: int | None = None,
                   kv_heads: int | None = None):
     from transformers import AutoConfig
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    # head_dim 32 (not 16): vLLM's CPU attention backend serves head sizes 32, 64, 80, ... only,
+    # and the embedded model is the one the vLLM rollout tests serve.
     heads = hidden // head_dim
     text = dict(
         vocab_size=max(len(tokenizer), vocab_size or 0),

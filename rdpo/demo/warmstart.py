@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # rdpo.config imports this module (toy paths): no import back
 log = logging.getLogger("rdpo")
 
 # Bump when the task, the tiny model or the warm start changes in a way the settings don't show.
-TOY_VERSION = 3  # 3: records carry an `outcome` check (outcome baseline)
+TOY_VERSION = 4  # 3: records carry an `outcome` check (outcome baseline); 4: head_dim 32
 
 
 @dataclass(frozen=True)
