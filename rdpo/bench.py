@@ -1,4 +1,5 @@
 """``python -m rdpo.bench dpo [--json]``: rdpo's DPO training against TRL's DPOTrainer.
+(``python -m rdpo.bench rollout``: a round's sampling per rollout engine, `rdpo.bench_rollout`.)
 
 One random-init Qwen2-VL-shaped model and one set of pairs; N training steps with rdpo
 (`RubricDPOModule` in a Lightning Trainer, packed pairs, reference log-probs computed once per
@@ -26,8 +27,8 @@ SHAPES = {
     # CPU: hidden 256, 4 layers, 448×448 images (256 image tokens), Qwen's real vocabulary.
     "cpu": dict(hidden=256, layers=4, head_dim=64, intermediate=1024, vocab_size=151936,
                 vision_hidden=256, vision_layers=4),
-    # The test suite's smoke run.
-    "tiny": dict(hidden=64, layers=2, head_dim=16, vocab_size=4096),
+    # The test suite's smoke run (head_dim 32: the smallest vLLM's CPU attention serves).
+    "tiny": dict(hidden=64, layers=2, head_dim=32, vocab_size=4096),
     # A Qwen2-VL-2B-class shape for a GPU (bf16).
     "2b": dict(hidden=1536, layers=28, head_dim=128, intermediate=8960, vocab_size=151936,
                vision_hidden=1280, vision_layers=32, kv_heads=2),
@@ -255,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
     parser = argparse.ArgumentParser(prog="python -m rdpo.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["dpo"])
+    parser.add_argument("what", choices=["dpo", "rollout"],
+                        help="dpo: rdpo vs TRL training; rollout: tokens/s per rollout engine "
+                        "(rdpo.bench_rollout)")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="cpu")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -266,7 +269,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--response-tokens", type=int, default=64)
     parser.add_argument("--image-side", type=int, default=448)
     parser.add_argument("--work", help="directory for the model and data (reused when present)")
+    from rdpo import bench_rollout
+
+    bench_rollout.add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.what == "rollout":
+        result = bench_rollout.rollout(args)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            bench_rollout.report(result)
+        return 0
     result = dpo(args)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if not k.endswith("_losses")}))

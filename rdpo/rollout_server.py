@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -112,7 +113,8 @@ class VLLMRollout:
 
         Collective: every rank calls it. Rank 0 saves `model`'s adapter (a PEFT model) and
         loads it; all ranks wait; rank 0 then unloads the previous one, which no rank uses any
-        more (every rank finished its previous sampling before reaching this barrier).
+        more (every rank finished its previous sampling before reaching this barrier), and
+        deletes its directory.
         """
         if self.current is not None and self.current[0] == step:
             return self.current[1]
@@ -125,6 +127,7 @@ class VLLMRollout:
         previous, self.current = self.current, (step, name, path)
         if is_main and previous is not None and previous[1] != name:
             self._unload(previous[1])
+            shutil.rmtree(previous[2], ignore_errors=True)  # run.dir/adapter keeps the final one
         return name
 
     def _load(self, name: str, path: Path) -> None:

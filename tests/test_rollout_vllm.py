@@ -1,0 +1,163 @@
+"""rollout.engine=vllm against a real vLLM server (CPU build, started by the fixture).
+
+The server runs from .venv-vllm (scripts/vllm_env.sh creates it; without network the tests skip
+and say so) on the small toy's warm-started policy, float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from small_toy import QUICKSTART
+from vllm_server import VLLMServer, vllm_python
+
+from rdpo.config import RolloutConfig, load_config
+from rdpo.rollout_server import RolloutServerError, VLLMRollout
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def vllm_server(small_toy, tmp_path_factory):
+    python, why = vllm_python()
+    if python is None:
+        pytest.skip(why)
+    server = VLLMServer(python, small_toy.paths.policy, tmp_path_factory.mktemp("vllm") / "server.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+def _cfg(small_toy, run_dir, server, *extra):
+    return load_config(QUICKSTART, [
+        *small_toy.overrides, f"run.dir={run_dir}", "run.report=false", "dpo.max_steps=6",
+        "rollout.every_n_steps=2", "rollout.engine=vllm", f"rollout.base_url={server.url}", *extra])
+
+
+def _noisy_adapter(model, seed):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+
+
+def test_greedy_parity_with_transformers_and_peft(small_toy, vllm_server, tmp_path):
+    """Greedy ids through the server equal transformers + PEFT's, for two different adapters,
+    and the adapter changes what the server samples."""
+    from rdpo.model import load_policy
+    from rdpo.pool import load_pool
+    from rdpo.rollout import generate, stop_token_ids, suppressed_token_ids
+
+    cfg = _cfg(small_toy, tmp_path / "run", vllm_server)
+    model, proc = load_policy(cfg.model)
+    records = load_pool(cfg.data.heldout_pool)
+    settings = RolloutConfig(engine="vllm", base_url=vllm_server.url, temperature=0.0,
+                             samples_per_prompt=2, max_new_tokens=24)
+    server = VLLMRollout(settings, tmp_path / "adapters")
+    base = server.base_model()
+    assert base == str(small_toy.paths.policy)
+    kw = dict(stop_ids=stop_token_ids(proc, model), suppress_ids=suppressed_token_ids(proc),
+              seed=0, num_samples=1)
+    seen = []
+    for step, seed in ((0, 1), (2, 2)):
+        _noisy_adapter(model, seed)
+        server.publish(model, step, is_main=True, barrier=lambda: None)
+        remote = server.sample(proc, records, settings, **kw)
+        local = list(generate(model, proc, records, settings, num_samples=1))
+        assert [r.token_ids for r in remote] == [r.token_ids for r in local]
+        assert [r.finish_reasons for r in remote] == [r.finish_reasons for r in local]
+        assert [r.responses for r in remote] == [r.responses for r in local]
+        seen.append([r.token_ids for r in remote])
+    assert seen[0] != seen[1]
+    names = [m["id"] for m in server.served_models()]
+    assert "round_0001" in names and "round_0000" not in names  # the previous one unloaded
+    assert not (tmp_path / "adapters" / "round_0000").exists()
+
+
+def test_fit_rounds_sample_on_the_server(small_toy, vllm_server, tmp_path, monkeypatch):
+    """Several rounds: a new adapter every round, the trained ids are the server's ids, and the
+    run directory has the transformers engine's artifacts."""
+    from rdpo.fit import build, finish, train
+
+    published, sampled = [], []
+    publish, sample = VLLMRollout.publish, VLLMRollout.sample
+
+    def recording_publish(self, model, step, **kw):
+        name = publish(self, model, step, **kw)
+        weights = self.adapters_dir / name / "adapter_model.safetensors"
+        published.append((name, hashlib.sha256(weights.read_bytes()).hexdigest()))
+        return name
+
+    def recording_sample(self, *args, **kw):
+        out = sample(self, *args, **kw)
+        sampled.append(out)
+        return out
+
+    monkeypatch.setattr(VLLMRollout, "publish", recording_publish)
+    monkeypatch.setattr(VLLMRollout, "sample", recording_sample)
+    run = build(_cfg(small_toy, tmp_path / "vllm", vllm_server))
+    train(run)
+    result = finish(run, 0.0)
+    names = [n for n, _ in published]
+    assert names == ["round_0000", "round_0001", "round_0002", "round_0003"]
+    assert len({h for _, h in published}) == 4  # the policy changed every round
+    assert sorted(p.name for p in (tmp_path / "vllm" / "adapters").iterdir()) == ["round_0003"]
+    # sampled: held-out before, rounds 0-2, held-out after.
+    for index, rollouts in enumerate(sampled[1:4]):
+        rows = [json.loads(line) for line in
+                (tmp_path / "vllm" / "rounds" / f"{index:04d}" / "rollouts.jsonl").open()]
+        assert [r["token_ids"] for r in rows] == [list(ids) for r in rollouts for ids in r.token_ids]
+    server_ids = {ids for r in sampled[3] for ids in r.token_ids}
+    assert run.datamodule.pairs
+    for pair in run.datamodule.pairs:
+        assert tuple(pair.chosen_ids) in server_ids and tuple(pair.rejected_ids) in server_ids
+    assert result.eval["after"]["responses"] == result.eval["before"]["responses"] > 0
+
+    # The same run through transformers generate writes the same files with the same fields.
+    from rdpo.fit import fit
+
+    fit(load_config(QUICKSTART, [*small_toy.overrides, f"run.dir={tmp_path / 'hf'}",
+                                 "run.report=false", "dpo.max_steps=2", "rollout.every_n_steps=2"]))
+
+    def shape(run_dir: Path) -> dict:
+        files = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")
+                       if p.is_file() and "adapters" not in p.parts and "logs" not in p.parts
+                       and "rounds" not in p.parts)
+        rows = (run_dir / "rounds" / "0000" / "rollouts.jsonl").open()
+        return {"files": files, "round": sorted(p.name for p in (run_dir / "rounds/0000").iterdir()),
+                "fields": sorted(json.loads(next(rows)))}
+
+    assert shape(tmp_path / "vllm") == shape(tmp_path / "hf")
+
+
+def test_server_killed_mid_round_then_resume(small_toy, vllm_server, tmp_path, monkeypatch):
+    """The server dies in round 1: bounded retries, then an error naming the checkpoint; with
+    the server back (adapter lost), run.resume=auto finishes the run."""
+    from rdpo.fit import fit
+
+    sample = VLLMRollout.sample
+
+    def killing_sample(self, *args, **kw):
+        if self.current[1] == "round_0001":
+            vllm_server.stop()
+        return sample(self, *args, **kw)
+
+    monkeypatch.setattr(VLLMRollout, "sample", killing_sample)
+    run_dir = tmp_path / "run"
+    fast = ["rollout.max_retries=1", "rollout.timeout=5"]
+    with pytest.raises(RolloutServerError, match="Last checkpoint: .*checkpoints") as err:
+        fit(_cfg(small_toy, run_dir, vllm_server, *fast))
+    assert "cannot reach the rollout server" in str(err.value)
+    assert "run.resume=auto" in str(err.value)
+    monkeypatch.setattr(VLLMRollout, "sample", sample)
+    vllm_server.start()
+    result = fit(_cfg(small_toy, run_dir, vllm_server, *fast, "run.resume=auto"))
+    assert result.resumed_from is not None
+    assert [r["round"] for r in result.rounds][-1] == 2
+    assert (run_dir / "rounds" / "0002" / "rollouts.jsonl").is_file()
+    assert "after" in result.eval
