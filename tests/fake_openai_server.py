@@ -315,7 +315,11 @@ class _Server:
                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
             seen["outcome"] = 200
             with self.cond:
-                self.answered.append(text)
+                # What identifies a judgment (as rdpo's judge cache keys it): the images and the
+                # text. Two prompts with the same question and response about different images
+                # are different judgments.
+                digest = hashlib.sha256(b"".join(images)).hexdigest()[:16]
+                self.answered.append(f"[images {digest}] {text}")
         except (BrokenPipeError, ConnectionResetError):
             if seen is not None:
                 seen["outcome"] = "hangup"  # the client gave up (timeout): nothing to answer

@@ -97,11 +97,17 @@ def test_matches_single_process_where_it_should(runs):
     model.eval()
     records = {r.id: r for r in load_pool(cfg.data.train_pool)}
     collator = PairCollator(processor, packed=True)
-    pairs = [p for index in ("0000", "0001")
-             for p in jsonl(ddp / f"rounds/{index}/pairs.jsonl")[:-1]]
+    pairs, chosen_ids, rejected_ids = [], [], []
+    for index in ("0000", "0001"):
+        samples = {(r["prompt_id"], r["sample"]): r["token_ids"]
+                   for r in jsonl(ddp / f"rounds/{index}/rollouts.jsonl")}
+        for p in jsonl(ddp / f"rounds/{index}/pairs.jsonl")[:-1]:
+            pairs.append(p)
+            chosen_ids.append(samples[(p["prompt_id"], p["chosen_index"])])
+            rejected_ids.append(samples[(p["prompt_id"], p["rejected_index"])])
     assert pairs
-    batch = collator.pairs([records[p["prompt_id"]] for p in pairs], [p["chosen"] for p in pairs],
-                           [p["rejected"] for p in pairs])
+    # the pairs as they trained: the sampled token ids
+    batch = collator.pairs([records[p["prompt_id"]] for p in pairs], chosen_ids, rejected_ids)
     with torch.no_grad(), model.disable_adapter():
         chosen, rejected = pair_logps(model, batch)
     assert chosen.tolist() == pytest.approx([p["ref_chosen_logp"] for p in pairs], abs=1e-4)
