@@ -90,6 +90,10 @@ class ToyConfig:
     """Architecture of the tiny model (`rdpo.demo.tiny`)."""
     hidden_size: int = 64
     """Width of the tiny model's language and vision towers."""
+    head_dim: int = setting(16, choices=(16, 32, 64))
+    """Attention head size of the tiny language model (hidden_size / head_dim heads). vLLM's CPU
+    attention serves head sizes of 32 and up: use 32 with rollout.engine=vllm on CPU. The
+    quickstart's numbers are measured at 16 (4 heads)."""
     layers: int = 2
     """Depth of the tiny model's language and vision towers."""
     n_train: int = 96
@@ -381,12 +385,16 @@ def _rollout_rules(rollout, name: Callable[[str], str]) -> list[str]:
 
 
 def _config_rules(cfg, name: Callable[[str], str]) -> list[str]:
+    problems = []
     if cfg.rollout.engine == "vllm" and cfg.model.finetune == "full":
         # The server receives the policy as a LoRA adapter; full weights would need a weight
         # push into the running engine, which rdpo does not do.
-        return [f"{name('rollout.engine')}: vllm serves the policy as a LoRA adapter; "
-                f"{name('model.finetune')}=full needs rollout.engine=transformers"]
-    return []
+        problems.append(f"{name('rollout.engine')}: vllm serves the policy as a LoRA adapter; "
+                        f"{name('model.finetune')}=full needs rollout.engine=transformers")
+    if cfg.rollout.engine == "vllm" and cfg.toy.enabled and cfg.toy.head_dim < 32:
+        problems.append(f"{name('toy.head_dim')}: {cfg.toy.head_dim} is below the head sizes "
+                        "vLLM's CPU attention serves; set toy.head_dim=32 with rollout.engine=vllm")
+    return problems
 
 
 _RULES = {RunConfig: _run_rules, ModelConfig: _model_rules, JudgeConfig: _judge_rules,

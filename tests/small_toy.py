@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs/quickstart.yaml"
 
-SMALL_TOY = ["toy.n_train=16", "toy.n_heldout=8", "toy.warmstart_steps=150",
+SMALL_TOY = ["toy.n_train=16", "toy.n_heldout=8", "toy.warmstart_steps=150", "toy.head_dim=32",
              "toy.warmstart_lr=3e-3", "toy.flaw_rate=0.5"]
 """The toy settings: 16 training and 8 held-out prompts, a short warm start with many flaws."""
 

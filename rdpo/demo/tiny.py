@@ -96,8 +96,8 @@ def _model_config(family: str, tokenizer, hidden: int, layers: int, *, head_dim:
     from transformers import AutoConfig
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    # head_dim 32 (not 16): vLLM's CPU attention backend serves head sizes 32, 64, 80, ... only,
-    # and the embedded model is the one the vLLM rollout tests serve.
+    # head_dim 32 by default: vLLM's CPU attention backend serves head sizes 32, 64, 80, ...
+    # only, and the tests serve these models. The quickstart's toy passes toy.head_dim (16).
     heads = hidden // head_dim
     text = dict(
         vocab_size=max(len(tokenizer), vocab_size or 0),

@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # rdpo.config imports this module (toy paths): no import back
 log = logging.getLogger("rdpo")
 
 # Bump when the task, the tiny model or the warm start changes in a way the settings don't show.
-TOY_VERSION = 4  # 3: records carry an `outcome` check (outcome baseline); 4: head_dim 32
+TOY_VERSION = 4  # 3: records carry an `outcome` check (outcome baseline); 4: toy.head_dim
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,8 @@ def toy_paths(toy: ToyConfig) -> ToyPaths:
     root = Path(s.pop("cache_dir")).expanduser().resolve()
     task_key = _key({k: s[k] for k in ("n_train", "n_heldout", "task_seed")} | {"v": TOY_VERSION})
     task = root / "tasks" / task_key
-    model_key = _key({k: s[k] for k in ("family", "hidden_size", "layers")} | {"task": task_key})
+    model_key = _key({k: s[k] for k in ("family", "hidden_size", "layers", "head_dim")}
+                     | {"task": task_key})
     warm_key = _key({k: s[k] for k in ("warmstart_steps", "warmstart_lr", "flaw_rate")})
     model = root / "models" / model_key / "base"
     return ToyPaths(task, task / "train.jsonl", task / "heldout.jsonl", task / "warmstart.jsonl", model,
@@ -83,7 +84,8 @@ def prepare_toy(toy: ToyConfig) -> ToyPaths:
 
     def build_model(tmp: Path) -> None:
         build_tiny_vlm(tmp, task.corpus(), family=toy.family, hidden=toy.hidden_size,
-                       layers=toy.layers, image_pixels=pixels, seed=toy.task_seed)
+                       layers=toy.layers, image_pixels=pixels, seed=toy.task_seed,
+                       head_dim=toy.head_dim)
 
     def build_policy(tmp: Path) -> None:
         warm_start(paths.model, tmp, paths.warmstart_pool, steps=toy.warmstart_steps,
