@@ -7,8 +7,10 @@ at any moment leaves either the old or the new checkpoint, never half of one. It
   state), so a kill during training never samples or judges that round again;
 - every `every_n_steps` optimizer steps (the round's position is the data module's
   ``batches_done``);
-- when the preemption signal arrives (SLURM: ``--signal=B:USR1@90`` forwarded to the tasks),
-  at the next step boundary, agreed by all ranks; then the run stops with ``preempted`` set.
+- when the preemption signal arrives (SLURM: ``USR1``, to the tasks directly or forwarded by
+  slurm/fit.sbatch), at the next step boundary, agreed by all ranks; then the run stops with
+  ``preempted`` set, and rank 0 writes ``preempted`` (the step) beside ``last.ckpt`` once every
+  rank's part is saved: the launcher's sign that the job can be requeued.
 
 The checkpoint also carries the RNG states (Python, NumPy, torch) and, for a model whose
 base weights are frozen, only the trainable weights: the base comes back from model.path.
@@ -30,6 +32,7 @@ import torch
 log = logging.getLogger("rdpo")
 
 LAST = "last.ckpt"
+PREEMPTED = "preempted"
 
 
 def find_checkpoint(run_dir: str | Path) -> Path | None:
@@ -53,6 +56,7 @@ class RoundCheckpoint(L.Callback):
         self.enabled = enabled
         self.preempted = False
         self._signalled = False
+        self._round_start = False
         self._last_saved_step = -1
 
     @property
@@ -61,11 +65,18 @@ class RoundCheckpoint(L.Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.stop_signal is not None:
-            signal.signal(self.stop_signal, self._on_signal)
+            self._previous = signal.signal(self.stop_signal, self._on_signal)
+            # rdpo.fit blocks the signal while it starts, so one that came early is held;
+            # unblocking delivers it now, and the run stops at its first step boundary.
+            mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {self.stop_signal})
+            self._was_blocked = self.stop_signal in mask
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if self.stop_signal is not None:
-            signal.signal(self.stop_signal, signal.SIG_DFL)
+            if self._was_blocked:  # after training a signal changes nothing: held again
+                signal.pthread_sigmask(signal.SIG_BLOCK, {self.stop_signal})
+            previous = signal.SIG_DFL if self._previous is None else self._previous
+            signal.signal(self.stop_signal, previous)
 
     def _on_signal(self, signum, frame) -> None:
         # Only a flag: saving inside a signal handler could interrupt a collective halfway.
@@ -73,7 +84,11 @@ class RoundCheckpoint(L.Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.enabled:
-            self.save(trainer)
+            self._round_start = True
+            try:
+                self.save(trainer)
+            finally:
+                self._round_start = False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
@@ -93,10 +108,15 @@ class RoundCheckpoint(L.Callback):
         """On the preemption signal (any rank's): save, stop the run and return True."""
         if self.stop_signal is None or not self._agree(trainer, self._signalled):
             return False
-        self.save(trainer)
+        self.save(trainer)  # ends with a barrier: every rank's part is written
         self.preempted = True
         trainer.should_stop = True
-        log.warning("preemption signal: checkpoint saved at step %d, stopping", trainer.global_step)
+        step = trainer.global_step
+        if trainer.is_global_zero:
+            tmp = self.dirpath / f"{PREEMPTED}.tmp"
+            tmp.write_text(f"preemption checkpoint saved at step {step}\n")
+            os.replace(tmp, self.dirpath / PREEMPTED)
+        log.warning("preemption signal: checkpoint saved at step %d, stopping", step)
         return True
 
     @staticmethod
@@ -135,6 +155,15 @@ class RoundCheckpoint(L.Callback):
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
                                         if k not in frozen}
             checkpoint["rdpo_trainable_only"] = True
+        if self._round_start and "loops" in checkpoint:
+            # As an epoch starts, Lightning's loops still hold the last epoch's batch counts
+            # (2.6), which it resets only when the epoch's batches begin: resumed from here
+            # with them, the round would end after its first step.
+            loops = checkpoint["loops"]["fit_loop"]
+            for key in ("epoch_loop.batch_progress", "epoch_loop.scheduler_progress",
+                        "epoch_loop.automatic_optimization.optim_progress"):
+                _reset_current(loops[key])
+            loops["epoch_loop.batch_progress"]["is_last_batch"] = False
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         if checkpoint.get("rdpo_trainable_only"):
@@ -185,6 +214,16 @@ def keep_metrics(logger, ckpt: Path) -> None:
     writer.metrics_keys = keys
 
 
+def _reset_current(progress: dict) -> None:
+    """Zero the per-epoch ("current") counters of a Lightning progress state, as
+    ``reset_on_run`` does."""
+    for key, value in progress.items():
+        if key == "current":
+            progress[key] = dict.fromkeys(value, 0)
+        elif isinstance(value, dict):
+            _reset_current(value)
+
+
 def _remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)
@@ -192,4 +231,4 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-__all__ = ["RoundCheckpoint", "find_checkpoint"]
+__all__ = ["PREEMPTED", "RoundCheckpoint", "find_checkpoint"]

@@ -48,8 +48,17 @@ def test_bad_stage_is_a_config_error():
 
 
 def test_other_strategies_pass_through():
+    cfg = load_config("configs/quickstart.yaml", ["run.dir=unused", "run.strategy=ddp_spawn"])
+    assert make_strategy(cfg) == "ddp_spawn"
+
+
+def test_ddp_reduces_each_gradient_alone():
+    """run.strategy=ddp: Lightning's DDP with `sum_each_gradient` (bit-exact resumes on more
+    than two ranks: tests/test_slurm.py)."""
+    from rdpo.strategy import DDPSumEachGradient
+
     cfg = load_config("configs/quickstart.yaml", ["run.dir=unused", "run.strategy=ddp"])
-    assert make_strategy(cfg) == "ddp"
+    assert isinstance(make_strategy(cfg), DDPSumEachGradient)
 
 
 @pytest.mark.gpu
