@@ -121,12 +121,12 @@ def load_policy(cfg: ModelConfig):
         model = unfreeze_language_model(load_base(cfg))
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        _dropout(model, cfg)
+        _ready_to_train(model, cfg)
         log.info("policy %s: %d trainable parameters (full fine-tuning)", cfg.path,
                  sum(p.numel() for p in model.parameters() if p.requires_grad))
         return model, processor
     model = add_lora(load_base(cfg), cfg)
-    _dropout(model, cfg)
+    _ready_to_train(model, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if trainable == 0:
         raise ValueError(
@@ -135,7 +135,8 @@ def load_policy(cfg: ModelConfig):
     return model, processor
 
 
-def _dropout(model, cfg: ModelConfig) -> None:
+def _ready_to_train(model, cfg: ModelConfig) -> None:
+    """Train mode, and dropout as model.disable_dropout says."""
     # The policy is built to train: train mode throughout (from_pretrained leaves eval mode,
     # which Lightning warns about); sampling and the reference pass switch to eval themselves.
     model.train()
