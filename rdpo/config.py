@@ -1,12 +1,10 @@
 """Typed run configuration: dataclasses first, YAML and ``key=value`` overrides merged on top.
 
-Every setting is written once, here, beside its field: the default, the docstring under it and
-what values it allows (`setting(default, choices=... | ge=/gt=/le=/lt=...)`, kept in the field's
-metadata). Validation (`check`, `validate`), ``python -m rdpo.fit --help``, the README's config
-reference and the command-line options of ``rdpo.evaluate judge`` / ``rdpo.rubrics build``
-(`rdpo.confighelp`) are all derived from the fields. A misspelt key, a wrong type, a missing
-required value or a value out of range fails at start, naming every offending key at once
-(``ConfigError``).
+Every setting is written once, beside its field: default, docstring and allowed values
+(`setting(default, choices=... | ge=/gt=/le=/lt=...)`, in the field's metadata). Validation,
+``--help``, the README's config reference and the judge CLIs' options (`rdpo.confighelp`) are
+derived from the fields. A misspelt key, a wrong type, a missing or out-of-range value fails at
+start, naming every offending key at once (``ConfigError``).
 
 This module stays light (no torch, no Lightning): everything imports it.
 """
@@ -91,9 +89,7 @@ class ToyConfig:
     hidden_size: int = 64
     """Width of the tiny model's language and vision towers."""
     head_dim: int = setting(16, choices=(16, 32, 64))
-    """Attention head size of the tiny language model (hidden_size / head_dim heads). vLLM's CPU
-    attention serves head sizes of 32 and up: use 32 with rollout.engine=vllm on CPU. The
-    quickstart's numbers are measured at 16 (4 heads)."""
+    """Attention head size of the tiny language model (quickstart: 16; vLLM's CPU server needs 32)."""
     layers: int = 2
     """Depth of the tiny model's language and vision towers."""
     n_train: int = 96
@@ -310,8 +306,6 @@ class ConfigError(ValueError):
         super().__init__("invalid config:\n  " + "\n  ".join(problems))
 
 
-# -- what a field allows, read from its metadata ---------------------------------------------
-
 _BOUNDS = {"ge": (">=", "[", lambda v, b: v >= b), "gt": (">", "(", lambda v, b: v > b),
            "le": ("<=", "]", lambda v, b: v <= b), "lt": ("<", ")", lambda v, b: v < b)}
 
@@ -340,8 +334,6 @@ def choices(section: type, name: str) -> tuple:
     """The values field `name` of a section class allows, for code that dispatches on it."""
     return next(f for f in dataclasses.fields(section) if f.name == name).metadata["choices"]
 
-
-# -- rules across the fields of one section --------------------------------------------------
 
 def _run_rules(run, name: Callable[[str], str]) -> list[str]:
     strategy = run.strategy
