@@ -11,27 +11,19 @@ This module stays light (no torch, no Lightning): everything imports it.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
+from rdpo import settings
 from rdpo.scoring import AGGREGATIONS
+from rdpo.settings import ConfigError, allowed, choices, setting  # noqa: F401  (public names)
 
 DEEPSPEED = "deepspeed"
 """The one run.strategy name that builds rdpo's DeepSpeed config (`rdpo.strategy`)."""
-
-
-def setting(default=MISSING, *, choices: tuple | None = None, ge=None, gt=None, le=None, lt=None):
-    """A field with what it allows written beside its default: `choices`, or bounds
-    (``ge`` >=, ``gt`` >, ``le`` <=, ``lt`` <). No default (`MISSING`) means required."""
-    meta = {k: v for k, v in (("choices", choices), ("ge", ge), ("gt", gt), ("le", le),
-                              ("lt", lt)) if v is not None}
-    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -298,43 +290,6 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-class ConfigError(ValueError):
-    """Every problem of a configuration, one per line."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("invalid config:\n  " + "\n  ".join(problems))
-
-
-_BOUNDS = {"ge": (">=", "[", lambda v, b: v >= b), "gt": (">", "(", lambda v, b: v > b),
-           "le": ("<=", "]", lambda v, b: v <= b), "lt": ("<", ")", lambda v, b: v < b)}
-
-
-def allowed(meta) -> str:
-    """A field's metadata in words: ``one of a, b``, ``> 0``, ``in [0, 0.5)``; "" if unconstrained."""
-    if "choices" in meta:
-        return "one of " + ", ".join(str(c) for c in meta["choices"])
-    lo = next((k for k in ("ge", "gt") if k in meta), None)
-    hi = next((k for k in ("le", "lt") if k in meta), None)
-    if lo and hi:
-        return f"in {_BOUNDS[lo][1]}{meta[lo]}, {meta[hi]}{_BOUNDS[hi][1]}"
-    return " ".join(f"{_BOUNDS[k][0]} {meta[k]}" for k in (lo, hi) if k)
-
-
-def _allows(meta, value) -> bool:
-    if "choices" in meta:
-        return value in meta["choices"]
-    try:
-        return all(test(value, meta[k]) for k, (_, _, test) in _BOUNDS.items() if k in meta)
-    except TypeError:  # None, or a string where a number belongs
-        return False
-
-
-def choices(section: type, name: str) -> tuple:
-    """The values field `name` of a section class allows, for code that dispatches on it."""
-    return next(f for f in dataclasses.fields(section) if f.name == name).metadata["choices"]
-
-
 def _run_rules(run, name: Callable[[str], str]) -> list[str]:
     strategy = run.strategy
     if not strategy.startswith(DEEPSPEED) or strategy == DEEPSPEED:
@@ -393,38 +348,9 @@ _RULES = {RunConfig: _run_rules, ModelConfig: _model_rules, JudgeConfig: _judge_
           RolloutConfig: _rollout_rules, Config: _config_rules}
 
 
-def _is_section(f: dataclasses.Field) -> bool:
-    return f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory)
-
-
-def _missing(section, name: str) -> bool:
-    if isinstance(section, DictConfig):
-        return OmegaConf.is_missing(section, name)
-    return getattr(section, name) == MISSING
-
-
 def check(section, name: Callable[[str], str]) -> list[str]:
-    """Every value problem of a section (a dataclass instance or its DictConfig): missing
-    required values, then choices and bounds from each field's metadata, then the section's
-    rules across fields. `name` turns a field name into the key the problem names
-    (``"judge.{}".format``, or a command-line option)."""
-    cls = OmegaConf.get_type(section) if isinstance(section, DictConfig) else type(section)
-    problems = []
-    for f in dataclasses.fields(cls):
-        if _missing(section, f.name):
-            problems.append(f"{name(f.name)}: missing required value")
-        elif _is_section(f):
-            problems += check(getattr(section, f.name), lambda n, p=f.name: name(f"{p}.{n}"))
-        elif f.metadata:
-            value = getattr(section, f.name)
-            if _allows(f.metadata, value):
-                continue
-            if "choices" in f.metadata:
-                problems.append(f"{name(f.name)}: {value!r} is not {allowed(f.metadata)}")
-            else:
-                problems.append(f"{name(f.name)}: must be {allowed(f.metadata)}, got {value}")
-    rules = _RULES.get(cls)
-    return problems + (rules(section, name) if rules else [])
+    """Every value problem of a section of rdpo's config (`rdpo.settings.check` with its rules)."""
+    return settings.check(section, name, _RULES)
 
 
 def validate(cfg: DictConfig | Config) -> list[str]:
@@ -433,32 +359,6 @@ def validate(cfg: DictConfig | Config) -> list[str]:
 
 
 # -- loading ---------------------------------------------------------------------------------
-
-def _leaves(tree, prefix: str = ""):
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            yield from _leaves(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
-
-
-def _merge_errors(base: DictConfig, sources: list[tuple[str, DictConfig]]) -> list[str]:
-    """Merge each source into `base` one leaf at a time, so every bad key is reported."""
-    problems = []
-    for where, src in sources:
-        for dotted, value in _leaves(OmegaConf.to_container(src, resolve=False)):
-            nested: object = value
-            for part in reversed(dotted.split(".")):
-                nested = {part: nested}
-            try:
-                base.merge_with(OmegaConf.create(nested))
-            except OmegaConfBaseException as e:
-                reason = str(e).splitlines()[0]
-                if type(e).__name__ == "ConfigKeyError":
-                    reason = "unknown key"
-                problems.append(f"{dotted}: {reason} (from {where})")
-    return problems
-
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Schema defaults, then the YAML at `path`, then dotted ``key=value`` overrides; validated."""
@@ -473,7 +373,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if bad:
             raise ConfigError([f"override {o!r}: expected key=value" for o in bad])
         sources.append(("command line", OmegaConf.from_dotlist(list(overrides))))
-    problems = _merge_errors(base, sources)
+    problems = settings.merge_errors(base, sources)
     if base.toy.enabled:
         # The toy's model and pools live in the cache under a key of the toy settings; writing
         # the paths into the config makes the saved config.yaml say what was trained.

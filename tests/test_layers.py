@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Usable without Lightning (STYLE.md 16): pool, scoring, pairs, judges, chat, rounds, loss,
 # log-probs, packing, collation, batches, rollout, config, evaluation, preflight.
 PURE = ("pool", "scoring", "pairs", "judges", "judge_cache", "chat", "rounds", "loss", "logps",
-        "packing", "collate", "batches", "rollout", "config", "evaluate", "preflight", "rubrics",
+        "packing", "collate", "batches", "rollout", "config", "settings", "evaluate", "preflight", "rubrics",
         "rubric_build")
 LIGHTNING_PIECES = ("rdpo.module", "rdpo.data", "rdpo.callbacks", "rdpo.fit", "rdpo.strategy")
 
