@@ -1,0 +1,125 @@
+"""The offline tiny builds of the non-Qwen families: real classes, real templates, and a forward
+of the processor's whole output through the model."""
+
+import pytest
+import torch
+from PIL import Image
+
+from rdpo.demo import toy
+from rdpo.demo.tiny_families import FAMILIES, build_tiny_family
+from rdpo.demo.tiny_templates import TEMPLATES
+
+# family -> processor, image processor and model classes; the end-of-turn token; the
+# placeholder the chat template writes per image; the image tokens the processor expands it
+# to for a one-image prompt and for each image of a two-image prompt.
+EXPECTED = {
+    "llava_onevision": dict(
+        processor="LlavaOnevisionProcessor", image_processor="LlavaOnevisionImageProcessor",
+        model="LlavaOnevisionForConditionalGeneration", eot="<|im_end|>",
+        placeholder="<image>\n", image_token="<image>", one=26, each_of_two=17),
+}
+
+RED, BLUE = (220, 30, 30), (30, 60, 220)
+
+
+def _messages(n_images, text="What color is the circle?"):
+    return [{"role": "user", "content": [*[{"type": "image"}] * n_images,
+                                         {"type": "text", "text": text}]}]
+
+
+def _images(n, colors=(RED, BLUE)):
+    return [Image.new("RGB", (toy.WIDTH, toy.HEIGHT), colors[i % 2]) for i in range(n)]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def built(request, tmp_path_factory):
+    """(family, processor, model): each family built once per module, loaded back as float32."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    family = request.param
+    out = build_tiny_family(tmp_path_factory.mktemp(family), toy.corpus(), family=family)
+    processor = AutoProcessor.from_pretrained(out)
+    model = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
+    return family, processor, model
+
+
+def _encode(processor, n_images, colors=(RED, BLUE)):
+    text = processor.apply_chat_template(_messages(n_images), add_generation_prompt=True,
+                                         tokenize=False)
+    return text, processor(text=[text], images=[_images(n_images, colors)], return_tensors="pt")
+
+
+def test_every_family_is_expected():
+    assert set(FAMILIES) == set(EXPECTED) and set(FAMILIES) <= set(TEMPLATES)
+
+
+def test_unknown_family_raises(tmp_path):
+    with pytest.raises(ValueError, match="qwen2_vl"):
+        build_tiny_family(tmp_path, ["a b"], family="qwen2_vl")
+
+
+def test_loads_back_with_the_real_classes(built):
+    family, processor, model = built
+    want = EXPECTED[family]
+    assert type(processor).__name__ == want["processor"]
+    assert type(processor.image_processor).__name__.removesuffix("Fast") == want["image_processor"]
+    assert type(model).__name__ == want["model"]
+    text_cfg = model.config.get_text_config()
+    assert (text_cfg.num_hidden_layers, text_cfg.hidden_size, text_cfg.head_dim) == (2, 64, 16)
+    assert text_cfg.num_key_value_heads == 2
+    assert text_cfg.vocab_size == len(processor.tokenizer)
+    assert processor.chat_template == TEMPLATES[family]
+
+
+def test_end_of_turn_is_one_token_and_the_eos(built):
+    family, processor, model = built
+    tok, eot = processor.tokenizer, EXPECTED[family]["eot"]
+    assert tok.eos_token == eot
+    assert tok(eot, add_special_tokens=False)["input_ids"] == [tok.eos_token_id]
+    assert model.generation_config.eos_token_id == tok.eos_token_id
+    assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+    # an assistant turn ends with it
+    chat = [*_messages(1), {"role": "assistant", "content": [{"type": "text", "text": "Red."}]}]
+    rendered = processor.apply_chat_template(chat, tokenize=False)
+    assert "Red." + eot in rendered
+
+
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_template_placeholders_and_forward(built, n_images):
+    family, processor, model = built
+    want = EXPECTED[family]
+    text, inputs = _encode(processor, n_images)
+    assert text.count(want["placeholder"]) == n_images
+    image_id = processor.tokenizer.convert_tokens_to_ids(want["image_token"])
+    per_image = want["one"] if n_images == 1 else want["each_of_two"]
+    assert int((inputs["input_ids"] == image_id).sum()) == n_images * per_image
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.shape == (1, inputs["input_ids"].shape[1], len(processor.tokenizer))
+    assert torch.isfinite(logits).all()
+    # the image reaches the language model: other images change the logits
+    _, other = _encode(processor, n_images, colors=(BLUE, RED))
+    with torch.no_grad():
+        assert not torch.allclose(model(**other).logits, logits)
+
+
+def test_placeholder_count_is_what_the_model_expects(built):
+    """One image token too few: the model refuses the batch (it counts its features)."""
+    family, processor, model = built
+    _, inputs = _encode(processor, 1)
+    ids = inputs["input_ids"].clone()
+    image_id = processor.tokenizer.convert_tokens_to_ids(EXPECTED[family]["image_token"])
+    first = int((ids[0] == image_id).nonzero()[0])
+    ids[0, first] = processor.tokenizer.pad_token_id
+    with pytest.raises(ValueError), torch.no_grad():
+        model(**{**inputs, "input_ids": ids})
+
+
+def test_generate_runs(built):
+    family, processor, model = built
+    _, inputs = _encode(processor, 1)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    n = inputs["input_ids"].shape[1]
+    assert torch.equal(out[:, :n], inputs["input_ids"])
+    assert n < out.shape[1] <= n + 3  # fewer only when it sampled the end of turn
