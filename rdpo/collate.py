@@ -15,11 +15,15 @@ from collections.abc import Sequence
 
 import torch
 
+from rdpo.families import end_of_turn_id
 from rdpo.pool import PromptRecord, load_images
 
-# Per-token fields of Qwen-VL processor outputs; everything else (pixel_values,
-# image_grid_thw, ...) is per-image and concatenated along dim 0.
-TOKEN_FIELDS = ("input_ids", "attention_mask", "mm_token_type_ids", "completion_mask")
+# Per-token fields of processor outputs (dim 1 is the sequence); everything else (pixel_values,
+# image_grid_thw, aspect_ratio_ids, ...) is per image or per prompt and concatenated along dim 0.
+TOKEN_FIELDS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids",
+                "cross_attention_mask", "completion_mask")
+# Token-type fields: a completion token is text (0).
+TYPE_FIELDS = ("mm_token_type_ids", "token_type_ids")
 
 
 def chat_text(processor, record: PromptRecord) -> str:
@@ -35,11 +39,6 @@ def encode_prompt(processor, record: PromptRecord, images=None) -> dict[str, tor
     images = load_images(record) if images is None else images
     return dict(processor(text=[chat_text(processor, record)], images=images or None,
                           return_tensors="pt"))
-
-
-def end_of_turn_id(processor) -> int:
-    tok = processor.tokenizer
-    return tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
 
 
 Completion = str | Sequence[int]
@@ -90,35 +89,57 @@ class PromptCache:
         return encoded
 
 
+def _extend(key: str, value: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Token field `key` of a prompt extended over appended completion `ids` [1, n]."""
+    n = ids.shape[1]
+    if key == "input_ids":
+        tail = ids
+    elif key == "cross_attention_mask":
+        # Mllama: each text token's view of the images; completion tokens see what the prompt's
+        # last token sees, as generate extends it while sampling.
+        tail = value[:, -1:].expand(-1, n, *value.shape[2:])
+    else:  # attention_mask 1; token types 0 (text)
+        tail = value.new_full((1, n), 1 if key == "attention_mask" else 0)
+    return torch.cat([value, tail], 1)
+
+
 def append_completion(processor, prompt: dict[str, torch.Tensor], completion: Completion) -> dict:
     """`prompt` (one sequence) followed by `completion`'s ids, with a completion mask."""
     ids = torch.tensor(completion_ids(processor, completion), dtype=torch.long)[None]
-    n = ids.shape[1]
-    out = dict(prompt)
-    out["input_ids"] = torch.cat([prompt["input_ids"], ids], 1)
-    out["attention_mask"] = torch.cat([prompt["attention_mask"], torch.ones_like(ids)], 1)
-    if "mm_token_type_ids" in prompt:
-        out["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(ids)], 1)
+    out = {k: _extend(k, v, ids) if k in TOKEN_FIELDS else v for k, v in prompt.items()}
     mask = torch.zeros_like(out["input_ids"])
-    mask[:, -n:] = 1
+    mask[:, -ids.shape[1]:] = 1
     out["completion_mask"] = mask
     return out
 
 
+def pad_to(value: torch.Tensor, shape: tuple[int, ...], fill: int = 0, left: bool = False) -> torch.Tensor:
+    """`value` padded with `fill` at the end (dim 1 at the start with `left`) of each dim to `shape`.
+
+    Per-prompt image fields of several families (Idefics3's [1, images, ...], Mllama's tiles)
+    differ in size between prompts with different image counts; zero padding is what their
+    processors use for a missing image or tile, and the models drop it.
+    """
+    if tuple(value.shape[1:]) == tuple(shape[1:]):
+        return value
+    out = value.new_full((value.shape[0], *shape[1:]), fill)
+    index = [slice(None)] + [slice(0, s) for s in value.shape[1:]]
+    if left:
+        index[1] = slice(shape[1] - value.shape[1], shape[1])
+    out[tuple(index)] = value
+    return out
+
+
 def pad_batch(items: Sequence[dict], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:
-    """Stack single-sequence encodings into one batch, padding token fields on `side`."""
-    length = max(item["input_ids"].shape[1] for item in items)
+    """Stack single-sequence encodings into one batch, padding token fields on `side` and
+    per-image fields at their ends (`pad_to`)."""
     batch: dict[str, torch.Tensor] = {}
     for key in items[0]:
-        if key in TOKEN_FIELDS:
-            rows = []
-            for item in items:
-                value = item[key]
-                pad = value.new_full((1, length - value.shape[1]), pad_id if key == "input_ids" else 0)
-                rows.append(torch.cat([pad, value] if side == "left" else [value, pad], 1))
-            batch[key] = torch.cat(rows, 0)
-        else:
-            batch[key] = torch.cat([item[key] for item in items], 0)
+        values = [item[key] for item in items]
+        shape = tuple(max(sizes) for sizes in zip(*(v.shape for v in values), strict=True))
+        fill = pad_id if key == "input_ids" else 0
+        left = key in TOKEN_FIELDS and side == "left"
+        batch[key] = torch.cat([pad_to(v, shape, fill, left) for v in values], 0)
     return batch
 
 

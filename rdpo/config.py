@@ -76,8 +76,9 @@ class ToyConfig:
     as model.path, data.train_pool and data.heldout_pool."""
     cache_dir: str = ".cache/rdpo"
     """Where the tiny model, the warm-started policy and the task pools are cached."""
-    family: str = setting("qwen2_vl", choices=("qwen2_vl", "qwen2_5_vl", "qwen3_vl"))
-    """Architecture of the tiny model (`rdpo.demo.tiny`)."""
+    family: str = setting("qwen2_vl", choices=("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision",
+                                               "idefics3", "gemma3", "internvl", "mllama"))
+    """Architecture of the tiny model (`rdpo.demo.tiny`, `rdpo.families`)."""
     hidden_size: int = 64
     """Width of the tiny model's language and vision towers."""
     head_dim: int = setting(16, choices=(16, 32, 64))
@@ -107,11 +108,9 @@ class LoraConfig:
     """LoRA scaling numerator (scale = alpha / r)."""
     dropout: float = 0.0
     """Dropout on the LoRA input."""
-    target_modules: str = (
-        r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-    )
-    """Regex over module names: the language model only (plain names would also hit the vision
-    tower of Qwen2.5-VL)."""
+    target_modules: str = "auto"
+    """Regex over module names, or auto: the language model's attention and MLP projections of
+    the checkpoint's family (`rdpo.families`; never the vision tower)."""
 
 
 @dataclass

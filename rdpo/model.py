@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from rdpo import families
 from rdpo.config import ModelConfig
 from rdpo.preflight import hub_errors
 
@@ -13,10 +14,8 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# bitsandbytes matches these from the start of each module name; a list replaces the default
-# skip list, so lm_head must be named again. Vision towers are small and quantising them costs
-# accuracy for no real memory gain.
-NF4_SKIP = ["model.visual", "visual", "lm_head"]
+AUTO = "auto"
+"""model.lora.target_modules value: the family's language-model projections (`rdpo.families`)."""
 
 
 def load_processor(path: str):
@@ -31,16 +30,19 @@ def load_processor(path: str):
 
 def load_base(cfg: ModelConfig):
     """The transformers VLM (frozen), 4-bit when ``cfg.quantization == 'nf4'``."""
-    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+    from transformers import AutoConfig, AutoModelForImageTextToText, BitsAndBytesConfig
 
     kwargs = {"dtype": DTYPES[cfg.dtype]}
     if cfg.quantization == "nf4":
+        with hub_errors("model.path", cfg.path):
+            config = AutoConfig.from_pretrained(cfg.path)
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=DTYPES[cfg.dtype],
-            llm_int8_skip_modules=NF4_SKIP,
+            # Vision tower and projector stay unquantised: small, and accuracy-sensitive.
+            llm_int8_skip_modules=families.nf4_skip(config),
             # DeepSpeed ZeRO-3 (and FSDP) partition parameters by dtype: 4-bit weights stored in
             # the compute dtype can be sharded with the rest; uint8 (the default) cannot.
             **({"bnb_4bit_quant_storage": DTYPES[cfg.dtype]} if cfg.dtype != "float32" else {}),
@@ -59,8 +61,16 @@ def load_base(cfg: ModelConfig):
     return model
 
 
+def lora_target(model, cfg: ModelConfig) -> str:
+    """The LoRA target regex: ``cfg.lora.target_modules``, or the family's with ``auto``."""
+    if cfg.lora.target_modules != AUTO:
+        return cfg.lora.target_modules
+    return families.lora_target(model)
+
+
 def add_lora(model, cfg: ModelConfig):
-    """Wrap `model` in a PEFT LoRA adapter on the modules matching ``cfg.lora.target_modules``."""
+    """Wrap `model` in a PEFT LoRA adapter on the modules matching ``cfg.lora.target_modules``
+    (``auto``: the family's language model, `rdpo.families`)."""
     from peft import LoraConfig, get_peft_model
 
     if cfg.gradient_checkpointing:
@@ -70,7 +80,7 @@ def add_lora(model, cfg: ModelConfig):
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
-        target_modules=cfg.lora.target_modules,
+        target_modules=lora_target(model, cfg),
         bias="none",
     )
     return get_peft_model(model, lora)
@@ -79,10 +89,12 @@ def add_lora(model, cfg: ModelConfig):
 def unfreeze_language_model(model):
     """Full fine-tuning: every weight of the language model and output layer trains; the
     vision tower stays frozen."""
+    family = families.family_of(model)
+    part = f".{family.language_model if family else 'language_model'}."
     for name, p in model.named_parameters():
-        p.requires_grad_(".language_model." in f".{name}" or name.startswith("lm_head"))
+        p.requires_grad_(part in f".{name}" or name.startswith("lm_head"))
     if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError(f"{type(model).__name__}: no language_model parameters to train")
+        raise ValueError(f"{type(model).__name__}: no {part.strip('.')} parameters to train")
     return model
 
 
@@ -125,12 +137,14 @@ def load_policy(cfg: ModelConfig):
         log.info("policy %s: %d trainable parameters (full fine-tuning)", cfg.path,
                  sum(p.numel() for p in model.parameters() if p.requires_grad))
         return model, processor
-    model = add_lora(load_base(cfg), cfg)
+    base = load_base(cfg)
+    target = lora_target(base, cfg)
+    model = add_lora(base, cfg)
     _ready_to_train(model, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if trainable == 0:
-        raise ValueError(
-            f"model.lora.target_modules={cfg.lora.target_modules!r} matches no module of {cfg.path}")
+        raise ValueError(f"model.lora.target_modules={cfg.lora.target_modules!r} ({target!r}) "
+                         f"matches no module of {cfg.path}")
     log.info("policy %s: %d trainable LoRA parameters", cfg.path, trainable)
     return model, processor
 

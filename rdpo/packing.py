@@ -3,13 +3,16 @@
 Chosen and rejected share the image and the prompt. Instead of two sequences that each carry the
 image's patch tokens (and run the vision tower twice), a pair is packed into one row; an
 attention mask lets the rejected tokens see the prompt and themselves but not the chosen tokens,
-and the rejected tokens get the position ids they would have right after the prompt (Qwen's
-multimodal 3-D rotary ids included). The first rejected token is predicted from the prompt's
-last hidden state, like the first chosen token. The log-probs equal two separate forwards.
+and the rejected tokens get the position ids they would have right after the prompt: the
+model's own multimodal rotary ids (Qwen's ``get_rope_index``) or plain 1-D positions, as the
+family says (`rdpo.families`). The first rejected token is predicted from the prompt's last
+hidden state, like the first chosen token. The log-probs equal two separate forwards.
 
-Packing needs a custom 4-D attention mask, which transformers passes through to the ``eager``
-and ``sdpa`` attention kernels; other kernels (flash-attention) and models without
-``get_rope_index`` fall back to the plain batch of 2B sequences, with a logged notice.
+The mask follows the model's own: image tokens that attend to their whole image (Gemma 3) see
+it in the packed row too, and sliding-window layers get their window, measured in positions.
+Packing needs the custom mask to reach the attention kernel, which transformers does for
+``eager`` and ``sdpa``; other kernels (flash-attention) and families without a packed form
+(cross-attention: Mllama) fall back to the plain batch of 2B sequences, with a logged notice.
 """
 
 from __future__ import annotations
@@ -20,22 +23,41 @@ from collections.abc import Sequence
 
 import torch
 
-from rdpo.collate import TOKEN_FIELDS, Completion, completion_ids
+from rdpo.collate import TOKEN_FIELDS, TYPE_FIELDS, Completion, completion_ids, pad_to
+from rdpo.families import PLAIN, ROPE_INDEX, family_of
 from rdpo.logps import sequence_logps, token_logps, unwrap
+from rdpo.vision_cache import trunk_inputs
 
 log = logging.getLogger(__name__)
 
 # Segment ids of a packed row.
 PAD, PROMPT, CHOSEN, REJECTED = 0, 1, 2, 3
 PACKABLE_ATTENTION = ("eager", "sdpa")
+SLIDING = "sliding_attention"
+
+
+def _sliding_window(base) -> int | None:
+    """The language model's sliding window when some of its layers use one, else None."""
+    text = base.config.get_text_config()
+    if SLIDING in (getattr(text, "layer_types", None) or ()):
+        return text.sliding_window
+    return None
 
 
 def packing_support(model) -> str | None:
     """None when `model` can run packed pairs, else the reason it cannot."""
     base = unwrap(model)
+    family = family_of(base)
+    if family is None:
+        return (f"{type(base).__name__} (model_type {getattr(base.config, 'model_type', None)!r}) "
+                "is not a known family (rdpo.families)")
+    if family.positions is None:
+        return f"{family.name}: {family.no_packing}"
     trunk = getattr(base, "model", None)
-    if trunk is None or not hasattr(trunk, "get_rope_index"):
+    if family.positions == ROPE_INDEX and not hasattr(trunk, "get_rope_index"):
         return f"{type(base).__name__} has no get_rope_index (multimodal rotary ids)"
+    if family.positions == ROPE_INDEX and _sliding_window(base):
+        return f"{family.name}: sliding-window layers with multimodal rotary ids"
     attn = getattr(base.config, "_attn_implementation", None) or "eager"
     if attn not in PACKABLE_ATTENTION:
         return f"attention implementation {attn!r} takes no custom 4-D mask"
@@ -47,12 +69,14 @@ def pack_pairs(processor, prompts: Sequence[dict], chosen: Sequence[Completion],
     """A right-padded batch of B packed rows ``[prompt, chosen, rejected]``.
 
     `prompts` are single-prompt processor outputs (batch dimension 1). Returns the processor's
-    per-image fields once per pair, ``input_ids``, ``mm_token_type_ids`` (when the processor
-    gives them) and ``segments`` [B, T] (PAD, PROMPT, CHOSEN, REJECTED). Completions are token
-    ids as sampled, or texts given the end-of-turn token (`rdpo.collate.completion_ids`).
+    per-image fields once per pair, ``input_ids``, the token-type fields the processor gives
+    (``mm_token_type_ids``, ``token_type_ids``) and ``segments`` [B, T] (PAD, PROMPT, CHOSEN,
+    REJECTED). Completions are token ids as sampled, or texts given the end-of-turn token
+    (`rdpo.collate.completion_ids`).
     """
     tok = processor.tokenizer
-    rows, segs, mm_rows = [], [], []
+    rows, segs = [], []
+    types: dict[str, list[torch.Tensor]] = {k: [] for k in TYPE_FIELDS if k in prompts[0]}
     for prompt, c, r in zip(prompts, chosen, rejected, strict=True):
         p_ids = prompt["input_ids"][0]
         c_ids = torch.tensor(completion_ids(processor, c), dtype=torch.long)
@@ -60,34 +84,54 @@ def pack_pairs(processor, prompts: Sequence[dict], chosen: Sequence[Completion],
         rows.append(torch.cat([p_ids, c_ids, r_ids]))
         segs.append(torch.cat([torch.full_like(p_ids, PROMPT), torch.full_like(c_ids, CHOSEN),
                                torch.full_like(r_ids, REJECTED)]))
-        if "mm_token_type_ids" in prompt:
-            mm = prompt["mm_token_type_ids"][0]
-            mm_rows.append(torch.cat([mm, mm.new_zeros(len(c_ids) + len(r_ids))]))
+        for key, type_rows in types.items():
+            kinds = prompt[key][0]
+            type_rows.append(torch.cat([kinds, kinds.new_zeros(len(c_ids) + len(r_ids))]))
     length = max(len(row) for row in rows)
 
     def pad(items: list[torch.Tensor], value: int) -> torch.Tensor:
         return torch.stack([torch.cat([x, x.new_full((length - len(x),), value)]) for x in items])
 
     batch = {"input_ids": pad(rows, tok.pad_token_id), "segments": pad(segs, PAD)}
-    if mm_rows:
-        batch["mm_token_type_ids"] = pad(mm_rows, 0)
+    for key, type_rows in types.items():
+        batch[key] = pad(type_rows, 0)
     for key in prompts[0]:
         if key not in TOKEN_FIELDS:
-            batch[key] = torch.cat([p[key] for p in prompts], 0)
+            values = [p[key] for p in prompts]
+            shape = tuple(max(sizes) for sizes in zip(*(v.shape for v in values), strict=True))
+            batch[key] = torch.cat([pad_to(v, shape) for v in values], 0)
     return batch
 
 
-def pair_attention_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def image_blocks(kinds: torch.Tensor) -> torch.Tensor:
+    """Block ids [B, T] of runs of image tokens (``kinds == 1``), -1 elsewhere: tokens of one
+    image attend to each other in both directions (Gemma 3's ``token_type_ids`` mask)."""
+    is_image = kinds == 1
+    starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]
+    return torch.where(is_image, starts.long().cumsum(1) - 1, -1)
+
+
+def pair_attention_mask(segments: torch.Tensor, dtype: torch.dtype, *,
+                        blocks: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                        window: int | None = None) -> torch.Tensor:
     """Additive 4-D mask [B, 1, T, T]: causal, no padding, rejected tokens blind to chosen ones.
 
-    Masked entries hold the dtype's minimum rather than -inf, so a padding row (which sees
-    nothing) gives a uniform softmax instead of NaN; padding rows are never read.
+    `blocks` (`image_blocks`) opens each image block in both directions; `window` with 1-D
+    `positions` [B, T] keeps only keys less than `window` positions behind the query (a
+    sliding-window layer, measured in positions so the rejected tokens get the window they
+    have right after the prompt). Masked entries hold the dtype's minimum rather than -inf, so
+    a padding row (which sees nothing) gives a uniform softmax instead of NaN; padding rows are
+    never read.
     """
     t = segments.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()
+    allowed = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()[None]
+    if blocks is not None:
+        allowed = allowed | ((blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0))
     valid = segments != PAD
-    allowed = causal[None] & valid[:, None, :] & valid[:, :, None]
+    allowed = allowed & valid[:, None, :] & valid[:, :, None]
     allowed &= ~((segments[:, :, None] == REJECTED) & (segments[:, None, :] == CHOSEN))
+    if window is not None:
+        allowed &= positions[:, None, :] > positions[:, :, None] - window
     mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
@@ -101,14 +145,38 @@ def _rope_index(trunk, batch: dict, keep: torch.Tensor) -> torch.Tensor:
     return positions
 
 
+def _plain_positions(keep: torch.Tensor) -> torch.Tensor:
+    """1-D positions [B, T] counting the tokens selected by `keep` from 0."""
+    return (keep.long().cumsum(1) - 1).clamp(min=0)
+
+
 def pair_position_ids(model, batch: dict) -> torch.Tensor:
-    """Position ids [3, B, T]: prompt and chosen as in ``[prompt, chosen]``, rejected as in
-    ``[prompt, rejected]`` — each computed by the model's own ``get_rope_index``."""
-    trunk = unwrap(model).model
+    """Position ids ([3, B, T] multimodal rotary, or [B, T]): prompt and chosen as in
+    ``[prompt, chosen]``, rejected as in ``[prompt, rejected]``."""
+    base = unwrap(model)
     seg = batch["segments"]
-    with_chosen = _rope_index(trunk, batch, (seg == PROMPT) | (seg == CHOSEN))
-    with_rejected = _rope_index(trunk, batch, (seg == PROMPT) | (seg == REJECTED))
+    keeps = ((seg == PROMPT) | (seg == CHOSEN), (seg == PROMPT) | (seg == REJECTED))
+    if family_of(base).positions == PLAIN:
+        with_chosen, with_rejected = (_plain_positions(k) for k in keeps)
+        return torch.where(seg == REJECTED, with_rejected, with_chosen)
+    with_chosen, with_rejected = (_rope_index(base.model, batch, k) for k in keeps)
     return torch.where(seg[None] == REJECTED, with_rejected, with_chosen)
+
+
+def pair_mask(model, batch: dict, positions: torch.Tensor, dtype: torch.dtype):
+    """The packed attention mask in the form the model takes: one 4-D mask, or one per layer
+    type (``{"full_attention": ..., "sliding_attention": ...}``) when some layers slide."""
+    base = unwrap(model)
+    family = family_of(base)
+    seg = batch["segments"]
+    blocks = image_blocks(batch[family.image_blocks]) if family.image_blocks in batch else None
+    full = pair_attention_mask(seg, dtype, blocks=blocks)
+    window = _sliding_window(base)
+    if window is None:
+        return full
+    return {"full_attention": full,
+            SLIDING: pair_attention_mask(seg, dtype, blocks=blocks, positions=positions,
+                                         window=window)}
 
 
 def packed_logps(model, batch: dict, *, average: bool = False,
@@ -125,9 +193,9 @@ def packed_logps(model, batch: dict, *, average: bool = False,
     if not dtype.is_floating_point:
         dtype = torch.float32
     inputs = {k: v for k, v in batch.items() if k != "segments"}
-    inputs["attention_mask"] = pair_attention_mask(seg, dtype)
     inputs["position_ids"] = pair_position_ids(model, batch)
-    hidden = base.model(**inputs, use_cache=False).last_hidden_state
+    inputs["attention_mask"] = pair_mask(model, batch, inputs["position_ids"], dtype)
+    hidden = base.model(**trunk_inputs(model, inputs), use_cache=False).last_hidden_state
 
     # Token t is predicted from position t - 1, except the first rejected token: its context is
     # the prompt, so it is predicted from the prompt's last position.

@@ -15,12 +15,9 @@ import torch
 
 from rdpo.collate import PromptCache, end_of_turn_id, pad_batch
 from rdpo.config import RolloutConfig
+from rdpo.families import vision_token_ids
 from rdpo.logps import unwrap
 from rdpo.pool import PromptRecord
-
-# Sampling one of these would start a new image inside the answer; Qwen-VL's processor and
-# rotary indexing then misread the sequence, so they are suppressed during generation.
-VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 
 STOP, LENGTH = "stop", "length"
 
@@ -42,8 +39,9 @@ class Rollout:
 
 
 def suppressed_token_ids(processor) -> list[int]:
-    vocab = processor.tokenizer.get_vocab()
-    return [vocab[t] for t in VISION_TOKENS if t in vocab]
+    """Ids never sampled: the image/video special tokens (`rdpo.families.vision_token_ids`).
+    A sampled one would be read as the start of an image when the answer is trained on."""
+    return vision_token_ids(processor)
 
 
 def stop_token_ids(processor, model) -> list[int]:

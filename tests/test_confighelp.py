@@ -119,9 +119,9 @@ def test_readme_without_markers_is_a_clear_error(tmp_path):
 
 def test_markdown_escapes_pipes():
     md = render_markdown()
-    row = next(line for line in md.splitlines() if line.startswith("| `model.lora.target_modules`"))
-    # the regex default holds '|': escaped, so the row still has exactly five cells (allowed empty)
-    assert "q_proj\\|k_proj" in row
+    row = next(line for line in md.splitlines() if line.startswith("| `judge.model`"))
+    # the type holds '|': escaped, so the row still has exactly five cells (allowed empty)
+    assert "`str \\| None`" in row
     assert len(row.replace("\\|", "").strip("|").split("|")) == 5
     beta = next(line for line in md.splitlines() if line.startswith("| `dpo.beta`"))
     assert beta.startswith("| `dpo.beta` | `float` | `0.1` | `> 0` | KL strength")

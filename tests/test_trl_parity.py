@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow  # TRL's DPOTrainer training steps
 from rdpo.config import ModelConfig  # noqa: E402
 from rdpo.logps import sequence_logps  # noqa: E402
 from rdpo.loss import dpo_objective  # noqa: E402
-from rdpo.model import load_base, load_processor  # noqa: E402
+from rdpo.model import load_base, load_processor, lora_target  # noqa: E402
 from rdpo.pool import load_images, load_pool  # noqa: E402
 
 CHOSEN = ["The circle is red.", "There are two shapes: a blue square and a green triangle."]
@@ -56,7 +56,7 @@ def test_loss_and_metrics_equal_trl(tiny_dir, dataset, tmp_path, loss_type, labe
     base = load_base(cfg)
     with torch.no_grad():  # sharper predictions: log-probs that differ between responses
         base.lm_head.weight.mul_(10)
-    lora = LoraConfig(r=8, lora_alpha=16, target_modules=cfg.lora.target_modules)
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=lora_target(base, cfg))
     beta = 0.3
     args = DPOConfig(
         output_dir=str(tmp_path), beta=beta, label_smoothing=label_smoothing,
