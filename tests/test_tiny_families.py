@@ -17,6 +17,10 @@ EXPECTED = {
         processor="LlavaOnevisionProcessor", image_processor="LlavaOnevisionImageProcessor",
         model="LlavaOnevisionForConditionalGeneration", eot="<|im_end|>",
         placeholder="<image>\n", image_token="<image>", one=26, each_of_two=17),
+    "idefics3": dict(
+        processor="Idefics3Processor", image_processor="Idefics3ImageProcessor",
+        model="Idefics3ForConditionalGeneration", eot="<end_of_utterance>",
+        placeholder="<image>", image_token="<image>", one=16, each_of_two=16),
 }
 
 RED, BLUE = (220, 30, 30), (30, 60, 220)

@@ -40,7 +40,9 @@ TOKENS = {
         # SmolVLM's SmolLM2 tokenizer: <|im_start|> is its bos (the template writes it).
         cls="GPT2Tokenizer", specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>",
                                        "<fake_token_around_image>", "<image>",
-                                       "<end_of_utterance>", "<global-img>"),
+                                       "<end_of_utterance>", "<global-img>",
+                                       *(f"<row_{r}_col_{c}>" for r in range(1, 7)
+                                         for c in range(1, 7))),
         bos="<|im_start|>", eos="<end_of_utterance>", pad="<|im_end|>", unk="<|endoftext|>",
         named={}),
     "gemma3": dict(
@@ -182,8 +184,32 @@ def _llava_onevision(tokenizer, hidden, layers, shape):
     return config, processor
 
 
+def _idefics3(tokenizer, hidden, layers, shape):
+    """SmolVLM's architecture: a SigLIP-style tower on the whole image (no splitting) resized to
+    112 px on its longest edge, patch 14 → 8×8 patches, pixel-shuffled by 2 → 16 `<image>`
+    tokens, written as <fake_token_around_image><global-img><image>*16<fake_token_around_image>."""
+    import transformers
+
+    side, patch, scale = 112, 14, 2
+    config = transformers.Idefics3Config(
+        text_config=dict(model_type="llama", **_text_config(tokenizer, hidden, layers, **shape)),
+        vision_config=dict(image_size=side, patch_size=patch, num_attention_heads=4,
+                           **_vision(hidden, layers, shape)),
+        scale_factor=scale,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        tie_word_embeddings=False,
+    )
+    image_processor = transformers.Idefics3ImageProcessor(
+        do_image_splitting=False, size={"longest_edge": side}, max_image_size={"longest_edge": side})
+    processor = transformers.Idefics3Processor(
+        image_processor=image_processor, tokenizer=tokenizer,
+        image_seq_len=(side // patch) ** 2 // scale**2, chat_template=TEMPLATES["idefics3"])
+    return config, processor
+
+
 _BUILDERS = {
     "llava_onevision": _llava_onevision,
+    "idefics3": _idefics3,
 }
 FAMILIES = tuple(_BUILDERS)
 
