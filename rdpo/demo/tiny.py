@@ -1,10 +1,11 @@
-"""Tiny Qwen-VL models built offline from transformers configs, with a real processor.
+"""Tiny VLMs built offline from transformers configs, with a real processor.
 
 The quickstart and the tests need a VLM of a real architecture without a hub download: this
 module trains a byte-level BPE tokenizer on a small corpus (plus the Qwen special tokens),
 builds a 2-layer model from a Qwen2-VL / Qwen2.5-VL / Qwen3-VL config and saves model,
 tokenizer and processor with ``save_pretrained``, so they load back through ``AutoProcessor``
-and ``AutoModelForImageTextToText`` exactly as a real checkpoint does.
+and ``AutoModelForImageTextToText`` exactly as a real checkpoint does. The other families
+(LLaVA-OneVision, Idefics3, Gemma 3, InternVL, Mllama) are built by `rdpo.demo.tiny_families`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ SPECIAL_TOKENS = (
     "<|image_pad|>",
     "<|video_pad|>",
 )
-VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 
 # Qwen2-VL's chat template without the default system prompt (it would only lengthen every
 # sequence of the tiny model). Images become <|vision_start|><|image_pad|><|vision_end|>.
@@ -33,6 +33,7 @@ CHAT_TEMPLATE = (
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for content in message['content'] %}"
     "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -44,7 +45,12 @@ _SPLIT = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILIES = QWEN_FAMILIES + ("llava_onevision", "idefics3", "gemma3", "internvl", "mllama")
+"""Every toy.family; the non-Qwen ones come from `rdpo.demo.tiny_families`."""
+# Pixel budget of the toy's images per family: Qwen3-VL's 16-px patches need 128×64 for the
+# same 8 image tokens that 112×56 gives with 14-px patches. tiny_families resizes on its own.
+TOY_IMAGE_PIXELS = {"qwen3_vl": 128 * 64}
 _PROCESSORS = {
     "qwen2_vl": ("Qwen2VLProcessor", "Qwen2VLVideoProcessor"),
     "qwen2_5_vl": ("Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor"),
@@ -132,7 +138,7 @@ def _model_config(family: str, tokenizer, hidden: int, layers: int, *, head_dim:
         text.update(head_dim=head_dim,
                     rope_parameters={**mrope, "mrope_interleaved": True})
     else:
-        raise ValueError(f"model family {family!r} is not one of {FAMILIES}")
+        raise ValueError(f"model family {family!r} is not one of {QWEN_FAMILIES}")
     return AutoConfig.for_model(
         family,
         text_config=text,
@@ -167,6 +173,11 @@ def build_tiny_vlm(
     import transformers
     from transformers import AutoModelForImageTextToText
 
+    if family in FAMILIES and family not in QWEN_FAMILIES:
+        from rdpo.demo.tiny_families import build_tiny_family
+
+        return build_tiny_family(out_dir, corpus, family=family, hidden=hidden, layers=layers,
+                                 image_pixels=image_pixels, vocab_size=vocab_size, seed=seed, **shape)
     tokenizer = train_tokenizer(corpus, vocab_size=vocab_size)
     config = _model_config(family, tokenizer, hidden, layers, **shape)
     torch.manual_seed(seed)

@@ -1,4 +1,4 @@
-"""The embedded default: a tiny Qwen-VL model warm-started on the synthetic shapes task.
+"""The embedded default: a tiny VLM (`toy.family`) warm-started on the synthetic shapes task.
 
 Everything is built by code and cached under ``toy.cache_dir`` by a hash of the settings that
 shape it: the task pools, the random-init model with its processor, and the warm-started policy.
@@ -74,10 +74,10 @@ def _build_atomically(target: Path, build) -> None:
 def prepare_toy(toy: ToyConfig) -> ToyPaths:
     """Build whatever of the toy is not cached yet; return its paths."""
     from rdpo.demo import toy as task
-    from rdpo.demo.tiny import build_tiny_vlm
+    from rdpo.demo.tiny import TOY_IMAGE_PIXELS, build_tiny_vlm
 
     paths = toy_paths(toy)
-    pixels = 112 * 56 if toy.family != "qwen3_vl" else 128 * 64
+    pixels = TOY_IMAGE_PIXELS.get(toy.family, 112 * 56)
 
     def build_task(tmp: Path) -> None:
         task.write_pools(tmp, n_train=toy.n_train, n_heldout=toy.n_heldout, seed=toy.task_seed)
