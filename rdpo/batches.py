@@ -10,6 +10,7 @@ import torch
 from rdpo.collate import Completion, PromptCache, collate_sequences
 from rdpo.packing import pack_pairs
 from rdpo.pool import PromptRecord
+from rdpo.vision_cache import BatchImages, VisionCache
 
 
 @dataclass(frozen=True)
@@ -43,12 +44,20 @@ class PairCollator:
     carries the image and the prompt once (`rdpo.packing`); otherwise the batch holds 2B
     sequences, the chosen ones then the rejected. Prompt encodings come from `prompts`, a
     bounded cache shared with the rollout (a round reuses each prompt for several steps).
+    With `vision` (`rdpo.vision_cache.VisionCache`) a batch also says which prompt each row
+    shows, and the log-prob functions reuse those prompts' image features: the reference pass
+    encodes each image once and the steps never run the vision tower.
     """
 
-    def __init__(self, processor, packed: bool = True, prompts: PromptCache | None = None):
+    def __init__(self, processor, packed: bool = True, prompts: PromptCache | None = None,
+                 vision: VisionCache | None = None):
         self.processor = processor
         self.packed = packed
         self.prompts = prompts if prompts is not None else PromptCache(processor)
+        self.vision = vision
+
+    def _images(self, records: Sequence[PromptRecord], prompts: list[dict]) -> BatchImages:
+        return BatchImages(self.vision, [(r.id, tuple(r.images)) for r in records], prompts)
 
     def sequences(self, records: Sequence[PromptRecord], completions: Sequence[Completion]) -> dict:
         """A right-padded batch of prompt + completion sequences (supervised fine-tuning)."""
@@ -60,8 +69,14 @@ class PairCollator:
         """The model inputs of B pairs: ``{"packed": ...}`` or ``{"sequences": ...}``."""
         prompts = [self.prompts.get(r) for r in records]
         if self.packed:
-            return {"packed": pack_pairs(self.processor, prompts, chosen, rejected)}
-        return {"sequences": collate_sequences(self.processor, prompts * 2, [*chosen, *rejected])}
+            batch = pack_pairs(self.processor, prompts, chosen, rejected)
+            if self.vision is not None:
+                batch["images"] = self._images(records, prompts)
+            return {"packed": batch}
+        batch = collate_sequences(self.processor, prompts * 2, [*chosen, *rejected])
+        if self.vision is not None:
+            batch["images"] = self._images([*records, *records], prompts * 2)
+        return {"sequences": batch}
 
     def __call__(self, items: list[TrainPair | None]) -> dict:
         pairs = [p for p in items if p is not None]

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from rdpo.vision_cache import trunk_inputs
+
 
 def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  targets: torch.Tensor) -> torch.Tensor:
@@ -81,10 +83,12 @@ def sequence_logps(model: nn.Module, batch: dict, *, average: bool = False,
     """Completion log-probs [B] of a collated batch (processor outputs + ``completion_mask``).
 
     Runs the multimodal trunk (``model.model`` of a transformers VLM, LoRA layers included) and
-    projects only the completion positions, never the full logits.
+    projects only the completion positions, never the full logits. A batch that says which
+    prompts it shows (``images``, `rdpo.vision_cache.BatchImages`) gets their cached image
+    features instead of running the vision tower.
     """
     inputs = {k: v for k, v in batch.items() if k not in ("completion_mask",)}
     base = unwrap(model)
-    hidden = base.model(**inputs, use_cache=False).last_hidden_state
+    hidden = base.model(**trunk_inputs(model, inputs), use_cache=False).last_hidden_state
     return completion_logps(hidden, base.get_output_embeddings(), batch["input_ids"],
                             batch["completion_mask"], average=average, chunk_size=chunk_size)
