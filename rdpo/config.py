@@ -150,6 +150,11 @@ class DataConfig:
     prompt_cache_mb: int = setting(512, ge=0)
     """Encoded prompts (token ids and image patches) kept in memory for reuse, least recently
     used dropped first (MB; 0: no cache, every use re-encodes)."""
+    vision_cache_mb: int = setting(1024, ge=0)
+    """Image features kept per prompt (CPU memory, MB, least recently used dropped first): the
+    reference pass encodes each image once and the DPO steps reuse its features, never running
+    the frozen vision tower (a prompt beyond the bound is encoded again, without gradient; 0:
+    every step runs the vision tower; off under DeepSpeed ZeRO-3)."""
 
 
 @dataclass

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from rdpo.batches import PairCollator, TrainPair, pair_from_dict, pair_to_dict
 from rdpo.collate import PromptCache
 from rdpo.pool import PromptRecord, load_pool
+from rdpo.vision_cache import VisionCache
 
 log = logging.getLogger("rdpo")
 
@@ -78,10 +79,11 @@ class OnPolicyDataModule(L.LightningDataModule):
     def __init__(self, train_pool: str, heldout_pool: str | None = None, *,
                  prompts_per_round: int = 32, batch_size: int = 8, steps_per_round: int = 10,
                  accumulate_grad_batches: int = 1, seed: int = 0, packed: bool = True,
-                 prompt_cache_mb: float = 512):
+                 prompt_cache_mb: float = 512, vision_cache_mb: float = 1024):
         super().__init__()
         self.packed = packed
         self.prompt_cache_mb = prompt_cache_mb
+        self.vision_cache_mb = vision_cache_mb
         self.train_pool = train_pool
         self.heldout_pool = heldout_pool
         self.prompts_per_round = prompts_per_round
@@ -93,6 +95,8 @@ class OnPolicyDataModule(L.LightningDataModule):
         self.collator: PairCollator | None = None
         self.prompts: PromptCache | None = None
         """Encoded prompts, shared by the round's rollout and the pair collation."""
+        self.vision: VisionCache | None = None
+        """Image features of the prompts, encoded by the reference pass, reused by the steps."""
         self.records: list[PromptRecord] = []
         self.shard: list[PromptRecord] = []
         self.heldout: list[PromptRecord] = []
@@ -106,7 +110,9 @@ class OnPolicyDataModule(L.LightningDataModule):
     def connect(self, processor) -> None:
         self.processor = processor
         self.prompts = PromptCache(processor, max_mb=self.prompt_cache_mb)
-        self.collator = PairCollator(processor, packed=self.packed, prompts=self.prompts)
+        self.vision = VisionCache(self.vision_cache_mb) if self.vision_cache_mb else None
+        self.collator = PairCollator(processor, packed=self.packed, prompts=self.prompts,
+                                     vision=self.vision)
 
     def setup(self, stage: str | None = None) -> None:
         if self.processor is None and self.trainer is not None:

@@ -77,6 +77,15 @@ def _can_pack(cfg: Config, model) -> bool:
     return reason is None
 
 
+def _vision_cache_mb(cfg: Config) -> int:
+    if cfg.data.vision_cache_mb and cfg.run.strategy == "deepspeed" and cfg.run.deepspeed_stage == 3:
+        # ZeRO-3 gathers each weight in a collective: a rank encoding a prompt its cache dropped
+        # would run the vision tower while the others do not.
+        log.info("data.vision_cache_mb: off under DeepSpeed ZeRO-3 (every step runs the vision tower)")
+        return 0
+    return cfg.data.vision_cache_mb
+
+
 def check_run_dir(run_dir: Path) -> None:
     """Fail now, not after an hour, when the run directory cannot be written."""
     probe = run_dir / f".write-test-{os.getpid()}"
@@ -188,7 +197,8 @@ def build(cfg: Config) -> Run:
         cfg.data.train_pool, cfg.data.heldout_pool, prompts_per_round=cfg.data.prompts_per_round,
         batch_size=cfg.data.batch_size, steps_per_round=cfg.rollout.every_n_steps,
         accumulate_grad_batches=cfg.data.accumulate_grad_batches, seed=cfg.run.seed,
-        packed=_can_pack(cfg, model), prompt_cache_mb=cfg.data.prompt_cache_mb)
+        packed=_can_pack(cfg, model), prompt_cache_mb=cfg.data.prompt_cache_mb,
+        vision_cache_mb=_vision_cache_mb(cfg))
     datamodule.connect(processor)
     datamodule.setup("fit")
     judge = _judge(cfg)
