@@ -30,13 +30,14 @@ class HeldoutEvaluation(L.Callback):
     `settings` is the sampling of the evaluation (a `RolloutConfig`). `before` is a result
     measured earlier (a resumed run keeps its first "before"). With `run_dir`, rank 0 writes
     ``eval_before.json`` there as soon as it is measured. `server`: sample through this
-    `rdpo.rollout_server.VLLMRollout` (rollout.engine=vllm).
+    `rdpo.rollout_server.VLLMRollout` (rollout.engine=vllm). `truth`: a
+    `rdpo.demo.truth.GroundTruth`; its scores of the same answers join the results.
     """
 
     def __init__(self, records: Sequence[PromptRecord], judge, settings: RolloutConfig, *,
                  aggregation: str = "lexicographic", seed: int = 0, before: dict | None = None,
-                 run_dir: str | Path | None = None, server=None):
-        self.server = server
+                 run_dir: str | Path | None = None, server=None, truth=None):
+        self.server, self.truth = server, truth
         self.records = list(records)
         self.judge = judge
         self.settings = settings
@@ -51,8 +52,12 @@ class HeldoutEvaluation(L.Callback):
         rollouts = sample(trainer, pl_module, shard, self.settings, seed=self.seed + rank,
                           prompts=getattr(trainer.datamodule, "prompts", None), server=self.server)
         scored = score_rollouts(self.judge, rollouts, self.aggregation, strategy="rubric")
-        return heldout_summary([s for part in _all_gather(trainer, scored) for s in part],
-                               self.settings)
+        scored = [s for part in _all_gather(trainer, scored) for s in part]
+        summary = heldout_summary(scored, self.settings)
+        if self.truth is not None:
+            summary |= self.truth.summary([(s.rollout.record.id, s.rollout.responses)
+                                           for s in scored])
+        return summary
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.records or "before" in self.results:
@@ -78,6 +83,10 @@ class HeldoutEvaluation(L.Callback):
                      "fully judged, %d cut at max_new_tokens", when, r["rubric_score"],
                      100 * r["essential_pass_rate"], r["fully_judged"], r["responses"],
                      r["truncated"])
+            if "truth_score" in r:
+                log.info("held-out %s: ground truth %.3f, correct %.1f%%, hallucinating %.1f%%",
+                         when, r["truth_score"], 100 * r["truth_correct_rate"],
+                         100 * r["hallucination_rate"])
         for logger in trainer.loggers:
             logger.log_metrics({f"heldout/{when}/rubric_score": r["rubric_score"],
                                 f"heldout/{when}/essential_pass_rate": r["essential_pass_rate"]},

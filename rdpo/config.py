@@ -89,6 +89,9 @@ class ToyConfig:
     """Training prompts in the shapes task."""
     n_heldout: int = 48
     """Held-out prompts (disjoint from training prompts)."""
+    task: str = setting("easy", choices=("easy", "hard"))
+    """easy: 1-2 shapes, 4 question kinds; hard: 3-6 shapes, relations, counts by colour, more
+    criteria per prompt (`rdpo.demo.hardtoy`)."""
     task_seed: int = 0
     """Seed of the shapes task (images, instructions, rubrics)."""
     warmstart_steps: int = setting(1500, ge=0)
@@ -223,6 +226,14 @@ class JudgeConfig:
     """Longest judge answer (tokens)."""
     batch_size: int = setting(8, gt=0)
     """transformers: judge prompts per generation batch."""
+    noise: float = setting(0.0, ge=0, le=0.5)
+    """rule: simulated judge error, each verdict flips with this probability (seeded by run.seed;
+    0: the exact RuleJudge; `rdpo.simjudges`)."""
+    outcome: str = setting("check", choices=("check", "holistic"))
+    """rule: outcome scores from each record's outcome check, or (toy only) a simulated holistic
+    1-10 judge that sees every flaw (`rdpo.simjudges`)."""
+    outcome_noise: float = setting(1.0, ge=0)
+    """outcome=holistic: SD of the Gaussian noise on its 1-10 score."""
     cache: str | None = "${run.dir}/judge_cache.sqlite"
     """sqlite file caching model judgments across rounds and runs (null: no cache; unused by rule)."""
 
@@ -322,6 +333,8 @@ def _judge_rules(judge, name: Callable[[str], str]) -> list[str]:
         what = "checkpoint directory" if judge.kind == "transformers" else "served model name"
         article = "an" if judge.kind[:1] in "aeiou" else "a"
         problems.append(f"{name('model')}: {article} {judge.kind} judge needs a model (the {what})")
+    if judge.kind != "rule" and (judge.noise or judge.outcome != "check"):
+        problems.append(f"{name('noise')}, {name('outcome')}: simulate a judge on kind=rule only")
     if judge.kind == "openai" and not judge.base_url:
         problems.append(f"{name('base_url')}: an openai judge needs the server's URL, "
                         "e.g. http://localhost:8000/v1")
@@ -337,6 +350,8 @@ def _rollout_rules(rollout, name: Callable[[str], str]) -> list[str]:
 
 def _config_rules(cfg, name: Callable[[str], str]) -> list[str]:
     problems = []
+    if cfg.judge.outcome == "holistic" and not cfg.toy.enabled:
+        problems.append(f"{name('judge.outcome')}: holistic reads the toy's scenes: toy.enabled")
     if cfg.rollout.engine == "vllm" and cfg.model.finetune == "full":
         # The server receives the policy as a LoRA adapter; full weights would need a weight
         # push into the running engine, which rdpo does not do.

@@ -40,7 +40,7 @@ def _judge(cfg: Config):
     """The judge `cfg.judge` describes; rounds use its `strategy` (pairs.strategy) for pairs."""
     from rdpo.judges import make_judge
 
-    return make_judge(cfg.judge, strategy=cfg.pairs.strategy)
+    return make_judge(cfg.judge, strategy=cfg.pairs.strategy, toy=cfg.toy, seed=cfg.run.seed)
 
 
 def _frozen_copy(model):
@@ -49,6 +49,28 @@ def _frozen_copy(model):
 
     ref = copy.deepcopy(model).eval()
     return ref.requires_grad_(False)
+
+
+def _eval_judge(cfg: Config, judge):
+    """The held-out rubric score is a yardstick: a simulated judge's errors stay out of it."""
+    from rdpo.judges import RuleJudge
+
+    return RuleJudge() if cfg.judge.kind == "rule" else judge
+
+
+def _ground_truth(cfg: Config, heldout):
+    """The toy's ground truth (`rdpo.demo.truth`) for the held-out evaluation; None off the toy."""
+    if not cfg.toy.enabled:
+        return None
+    from rdpo.demo.truth import GroundTruth
+
+    truth = GroundTruth.for_toy(cfg.toy)
+    try:
+        truth.check_records(heldout)
+    except ValueError as err:  # data.heldout_pool set by hand beside the toy
+        log.warning("no ground truth in the held-out evaluation: %s", err)
+        return None
+    return truth
 
 
 def _judge_chunk(cfg: Config) -> int:
@@ -212,9 +234,9 @@ def build(cfg: Config) -> Run:
     before = (json.loads(before_file.read_text())  # measured before the interruption
               if ckpt is not None and before_file.is_file() else None)
     heldout = HeldoutEvaluation(
-        datamodule.heldout[:cfg.eval.max_prompts or None], judge, _eval_settings(cfg),
-        aggregation=cfg.pairs.aggregation, seed=cfg.run.seed, before=before, run_dir=run_dir,
-        server=server)
+        datamodule.heldout[:cfg.eval.max_prompts or None], _eval_judge(cfg, judge),
+        _eval_settings(cfg), aggregation=cfg.pairs.aggregation, seed=cfg.run.seed, before=before,
+        run_dir=run_dir, server=server, truth=_ground_truth(cfg, datamodule.heldout))
     scoring = RubricScoringCallback(
         judge, cfg.rollout, cfg.pairs, run_dir=run_dir, ref_batch_size=cfg.data.batch_size,
         reference=cfg.dpo.reference,

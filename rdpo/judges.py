@@ -312,12 +312,16 @@ def _open_cache(cfg: JudgeConfig):
 JUDGES = {"rule": RuleJudge, "transformers": TransformersJudge, "openai": OpenAIJudge}
 
 
-def make_judge(cfg: JudgeConfig, strategy: str = PairsConfig.strategy) -> Judge:
+def make_judge(cfg: JudgeConfig, strategy: str = PairsConfig.strategy, *, toy=None,
+               seed: int = 0) -> Judge:
     """The judge a `JudgeConfig` describes, checked first (`ConfigError` naming each key);
-    `strategy` is pairs.strategy."""
+    `strategy` is pairs.strategy. A rule judge with ``noise`` or ``outcome=holistic`` is a
+    `rdpo.simjudges.SimulatedJudge` (seeded by `seed`; the holistic one reads the `toy`)."""
     problems = check(cfg, "judge.{}".format)
     if problems:
         raise ConfigError(problems)
     if cfg.kind == "rule":
-        return RuleJudge(strategy)
+        from rdpo.simjudges import make_simulated  # it builds on RuleJudge: imported late
+
+        return make_simulated(cfg, toy, seed, strategy)
     return JUDGES[cfg.kind](cfg, strategy=strategy)

@@ -293,19 +293,21 @@ def flawed_answers(record: dict, rng: random.Random) -> list[str]:
     return [hallucinate, wrong, terse, f"{ref} {rng.choice(FILLERS)}"]
 
 
-def sft_targets(records: list[dict], *, flaw_rate: float, seed: int,
-                copies: int = 4) -> list[tuple[dict, str]]:
+def sft_targets(records: list[dict], *, flaw_rate: float, seed: int, copies: int = 4,
+                flawed=None) -> list[tuple[dict, str]]:
     """``copies`` (record, answer) pairs per record for the SFT warm start.
 
     Each answer is the reference with probability ``1 - flaw_rate``, else a flawed answer of a
     uniformly chosen kind, so the warm-started policy makes the mistakes rDPO must remove.
+    `flawed` makes the flawed answers (default: this task's `flawed_answers`).
     """
+    flawed = flawed or flawed_answers
     rng = random.Random(seed)
     out = []
     for rec in records:
         for _ in range(copies):
             if rng.random() < flaw_rate:
-                out.append((rec, rng.choice(flawed_answers(rec, rng))))
+                out.append((rec, rng.choice(flawed(rec, rng))))
             else:
                 out.append((rec, rec["reference"]))
     return out

@@ -28,6 +28,10 @@ log = logging.getLogger("rdpo")
 TOY_VERSION = 4  # 3: records carry an `outcome` check (outcome baseline); 4: toy.head_dim
 
 
+WARM_THREADS = 2
+"""CPU threads of every warm start (its weights depend on them: see `warm_start`)."""
+
+
 @dataclass(frozen=True)
 class ToyPaths:
     task: Path
@@ -46,7 +50,9 @@ def toy_paths(toy: ToyConfig) -> ToyPaths:
     """Where the toy's pools, base model and warm-started policy live (built or not)."""
     s = asdict(toy)
     root = Path(s.pop("cache_dir")).expanduser().resolve()
-    task_key = _key({k: s[k] for k in ("n_train", "n_heldout", "task_seed")} | {"v": TOY_VERSION})
+    # The easy task's key leaves `task` out, so caches built before toy.task existed still match.
+    task_key = _key({k: s[k] for k in ("n_train", "n_heldout", "task_seed")} | {"v": TOY_VERSION}
+                    | ({"task": s["task"]} if s["task"] != "easy" else {}))
     task = root / "tasks" / task_key
     model_key = _key({k: s[k] for k in ("family", "hidden_size", "layers", "head_dim")}
                      | {"task": task_key})
@@ -73,8 +79,11 @@ def _build_atomically(target: Path, build) -> None:
 
 def prepare_toy(toy: ToyConfig) -> ToyPaths:
     """Build whatever of the toy is not cached yet; return its paths."""
-    from rdpo.demo import toy as task
+    from rdpo.demo import hardtoy
+    from rdpo.demo import toy as easy
     from rdpo.demo.tiny import TOY_IMAGE_PIXELS, build_tiny_vlm
+
+    task = hardtoy if toy.task == "hard" else easy
 
     paths = toy_paths(toy)
     pixels = TOY_IMAGE_PIXELS.get(toy.family, 112 * 56)
@@ -89,7 +98,8 @@ def prepare_toy(toy: ToyConfig) -> ToyPaths:
 
     def build_policy(tmp: Path) -> None:
         warm_start(paths.model, tmp, paths.warmstart_pool, steps=toy.warmstart_steps,
-                   lr=toy.warmstart_lr, flaw_rate=toy.flaw_rate, seed=toy.task_seed)
+                   lr=toy.warmstart_lr, flaw_rate=toy.flaw_rate, seed=toy.task_seed,
+                   task=toy.task)
 
     paths.task.parent.mkdir(parents=True, exist_ok=True)
     _build_atomically(paths.task, build_task)
@@ -100,8 +110,31 @@ def prepare_toy(toy: ToyConfig) -> ToyPaths:
 
 
 def warm_start(model_dir: Path, out_dir: Path, pool: Path, *, steps: int, lr: float,
-               flaw_rate: float, seed: int, batch_size: int = 32, copies: int = 4) -> None:
-    """Supervised fine-tuning (all weights) on the task's warm-start pool; saves model + processor."""
+               flaw_rate: float, seed: int, batch_size: int = 32, copies: int = 4,
+               task: str = "easy") -> None:
+    """Supervised fine-tuning (all weights) on the task's warm-start pool; saves model + processor.
+
+    Runs on `WARM_THREADS` CPU threads whatever the caller set: a CPU reduction's order depends
+    on the thread count, so the same settings give the same weights on machines of one kind
+    (same torch, same CPU instruction set; another ISA may pick other kernels)."""
+    import torch
+
+    from rdpo.demo import hardtoy
+    from rdpo.demo import toy as easy
+
+    start, threads = time.perf_counter(), torch.get_num_threads()
+    torch.set_num_threads(WARM_THREADS)
+    try:
+        _warm_start(model_dir, out_dir, pool, steps=steps, lr=lr, flaw_rate=flaw_rate, seed=seed,
+                    batch_size=batch_size, copies=copies,
+                    flawed=(hardtoy if task == "hard" else easy).flawed_answers)
+    finally:
+        torch.set_num_threads(threads)
+    log.info("warm start: %d steps in %.0fs -> %s", steps, time.perf_counter() - start, out_dir)
+
+
+def _warm_start(model_dir, out_dir, pool, *, steps, lr, flaw_rate, seed, batch_size, copies,
+                flawed) -> None:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -110,13 +143,12 @@ def warm_start(model_dir: Path, out_dir: Path, pool: Path, *, steps: int, lr: fl
     from rdpo.logps import sequence_logps
     from rdpo.pool import load_pool
 
-    start = time.perf_counter()
     torch.manual_seed(seed)
     processor = AutoProcessor.from_pretrained(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
     records = {r.id: r for r in load_pool(pool)}
     raw = [json.loads(line) for line in Path(pool).read_text().splitlines() if line.strip()]
-    examples = task.sft_targets(raw, flaw_rate=flaw_rate, seed=seed, copies=copies)
+    examples = task.sft_targets(raw, flaw_rate=flaw_rate, seed=seed, copies=copies, flawed=flawed)
     collator = PairCollator(processor)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(1, steps),
@@ -141,4 +173,3 @@ def warm_start(model_dir: Path, out_dir: Path, pool: Path, *, steps: int, lr: fl
             log.info("warm start step %d/%d: loss %.3f", step + 1, steps, loss.item())
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    log.info("warm start: %d steps in %.0fs -> %s", steps, time.perf_counter() - start, out_dir)
