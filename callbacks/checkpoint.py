@@ -13,11 +13,15 @@ at any moment leaves either the old or the new checkpoint, never half of one. It
   rank's part is saved: the launcher's sign that the job can be requeued.
 
 The checkpoint also carries the RNG states (Python, NumPy, torch) and, for a model whose
-base weights are frozen, only the trainable weights: the base comes back from model.path.
+base weights are frozen, only the trainable weights: the base comes back from model.path. So
+that a resume cannot silently continue an adapter on another base with the same shapes (a
+moved or re-downloaded model.path that is in fact another fine-tune), it also carries a
+fingerprint of the frozen base weights (`base_fingerprint`), compared when it loads.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -44,13 +48,36 @@ def find_checkpoint(run_dir: str | Path) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
+def base_fingerprint(model: torch.nn.Module, *, tensors: int = 4, values: int = 4096) -> str:
+    """A short hash of the frozen floating-point weights of `model`: a strided sample of the
+    first and last `tensors` by name. Cheap at 7B (a few thousand values each) and the same
+    whatever dtype the base was loaded in: values are rounded to bfloat16 first, which maps a
+    float32 weight and its bfloat16 copy to the same bits. Quantised (integer) weights are
+    skipped; their embeddings, norms and vision tower still identify the base."""
+    frozen = sorted((n, p) for n, p in model.named_parameters()
+                    if not p.requires_grad and p.is_floating_point() and p.numel() > 0)
+    if not frozen:
+        return ""
+    picked = frozen[:tensors] + frozen[-tensors:] if len(frozen) > 2 * tensors else frozen
+    digest = hashlib.sha256()
+    for name, p in picked:
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // values)][:values]
+        digest.update(name.encode())
+        digest.update(sample.to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 class RoundCheckpoint(L.Callback):
     """Saves ``dirpath/last.ckpt`` after each round is built, every `every_n_steps` steps and
-    on `stop_signal`; list it after `RubricScoringCallback` so the round is built first."""
+    on `stop_signal`; list it after `RubricScoringCallback` so the round is built first.
+    `base` (`base_fingerprint` of the policy as loaded) is saved, and a checkpoint written on
+    another base is refused."""
 
     def __init__(self, dirpath: str | Path, every_n_steps: int, *,
-                 stop_signal: int | None = None, enabled: bool = True):
+                 stop_signal: int | None = None, enabled: bool = True, base: str = ""):
         self.dirpath = Path(dirpath)
+        self.base = base
         self.every_n_steps = every_n_steps
         self.stop_signal = stop_signal
         self.enabled = enabled
@@ -177,12 +204,19 @@ class RoundCheckpoint(L.Callback):
     def state_dict(self) -> dict:
         name, keys, pos, has_gauss, gauss = np.random.get_state()
         # Plain types only, so the checkpoint loads with torch.load(weights_only=True).
-        return {"rng": {"python": random.getstate(),
+        return {"base": self.base,
+                "rng": {"python": random.getstate(),
                         "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
                         "torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict.get("base", "")  # "" in checkpoints of earlier versions: not checked
+        if saved and self.base and saved != self.base:
+            raise ValueError(
+                f"checkpoint in {self.dirpath} was written on another base model (weights "
+                f"fingerprint {saved}, this model.path gives {self.base}): resume with the "
+                f"model.path it was trained on, or start over with run.resume=none")
         rng = state_dict["rng"]
         random.setstate(rng["python"])
         name, keys, pos, has_gauss, gauss = rng["numpy"]

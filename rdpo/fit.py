@@ -187,7 +187,12 @@ def build(cfg: Config) -> Run:
     from lightning.pytorch.utilities import rank_zero_only
 
     from rdpo.callbacks import HeldoutEvaluation, RubricScoringCallback
-    from rdpo.callbacks.checkpoint import RoundCheckpoint, find_checkpoint, keep_metrics
+    from rdpo.callbacks.checkpoint import (
+        RoundCheckpoint,
+        base_fingerprint,
+        find_checkpoint,
+        keep_metrics,
+    )
     from rdpo.data import OnPolicyDataModule
     from rdpo.model import load_policy
     from rdpo.module import RubricDPOModule
@@ -244,7 +249,7 @@ def build(cfg: Config) -> Run:
         seed=cfg.run.seed, judge_chunk=_judge_chunk(cfg), server=server)
     checkpointer = RoundCheckpoint(
         run_dir / "checkpoints", cfg.run.checkpoint_every_n_steps or cfg.rollout.every_n_steps,
-        stop_signal=_preemption_signal(), enabled=cfg.run.checkpoint)
+        stop_signal=_preemption_signal(), enabled=cfg.run.checkpoint, base=base_fingerprint(model))
     logger = CSVLogger(run_dir, name="", version="logs")
     if ckpt is not None and rank_zero_only.rank == 0:
         keep_metrics(logger, ckpt)

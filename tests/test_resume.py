@@ -3,13 +3,14 @@ with run.resume=auto, ends exactly where the uninterrupted run ends, without ask
 again for what it had already judged."""
 
 import os
+import shutil
 import signal
 import time
 
 import pytest
 import torch
 from fake_openai_server import FakeOpenAIServer
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from scale_runs import fit_cli, jsonl, log_text
 
 pytestmark = pytest.mark.slow
@@ -20,6 +21,11 @@ CADENCE = ["run.checkpoint_every_n_steps=2"]
 @pytest.fixture(scope="module")
 def cache(small_toy):
     return small_toy.cache
+
+
+@pytest.fixture(scope="module")
+def policy(small_toy):
+    return small_toy.paths.policy
 
 
 def _wait_for(proc, run_dir, done, deadline, what):
@@ -119,8 +125,9 @@ def _losses(run):
             if r.get("train/dpo_loss_step")]
 
 
-def test_resume_refuses_another_seed(cache, tmp_path):
-    """A checkpoint is resumed only by the run that wrote it (seed and pool must agree)."""
+def test_resume_refuses_another_seed_or_base(cache, policy, tmp_path):
+    """A checkpoint is resumed only by the run that wrote it: seed and pool must agree, and
+    the base weights (another model.path of the same shapes, one weight nudged by 1e-2)."""
     run = tmp_path / "r"
     proc = fit_cli(run, cache, "dpo.max_steps=2", "rollout.every_n_steps=2")
     assert proc.returncode == 0, log_text(run)
@@ -129,3 +136,13 @@ def test_resume_refuses_another_seed(cache, tmp_path):
                    "run.resume=auto")
     assert proc.returncode != 0
     assert "resume with the same run.seed" in log_text(run)
+    other = tmp_path / "other-base"
+    shutil.copytree(policy, other)
+    weights = load_file(other / "model.safetensors")
+    name = next(n for n in sorted(weights) if weights[n].is_floating_point())
+    weights[name] += 0.01
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    proc = fit_cli(run, cache, "dpo.max_steps=4", "rollout.every_n_steps=2", "run.resume=auto",
+                   f"model.path={other}")
+    assert proc.returncode != 0
+    assert "was written on another base model" in log_text(run)
