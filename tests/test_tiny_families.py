@@ -21,6 +21,10 @@ EXPECTED = {
         processor="Idefics3Processor", image_processor="Idefics3ImageProcessor",
         model="Idefics3ForConditionalGeneration", eot="<end_of_utterance>",
         placeholder="<image>", image_token="<image>", one=16, each_of_two=16),
+    "gemma3": dict(
+        processor="Gemma3Processor", image_processor="Gemma3ImageProcessor",
+        model="Gemma3ForConditionalGeneration", eot="<end_of_turn>",
+        placeholder="<start_of_image>", image_token="<image_soft_token>", one=16, each_of_two=16),
 }
 
 RED, BLUE = (220, 30, 30), (30, 60, 220)
@@ -50,7 +54,9 @@ def built(request, tmp_path_factory):
 def _encode(processor, n_images, colors=(RED, BLUE)):
     text = processor.apply_chat_template(_messages(n_images), add_generation_prompt=True,
                                          tokenize=False)
-    return text, processor(text=[text], images=[_images(n_images, colors)], return_tensors="pt")
+    # the rendered text already holds the bos where the family has one (Gemma 3, Llama 3.2)
+    return text, processor(text=[text], images=[_images(n_images, colors)], return_tensors="pt",
+                           add_special_tokens=False)
 
 
 def test_every_family_is_expected():

@@ -73,7 +73,10 @@ def train_tokenizer(corpus: list[str], family: str, vocab_size: int = 512):
     from tokenizers import AddedToken
 
     spec = TOKENS[family]
-    tokenizer = _train(corpus, spec, vocab_size)
+    # The chat templates' role words and newlines, often enough to become whole tokens (a
+    # prompt's scaffold is a few tokens, as with a real vocabulary, not one per letter).
+    scaffold = ["user\n", "assistant\n", "model\n", "system\n", "User:", "Assistant:"] * 20
+    tokenizer = _train([*corpus, *scaffold], spec, vocab_size)
     # Every chat/vision marker is one special token (never split by the BPE, skipped when
     # decoding with skip_special_tokens), as in the family's real tokenizer.
     tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in spec["specials"]],
@@ -112,11 +115,13 @@ def _train(corpus, spec, vocab_size):
 
 def _gemma_tokenizer(corpus, spec, vocab_size):
     """A SentencePiece-style BPE ("▁" for spaces, byte fallback) in `GemmaTokenizer`."""
-    from tokenizers import Tokenizer, models, normalizers, trainers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import GemmaTokenizer
 
     tok = Tokenizer(models.BPE(byte_fallback=True))
     tok.normalizer = normalizers.Replace(" ", "▁")
+    # pieces never span words during training ("▁the", not "e▁the▁"), as SentencePiece's
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(spec["specials"]),
                                   show_progress=False)
     tok.train_from_iterator(corpus, trainer)
@@ -207,9 +212,40 @@ def _idefics3(tokenizer, hidden, layers, shape):
     return config, processor
 
 
+def _gemma3(tokenizer, hidden, layers, shape):
+    """SigLIP 64×64 / patch 8 (8×8 patches) average-pooled 2×2 → 16 `<image_soft_token>` per
+    image, written as "\n\n<start_of_image><image_soft_token>*16<end_of_image>\n\n"; no
+    pan-and-scan. One sliding-window and one global layer, as Gemma 3 interleaves them."""
+    import transformers
+
+    side, patch, tokens = 64, 8, 16
+    text = _text_config(tokenizer, hidden, layers, **shape)
+    text.update(query_pre_attn_scalar=text["head_dim"], sliding_window=512,
+                layer_types=["sliding_attention", "full_attention"] * (layers // 2)
+                + ["sliding_attention"] * (layers % 2))
+    config = transformers.Gemma3Config(
+        text_config=text,
+        vision_config=dict(model_type="siglip_vision_model", image_size=side, patch_size=patch,
+                           num_attention_heads=4, vision_use_head=False,
+                           **_vision(hidden, layers, shape)),
+        mm_tokens_per_image=tokens,
+        boi_token_index=tokenizer.convert_tokens_to_ids("<start_of_image>"),
+        eoi_token_index=tokenizer.convert_tokens_to_ids("<end_of_image>"),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image_soft_token>"),
+        tie_word_embeddings=False,
+    )
+    image_processor = transformers.Gemma3ImageProcessor(
+        size={"height": side, "width": side}, do_pan_and_scan=False)
+    processor = transformers.Gemma3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=tokens,
+        chat_template=TEMPLATES["gemma3"])
+    return config, processor
+
+
 _BUILDERS = {
     "llava_onevision": _llava_onevision,
     "idefics3": _idefics3,
+    "gemma3": _gemma3,
 }
 FAMILIES = tuple(_BUILDERS)
 
@@ -243,6 +279,11 @@ def build_tiny_family(
     config, processor = _BUILDERS[family](tokenizer, hidden, layers, {"head_dim": head_dim, **shape})
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config)
+    if family == "gemma3":
+        # Gemma 3 initialises its image projection to zeros (a checkpoint overwrites it): at
+        # random init every image would reach the language model as the same zero vector.
+        projector = model.model.multi_modal_projector
+        torch.nn.init.normal_(projector.mm_input_projection_weight, std=config.initializer_range)
     # generate() stops at the end-of-turn token and pads with the pad token.
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
