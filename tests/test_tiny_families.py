@@ -25,6 +25,10 @@ EXPECTED = {
         processor="Gemma3Processor", image_processor="Gemma3ImageProcessor",
         model="Gemma3ForConditionalGeneration", eot="<end_of_turn>",
         placeholder="<start_of_image>", image_token="<image_soft_token>", one=16, each_of_two=16),
+    "internvl": dict(
+        processor="InternVLProcessor", image_processor="GotOcr2ImageProcessor",
+        model="InternVLForConditionalGeneration", eot="<|im_end|>",
+        placeholder="<IMG_CONTEXT>\n", image_token="<IMG_CONTEXT>", one=16, each_of_two=16),
 }
 
 RED, BLUE = (220, 30, 30), (30, 60, 220)

@@ -242,10 +242,37 @@ def _gemma3(tokenizer, hidden, layers, shape):
     return config, processor
 
 
+def _internvl(tokenizer, hidden, layers, shape):
+    """InternViT 64×64 / patch 8 (8×8 patches, CLS dropped), pixel-shuffled by 0.5 → 16
+    `<IMG_CONTEXT>` per image, written as "<img><IMG_CONTEXT>*16</img>"; one tile, no thumbnail
+    (max_patches=1)."""
+    import transformers
+
+    side, patch, ratio = 64, 8, 0.5
+    tokens = int((side // patch) ** 2 * ratio**2)
+    config = transformers.InternVLConfig(
+        text_config=dict(model_type="qwen2", **_text_config(tokenizer, hidden, layers, **shape)),
+        vision_config=dict(image_size=side, patch_size=patch, num_attention_heads=4,
+                           **_vision(hidden, layers, shape)),
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=tokens,
+        downsample_ratio=ratio,
+        tie_word_embeddings=False,
+    )
+    image_processor = transformers.GotOcr2ImageProcessor(
+        size={"height": side, "width": side}, crop_to_patches=False, min_patches=1, max_patches=1)
+    video_processor = transformers.InternVLVideoProcessor(size={"height": side, "width": side})
+    processor = transformers.InternVLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+        image_seq_length=tokens, chat_template=TEMPLATES["internvl"])
+    return config, processor
+
+
 _BUILDERS = {
     "llava_onevision": _llava_onevision,
     "idefics3": _idefics3,
     "gemma3": _gemma3,
+    "internvl": _internvl,
 }
 FAMILIES = tuple(_BUILDERS)
 
