@@ -68,14 +68,22 @@ def lora_target(model, cfg: ModelConfig) -> str:
     return families.lora_target(model)
 
 
+def checkpoint_language_model(model) -> None:
+    """Gradient checkpointing of the language model's layers only (non-reentrant: no input needs
+    to require grad). The vision tower is frozen and builds no graph; with the vision cache the
+    steps do not even run it, so checkpointing it would only cost."""
+    trunk = getattr(model, "model", None)
+    target = trunk.get_decoder() if hasattr(trunk, "get_decoder") else model
+    target.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def add_lora(model, cfg: ModelConfig):
     """Wrap `model` in a PEFT LoRA adapter on the modules matching ``cfg.lora.target_modules``
     (``auto``: the family's language model, `rdpo.families`)."""
     from peft import LoraConfig, get_peft_model
 
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        checkpoint_language_model(model)
     lora = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
@@ -132,7 +140,7 @@ def load_policy(cfg: ModelConfig):
     if cfg.finetune == "full":
         model = unfreeze_language_model(load_base(cfg))
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            checkpoint_language_model(model)
         _ready_to_train(model, cfg)
         log.info("policy %s: %d trainable parameters (full fine-tuning)", cfg.path,
                  sum(p.numel() for p in model.parameters() if p.requires_grad))

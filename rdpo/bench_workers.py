@@ -1,0 +1,207 @@
+"""One benchmark run, in its own process: rdpo's DPO steps or TRL 1.16's DPOTrainer on the
+pairs `rdpo.bench` built, with one setting (gradient checkpointing; for rdpo also the vision
+cache and packing). Both sides get the same model, pairs, order, LoRA, loss, optimizer and
+initial adapter; the result is pairs/s, per-step losses, resident memory and the bytes one
+training step saves for its backward pass (`rdpo.saved_memory`, metered the same way on both
+sides, at step `METER_STEP`).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+
+LORA = dict(r=16, alpha=32, target=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+METER_STEP = 1
+"""The metered step: not the first, which may allocate lazily."""
+
+
+def _peak_mb(device) -> float:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _lora_init(model, path: Path) -> None:
+    """Every run starts from the same adapter: saved by the first, loaded by the others."""
+    import torch
+
+    state = {k: v for k, v in model.named_parameters() if "lora_" in k}
+    key = lambda k: k.replace(".default", "")  # noqa: E731
+    if path.exists():
+        saved = torch.load(path)
+        with torch.no_grad():
+            for k, v in state.items():
+                v.copy_(saved[key(k)])
+    else:
+        torch.save({key(k): v.detach().cpu() for k, v in state.items()}, path)
+
+
+def _pool(work: Path, n: int):
+    from rdpo.pool import load_pool
+
+    lines = [json.loads(x) for x in (work / "responses.jsonl").read_text().splitlines()][:n]
+    return (load_pool(work / "pool.jsonl")[:n], [x["chosen"] for x in lines],
+            [x["rejected"] for x in lines])
+
+
+def _model_config(work: Path, precision: str, gc: bool):
+    from rdpo.config import LoraConfig, ModelConfig
+
+    return ModelConfig(path=str(work / "model"), dtype="bfloat16" if precision == "bf16" else "float32",
+                       lora=LoraConfig(r=LORA["r"], alpha=LORA["alpha"], target_modules=LORA["target"]),
+                       gradient_checkpointing=gc)
+
+
+def _vision_module(model):
+    from rdpo.logps import unwrap
+
+    trunk = unwrap(model).model
+    return next(getattr(trunk, n) for n in ("visual", "vision_tower", "vision_model") if hasattr(trunk, n))
+
+
+def _result(seconds, steps, batch, losses, meter, device, base_rss, **extra) -> dict:
+    return {"seconds": seconds, "pairs_per_s": steps * batch / seconds, "losses": losses,
+            "activation_mb": meter.peak / 2**20,
+            "activation_top": [(what, size / 2**20) for what, size in meter.top(6)],
+            "peak_mb": _peak_mb(device), "base_rss_mb": base_rss, **extra}
+
+
+def run(spec: dict) -> dict:
+    """One run as `spec` says: impl (rdpo, trl), work, steps, batch, device, precision, gc, and
+    for rdpo cache and packed."""
+    import torch
+
+    torch.manual_seed(0)
+    return (_run_rdpo if spec["impl"] == "rdpo" else _run_trl)(spec, Path(spec["work"]))
+
+
+def _run_rdpo(spec: dict, work: Path) -> dict:
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from rdpo.batches import PairCollator, TrainPair
+    from rdpo.config import DPOConfig
+    from rdpo.model import load_policy
+    from rdpo.module import RubricDPOModule
+    from rdpo.rounds import with_reference_logps
+    from rdpo.saved_memory import SavedTensorMeter
+    from rdpo.vision_cache import VisionCache
+
+    steps, batch, device = spec["steps"], spec["batch"], spec["device"]
+    records, chosen, rejected = _pool(work, steps * batch)
+    model, processor = load_policy(_model_config(work, spec["precision"], spec["gc"]))
+    _lora_init(model, work / "lora_init.pt")
+    model.to(device)
+    base_rss = _rss_mb()
+    collator = PairCollator(processor, packed=spec.get("packed", True),
+                            vision=VisionCache() if spec.get("cache", True) else None)
+    losses: list[float] = []
+    meter = SavedTensorMeter(model)
+    vision_calls = []
+    hook = _vision_module(model).register_forward_hook(lambda *a: vision_calls.append(1))
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, module, b, i):
+            if i == METER_STEP:
+                meter.__enter__()
+
+        def on_before_backward(self, trainer, module, loss):
+            if trainer.global_step == METER_STEP:
+                meter.__exit__(None, None, None)
+
+        def on_train_batch_end(self, trainer, module, outputs, b, i):
+            losses.append(float(outputs["loss"]))
+
+    module = RubricDPOModule(model, processor, DPOConfig(beta=0.1, lr=1e-4, max_steps=steps))
+    trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_steps=steps,
+                        precision="bf16-mixed" if spec["precision"] == "bf16" else "32-true",
+                        gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Record()])
+    start = time.perf_counter()
+    # Reference log-probs once per pair (adapters off), as a round computes them; with the
+    # vision cache this pass also encodes each image, once.
+    pairs = with_reference_logps(
+        model, collator, [TrainPair(*x, 0.0, 0.0) for x in zip(records, chosen, rejected, strict=True)],
+        batch, precision=trainer.precision_plugin)
+    reference_vision_calls = len(vision_calls)
+    model.train()
+    trainer.fit(module, DataLoader(pairs, batch_size=batch, shuffle=False, collate_fn=collator))
+    _sync(device)
+    seconds = time.perf_counter() - start
+    hook.remove()
+    return _result(seconds, steps, batch, losses, meter, device, base_rss,
+                   vision_calls_in_steps=len(vision_calls) - reference_vision_calls)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _run_trl(spec: dict, work: Path) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from torch.utils.data import SequentialSampler
+    from trl import DPOConfig, DPOTrainer
+
+    from rdpo.collate import chat_text
+    from rdpo.model import load_base, load_processor
+    from rdpo.pool import load_images
+    from rdpo.saved_memory import SavedTensorMeter
+
+    steps, batch, device, precision = spec["steps"], spec["batch"], spec["device"], spec["precision"]
+    records, chosen, rejected = _pool(work, steps * batch)
+    cfg = _model_config(work, precision, False)
+    processor = load_processor(cfg.path)
+    base = load_base(cfg)
+    # The same token sequences as rdpo's: the templated prompt, each response + end of turn.
+    data = Dataset.from_list([{"images": load_images(r), "prompt": chat_text(processor, r),
+                               "chosen": c + "<|im_end|>", "rejected": j + "<|im_end|>"}
+                              for r, c, j in zip(records, chosen, rejected, strict=True)])
+    losses: list[float] = []
+    meter: list[SavedTensorMeter] = []
+
+    class Trainer(DPOTrainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)  # rdpo's order
+
+        def compute_loss(self, *args, **kwargs):
+            if self.state.global_step == METER_STEP and not meter:
+                meter.append(SavedTensorMeter(self.model))
+                with meter[0]:
+                    loss = super().compute_loss(*args, **kwargs)
+            else:
+                loss = super().compute_loss(*args, **kwargs)
+            losses.append(float(loss))
+            return loss
+
+    args = DPOConfig(
+        output_dir=str(work / "trl"), beta=0.1, loss_type=["sigmoid"], per_device_train_batch_size=batch,
+        max_steps=steps, learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0,
+        max_grad_norm=1.0, weight_decay=0.0, logging_steps=1, report_to=[], save_strategy="no",
+        use_cpu=device == "cpu", bf16=precision == "bf16", max_length=None,
+        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,
+        gradient_checkpointing=spec["gc"])
+    lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules=LORA["target"], lora_dropout=0.0)
+    trainer = Trainer(model=base, args=args, train_dataset=data, processing_class=processor, peft_config=lora)
+    _lora_init(trainer.model, work / "lora_init.pt")
+    base_rss = _rss_mb()
+    start = time.perf_counter()
+    trainer.train()
+    _sync(device)
+    seconds = time.perf_counter() - start
+    return _result(seconds, steps, batch, losses, meter[0], device, base_rss)
