@@ -29,6 +29,10 @@ EXPECTED = {
         processor="InternVLProcessor", image_processor="GotOcr2ImageProcessor",
         model="InternVLForConditionalGeneration", eot="<|im_end|>",
         placeholder="<IMG_CONTEXT>\n", image_token="<IMG_CONTEXT>", one=16, each_of_two=16),
+    "mllama": dict(
+        processor="MllamaProcessor", image_processor="MllamaImageProcessor",
+        model="MllamaForConditionalGeneration", eot="<|eot_id|>",
+        placeholder="<|image|>", image_token="<|image|>", one=1, each_of_two=1),
 }
 
 RED, BLUE = (220, 30, 30), (30, 60, 220)
@@ -64,7 +68,7 @@ def _encode(processor, n_images, colors=(RED, BLUE)):
 
 
 def test_every_family_is_expected():
-    assert set(FAMILIES) == set(EXPECTED) and set(FAMILIES) <= set(TEMPLATES)
+    assert set(FAMILIES) == set(EXPECTED) == set(TEMPLATES)
 
 
 def test_unknown_family_raises(tmp_path):
@@ -79,8 +83,11 @@ def test_loads_back_with_the_real_classes(built):
     assert type(processor.image_processor).__name__.removesuffix("Fast") == want["image_processor"]
     assert type(model).__name__ == want["model"]
     text_cfg = model.config.get_text_config()
-    assert (text_cfg.num_hidden_layers, text_cfg.hidden_size, text_cfg.head_dim) == (2, 64, 16)
-    assert text_cfg.num_key_value_heads == 2
+    head_dim = getattr(text_cfg, "head_dim", None) or 64 // text_cfg.num_attention_heads
+    assert (text_cfg.hidden_size, head_dim, text_cfg.num_key_value_heads) == (64, 16, 2)
+    # mllama: 2 self-attention layers + 1 cross-attention layer
+    cross = len(getattr(text_cfg, "cross_attention_layers", None) or [])
+    assert (text_cfg.num_hidden_layers - cross, cross) == (2, int(family == "mllama"))
     assert text_cfg.vocab_size == len(processor.tokenizer)
     assert processor.chat_template == TEMPLATES[family]
 
@@ -118,8 +125,18 @@ def test_template_placeholders_and_forward(built, n_images):
 
 
 def test_placeholder_count_is_what_the_model_expects(built):
-    """One image token too few: the model refuses the batch (it counts its features)."""
+    """One image token too few: the model refuses the batch (it counts its features). Llama 3.2
+    Vision instead reads the image through cross_attention_mask: text from each <|image|> on
+    sees that image (and every later token), text before it sees none."""
     family, processor, model = built
+    if family == "mllama":
+        _, inputs = _encode(processor, 2)
+        marks = (inputs["input_ids"][0] == processor.image_token_id).nonzero().flatten().tolist()
+        mask = inputs["cross_attention_mask"][0, :, :, 0]  # [tokens, images]
+        assert len(marks) == mask.shape[1] == 2
+        for image, at in enumerate(marks):
+            assert mask[:at, image].sum() == 0 and mask[at:, image].all()
+        return
     _, inputs = _encode(processor, 1)
     ids = inputs["input_ids"].clone()
     image_id = processor.tokenizer.convert_tokens_to_ids(EXPECTED[family]["image_token"])

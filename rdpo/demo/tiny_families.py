@@ -268,11 +268,43 @@ def _internvl(tokenizer, hidden, layers, shape):
     return config, processor
 
 
+def _mllama(tokenizer, hidden, layers, shape):
+    """Llama 3.2 Vision: one `<|image|>` token per image in the text; the language model reads
+    the image through gated cross-attention layers (one after the first self-attention layer,
+    so `layers` self-attention layers + 1 cross-attention layer). Vision: one 56×56 tile
+    (max_image_tiles=1), patch 14 → 16 patches + CLS, padded to 24 rows per tile."""
+    import transformers
+
+    side, patch = 56, 14
+    vision = _vision(hidden, layers, shape)
+    text = _text_config(tokenizer, hidden, layers, **shape)
+    text.update(num_hidden_layers=layers + 1, cross_attention_layers=[1])
+    del text["head_dim"]  # Mllama's text model derives it: hidden // heads
+    config = transformers.MllamaConfig(
+        text_config=text,
+        vision_config=dict(image_size=side, patch_size=patch, attention_heads=4,
+                           hidden_size=vision["hidden_size"],
+                           intermediate_size=vision["intermediate_size"],
+                           num_hidden_layers=vision["num_hidden_layers"], num_global_layers=1,
+                           intermediate_layers_indices=[0],
+                           vision_output_dim=2 * vision["hidden_size"], max_num_tiles=1,
+                           supported_aspect_ratios=[[1, 1]]),
+        image_token_index=tokenizer.convert_tokens_to_ids("<|image|>"),
+        tie_word_embeddings=False,
+    )
+    image_processor = transformers.MllamaImageProcessor(
+        size={"height": side, "width": side}, max_image_tiles=1)
+    processor = transformers.MllamaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=TEMPLATES["mllama"])
+    return config, processor
+
+
 _BUILDERS = {
     "llava_onevision": _llava_onevision,
     "idefics3": _idefics3,
     "gemma3": _gemma3,
     "internvl": _internvl,
+    "mllama": _mllama,
 }
 FAMILIES = tuple(_BUILDERS)
 
@@ -311,6 +343,12 @@ def build_tiny_family(
         # random init every image would reach the language model as the same zero vector.
         projector = model.model.multi_modal_projector
         torch.nn.init.normal_(projector.mm_input_projection_weight, std=config.initializer_range)
+    if family == "mllama":
+        # Llama 3.2 Vision's cross-attention gates start at 0 (tanh(0) = 0: the image is shut
+        # out until training opens them); a checkpoint's gates are open, so open these too.
+        for name, param in model.named_parameters():
+            if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
+                torch.nn.init.constant_(param, 1.0)
     # generate() stops at the end-of-turn token and pads with the pad token.
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
