@@ -154,3 +154,74 @@ def test_generate_runs(built):
     n = inputs["input_ids"].shape[1]
     assert torch.equal(out[:, :n], inputs["input_ids"])
     assert n < out.shape[1] <= n + 3  # fewer only when it sampled the end of turn
+
+
+def test_bos_is_written_once_by_the_template(built):
+    """Gemma 3 and Llama 3.2 templates write the bos and their tokenizers add one too: rendered
+    prompts are tokenized with add_special_tokens=False (as apply_chat_template does)."""
+    family, processor, _ = built
+    tok = processor.tokenizer
+    text = processor.apply_chat_template(_messages(0), add_generation_prompt=True, tokenize=False)
+    plain = tok(text, add_special_tokens=False)["input_ids"]
+    default = tok(text)["input_ids"]
+    if family in ("gemma3", "mllama"):
+        assert text.startswith(tok.bos_token) and plain[0] == tok.bos_token_id != plain[1]
+        assert default == [tok.bos_token_id, *plain]
+    else:
+        assert default == plain
+
+
+def _pack(inputs, prompt_len, a, b):
+    """`inputs` extended by answers `a` then `b`; b sees the prompt, not a (rdpo's prefix
+    sharing). Returns the packed inputs (4-D bool mask, 1-D positions) and two separate ones."""
+    def extend(answers):
+        ids = torch.cat([inputs["input_ids"], *answers], 1)
+        out = {**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        extra = ids.shape[1] - prompt_len
+        if "token_type_ids" in inputs:
+            out["token_type_ids"] = torch.nn.functional.pad(inputs["token_type_ids"], (0, extra))
+        if "cross_attention_mask" in inputs:  # later text sees every image, as the last prompt token
+            cam = inputs["cross_attention_mask"]
+            out["cross_attention_mask"] = torch.cat([cam, cam[:, -1:].expand(-1, extra, -1, -1)], 1)
+        return out
+
+    la, lb = a.shape[1], b.shape[1]
+    total = prompt_len + la + lb
+    allow = torch.tril(torch.ones(total, total, dtype=torch.bool))
+    allow[prompt_len + la:, prompt_len:prompt_len + la] = False
+    packed = extend([a, b])
+    packed["attention_mask"] = allow[None, None]
+    packed["position_ids"] = torch.cat([torch.arange(prompt_len + la),
+                                        torch.arange(prompt_len, prompt_len + lb)])[None]
+    return packed, extend([a]), extend([b])
+
+
+def _image_blocks(token_type_ids):
+    """[T, T] True where both tokens lie in the same image (Gemma 3's bidirectional blocks)."""
+    img = token_type_ids[0] == 1
+    starts = img & ~torch.nn.functional.pad(img, (1, 0))[:-1]
+    group = torch.where(img, torch.cumsum(starts.int(), 0), 0)
+    return (group[:, None] == group[None, :]) & img[:, None]
+
+
+def test_custom_4d_mask_and_positions_share_the_prefix(built):
+    """Every family's forward takes a custom 4-D mask and 1-D position ids: chosen and rejected
+    packed behind one prompt+image encoding give the logits of two separate forwards. Gemma 3's
+    mask must carry its bidirectional image blocks (a plain causal 4-D mask drops them)."""
+    family, processor, model = built
+    _, inputs = _encode(processor, 2)
+    tok, prompt_len = processor.tokenizer, inputs["input_ids"].shape[1]
+    a, b = (tok(t + tok.eos_token, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            for t in ("The circle is red.", "It is blue."))
+    packed, sep_a, sep_b = _pack(inputs, prompt_len, a, b)
+    with torch.no_grad():
+        logits_a, logits_b = model(**sep_a).logits[0], model(**sep_b).logits[0]
+        if family == "gemma3":
+            causal = model(**packed).logits[0]
+            assert not torch.allclose(causal[:prompt_len], logits_a[:prompt_len], atol=1e-3)
+            packed["attention_mask"][0, 0, :prompt_len, :prompt_len] |= _image_blocks(
+                inputs["token_type_ids"])
+        logits = model(**packed).logits[0]
+    split = prompt_len + a.shape[1]
+    torch.testing.assert_close(logits[:split], logits_a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[split:], logits_b[prompt_len:], atol=1e-5, rtol=1e-5)

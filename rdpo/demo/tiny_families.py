@@ -6,133 +6,67 @@ processor and image processor (configured for tens of image tokens per 112×56 t
 tiling), and its real chat template (``rdpo.demo.tiny_templates``). The saved directory loads
 through ``AutoProcessor`` and ``AutoModelForImageTextToText`` like a hub checkpoint.
 
-Facts the family layer needs (transformers 5.24; measured on these builds by
-tests/test_tiny_families.py; "eot" is the end-of-turn token, saved as the tokenizer's eos):
+Facts the family layer needs (transformers 5.24; checked on these builds by
+tests/test_tiny_families.py). Token ids are those of every build (specials take the first
+ids). "eot" is the end-of-turn token, saved as the tokenizer's eos and generation eos.
+"LM / vision / projector" are module paths under the ...ForConditionalGeneration (the LoRA
+regex anchors on the LM path; the quantisation skip list holds vision, projector, lm_head).
+"Packs" means a custom 4-D bool mask [B, 1, T, T] plus 1-D position_ids [B, T] reproduce
+separate forwards (chosen and rejected behind one prompt+image encoding); every family uses
+1-D rope, none Qwen's 3-D mrope.
 
-FAMILY_FACTS_TABLE
+llava_onevision  LlavaOnevisionProcessor, LlavaOnevisionImageProcessor, Qwen2Tokenizer.
+    eot <|im_end|> 2, pad <|endoftext|> 0, no bos. Template: "<image>\n" per image, all
+    images first in the turn. Text: <image> (3) ×26 in a one-image prompt (16 base + 8
+    anyres tile + 2 row newlines), ×17 per image in a multi-image prompt (base + 1 newline).
+    LM model.language_model (Qwen2) / vision model.vision_tower (SigLIP) / projector
+    model.multi_modal_projector (+ the parameter model.image_newline). Inputs: pixel_values
+    [n_images, 2 or 1 patches, 3, 56, 56], image_sizes, batch_num_images. Packs: yes.
+idefics3  Idefics3Processor, Idefics3ImageProcessor, GPT2Tokenizer (SmolVLM-Instruct).
+    eot <end_of_utterance> 5, bos <|im_start|> 1 (written by the template only), pad
+    <|im_end|> 2. Template: "User:<image>...<end_of_utterance>\nAssistant:". Text per image:
+    <fake_token_around_image> (3) <global-img> (6) <image> (4) ×16 <fake_token_around_image>.
+    LM model.text_model (Llama) / vision model.vision_model / projector model.connector.
+    Inputs: pixel_values [B, max_images, 3, 112, 112] + pixel_attention_mask (padded per
+    sample: batch images per row). Packs: yes.
+gemma3  Gemma3Processor, Gemma3ImageProcessor, GemmaTokenizer. eot <end_of_turn> 6, bos
+    <bos> 2, pad <pad> 0. Template writes <bos> and the tokenizer adds one too: tokenize
+    rendered text with add_special_tokens=False. Template: "<start_of_image>" per image,
+    expanded to "\n\n<start_of_image> (7) <image_soft_token> (9) ×16 <end_of_image> (8)\n\n".
+    LM model.language_model / vision model.vision_tower (SigLIP) / projector
+    model.multi_modal_projector (a bare weight mm_input_projection_weight + norm, no Linear).
+    Inputs: pixel_values [n_images, 3, 64, 64], token_type_ids (1 on image soft tokens): the
+    model makes each image's tokens attend to each other bidirectionally. A custom 4-D mask
+    replaces that: packs only when the mask carries the image blocks (then exact); a plain
+    causal 4-D mask (or no token_type_ids) changes the logits. The mask may also be a dict
+    {"full_attention": m, "sliding_attention": m}. Layers: sliding (window 512) + global.
+internvl  InternVLProcessor, GotOcr2ImageProcessor, Qwen2Tokenizer (InternVL3-hf). eot
+    <|im_end|> 2, pad <|endoftext|> 0, no bos. Template: "<IMG_CONTEXT>\n" per image, expanded
+    to <img> (3) <IMG_CONTEXT> (5) ×16 </img> (4). LM model.language_model (Qwen2) / vision
+    model.vision_tower (its attention also has q_proj/k_proj/v_proj) / projector
+    model.multi_modal_projector. Inputs: pixel_values [n_tiles, 3, 64, 64] (one tile per
+    image here). Packs: yes.
+mllama  MllamaProcessor, MllamaImageProcessor, PreTrainedTokenizerFast (Llama 3). eot
+    <|eot_id|> 6, bos <|begin_of_text|> 0 (template writes it, tokenizer adds one too), pad
+    <|finetune_right_pad_id|> 2. Template: "<|image|>" (8) per image, ONE text token per
+    image; a prompt without images gets a system header with today's date. The image enters
+    through cross-attention layers (model.language_model.layers.N.cross_attn, gated), fed by
+    pixel_values [B, n_images, tiles, 3, 56, 56], aspect_ratio_ids [B, n_images],
+    aspect_ratio_mask [B, n_images, tiles] and cross_attention_mask [B, T, n_images, tiles]
+    (1 from each image's <|image|> token on; extend its last row over completion tokens).
+    LM model.language_model (self_attn and cross_attn layers) / vision model.vision_model /
+    projector model.multi_modal_projector (a single Linear: keep it out of quantisation).
+    Packs: yes (4-D self-attention mask + position_ids; cross_attention_mask per token).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from rdpo.demo.tiny_templates import TEMPLATES
-
-# Byte-level pre-tokenizer split (Qwen2 / Llama 3 style), so the trained BPE works in the
-# byte-level tokenizer classes these families ship (Qwen2Tokenizer, GPT2Tokenizer, Llama 3's).
-_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
-# family -> the tokenizer: class, special tokens (in id order, first ids), bos, eos (= the
-# end-of-turn token), pad, unk, and the named tokens the processor reads from the tokenizer.
-TOKENS = {
-    "llava_onevision": dict(
-        cls="Qwen2Tokenizer", specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>",
-                                        "<video>"),
-        bos=None, eos="<|im_end|>", pad="<|endoftext|>", unk="<|endoftext|>",
-        named={"image_token": "<image>", "video_token": "<video>"}),
-    "idefics3": dict(
-        # SmolVLM's SmolLM2 tokenizer: <|im_start|> is its bos (the template writes it).
-        cls="GPT2Tokenizer", specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>",
-                                       "<fake_token_around_image>", "<image>",
-                                       "<end_of_utterance>", "<global-img>",
-                                       *(f"<row_{r}_col_{c}>" for r in range(1, 7)
-                                         for c in range(1, 7))),
-        bos="<|im_start|>", eos="<end_of_utterance>", pad="<|im_end|>", unk="<|endoftext|>",
-        named={}),
-    "gemma3": dict(
-        cls="GemmaTokenizer", specials=("<pad>", "<eos>", "<bos>", "<unk>", "<mask>",
-                                        "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
-                                        "<end_of_image>", "<image_soft_token>"),
-        bos="<bos>", eos="<end_of_turn>", pad="<pad>", unk="<unk>",
-        named={"image_token": "<image_soft_token>", "boi_token": "<start_of_image>",
-               "eoi_token": "<end_of_image>"}),
-    "internvl": dict(
-        cls="Qwen2Tokenizer", specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>",
-                                        "</img>", "<IMG_CONTEXT>", "<video>"),
-        bos=None, eos="<|im_end|>", pad="<|endoftext|>", unk="<|endoftext|>",
-        named={"start_image_token": "<img>", "end_image_token": "</img>",
-               "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}),
-    "mllama": dict(
-        cls="PreTrainedTokenizerFast",
-        specials=("<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>",
-                  "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>",
-                  "<|python_tag|>", "<|image|>"),
-        bos="<|begin_of_text|>", eos="<|eot_id|>", pad="<|finetune_right_pad_id|>",
-        unk=None, named={}),
-}
-
-
-def train_tokenizer(corpus: list[str], family: str, vocab_size: int = 512):
-    """The family's tokenizer class, trained as a BPE on `corpus` with its special tokens."""
-    from tokenizers import AddedToken
-
-    spec = TOKENS[family]
-    # The chat templates' role words and newlines, often enough to become whole tokens (a
-    # prompt's scaffold is a few tokens, as with a real vocabulary, not one per letter).
-    scaffold = ["user\n", "assistant\n", "model\n", "system\n", "User:", "Assistant:"] * 20
-    tokenizer = _train([*corpus, *scaffold], spec, vocab_size)
-    # Every chat/vision marker is one special token (never split by the BPE, skipped when
-    # decoding with skip_special_tokens), as in the family's real tokenizer.
-    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in spec["specials"]],
-                         special_tokens=True)
-    return tokenizer
-
-
-def _train(corpus, spec, vocab_size):
-    import transformers
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    if spec["cls"] == "GemmaTokenizer":
-        return _gemma_tokenizer(corpus, spec, vocab_size)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(spec["specials"]),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(corpus, trainer)
-    kw = dict(eos_token=spec["eos"], pad_token=spec["pad"], bos_token=spec["bos"],
-              extra_special_tokens=spec["named"])
-    if spec["unk"]:
-        kw["unk_token"] = spec["unk"]
-    if spec["cls"] == "PreTrainedTokenizerFast":
-        # Llama 3's tokenizer prepends <|begin_of_text|> itself, and its template writes it too:
-        # a second one unless the caller tokenizes with add_special_tokens=False.
-        return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, add_bos_token=True, **kw)
-    state = json.loads(tok.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
-    return getattr(transformers, spec["cls"])(vocab=state["vocab"], merges=merges, **kw)
-
-
-def _gemma_tokenizer(corpus, spec, vocab_size):
-    """A SentencePiece-style BPE ("▁" for spaces, byte fallback) in `GemmaTokenizer`."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers import GemmaTokenizer
-
-    tok = Tokenizer(models.BPE(byte_fallback=True))
-    tok.normalizer = normalizers.Replace(" ", "▁")
-    # pieces never span words during training ("▁the", not "e▁the▁"), as SentencePiece's
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(spec["specials"]),
-                                  show_progress=False)
-    tok.train_from_iterator(corpus, trainer)
-    state = json.loads(tok.to_str())["model"]
-    vocab = dict(state["vocab"])
-    for b in range(256):  # byte-fallback pieces, so an unseen character is never <unk>
-        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
-    return GemmaTokenizer(vocab=vocab, merges=merges, bos_token=spec["bos"], eos_token=spec["eos"],
-                          pad_token=spec["pad"], unk_token=spec["unk"], mask_token="<mask>",
-                          extra_special_tokens=spec["named"], add_bos_token=True)
+from rdpo.demo.tiny_tokenizers import train_tokenizer
 
 
 def _text_config(tokenizer, hidden, layers, *, head_dim=16, intermediate=None, vocab_size=None,
