@@ -1,14 +1,22 @@
 """The ablation: base policy vs outcome-based vs rubric-based filtering, equal compute.
 
-    python -m rdpo.ablation [--config configs/quickstart.yaml] [--seeds 0 1 2]
-                            [--out runs/ablation] [--reuse] [key=value ...]
+    python -m rdpo.ablation [--config configs/ablation_hard.yaml] [--seeds 0 1 2 3 4]
+                            [--out runs/ablation] [--docs docs/ablation] [--reuse]
+                            [--collect-only] [key=value ...]
 
 For every seed, two runs that differ only in ``pairs.strategy`` (rubric | outcome): same policy,
-steps, rounds, prompts and samples per prompt, same seed. The base policy is the ``before``
-evaluation of those runs (the warm-started policy, no DPO). Every arm is measured the same way:
-the held-out rubric score and essential pass rate of sampled answers (`rdpo.evaluate`, always
-with the rubric, whatever the pairs were built from). Writes ``ablation.{md,json,png}`` and an
-overlaid run report under `--out`.
+steps, rounds, prompts and samples per prompt, same seed, same judge settings. The base policy is
+the ``before`` evaluation of those runs (the warm-started policy, no DPO). Every arm is measured
+the same way on the held-out prompts, on two yardsticks: the toy's ground truth
+(`rdpo.demo.truth`: the answer's claims checked against the scene, no rubric) and the exact
+RuleJudge's rubric score (the rubric arm's own reward, without the simulated judge's noise).
+
+Evidence goes to `--docs`: each run's eval.json, config.yaml and rounds.json (pairs kept and
+dropped by reason, mean judged score, per round), ``ablation.{json,md,png}`` with the git commit,
+the machine, the warm start's weights hash and the simulated judges' calibration
+(`rdpo.simjudges.calibrate`). The README section between the ablation markers is generated from
+that JSON (`rdpo.ablation_report`); ``--collect-only`` redoes tables, figure and README from the
+files already in `--docs` without training.
 """
 
 from __future__ import annotations
@@ -16,28 +24,25 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger("rdpo")
+from rdpo.ablation_report import ARMS, METRICS, STRATEGIES, plot, render_markdown, update_readme
 
-STRATEGIES = ("outcome", "rubric")
-ARMS = ("base", "outcome", "rubric")
-LABELS = {"base": "base policy (no DPO)", "outcome": "outcome filtering",
-          "rubric": "rubric filtering (rDPO)"}
+log = logging.getLogger("rdpo")
 
 
 @dataclass(frozen=True)
 class ArmStats:
-    """One arm over the seeds: per-seed values, mean, sample standard deviation, min and max."""
+    """One arm over the seeds: per-seed values of every metric, and their spread."""
 
     arm: str
     seeds: list[int]
-    rubric_score: list[float]
-    essential_pass_rate: list[float]
+    values: dict[str, list[float]]
 
     @staticmethod
     def _spread(values: list[float]) -> dict:
@@ -46,23 +51,11 @@ class ArmStats:
                 "min": min(values), "max": max(values)}
 
     def summary(self) -> dict:
-        return {"rubric_score": self._spread(self.rubric_score),
-                "essential_pass_rate": self._spread(self.essential_pass_rate)}
-
-
-@dataclass
-class AblationResult:
-    """The arms, the files written, and the wall time of the runs."""
-
-    arms: dict[str, ArmStats]
-    out_dir: Path
-    run_dirs: list[Path] = field(default_factory=list)
-    seconds: float = 0.0
-    command: str = ""
+        return {k: self._spread(v) for k, v in self.values.items()}
 
 
 def run_dir(out_dir: Path, strategy: str, seed: int) -> Path:
-    return out_dir / f"{strategy}-seed{seed}"
+    return Path(out_dir) / f"{strategy}-seed{seed}"
 
 
 def run_all(config: str, seeds: list[int], out_dir: Path, overrides: list[str],
@@ -89,129 +82,177 @@ def run_all(config: str, seeds: list[int], out_dir: Path, overrides: list[str],
     return dirs
 
 
-def collect(out_dir: Path, seeds: list[int]) -> dict[str, ArmStats]:
+def round_summaries(run: Path) -> list[dict]:
+    """Per round: prompts, pairs kept, drops by reason, truncated answers, mean judged score."""
+    out = []
+    for rdir in sorted((run / "rounds").glob("[0-9]*")):
+        summary = next((json.loads(line)["summary"] for line in
+                        (rdir / "pairs.jsonl").read_text().splitlines()
+                        if line.startswith('{"summary"')), {})
+        scores = [json.loads(line)["score"] for line in
+                  (rdir / "rollouts.jsonl").read_text().splitlines() if line.strip()]
+        out.append({"round": int(rdir.name), "prompts": summary.get("prompts"),
+                    "kept": summary.get("kept"), "dropped": summary.get("dropped", {}),
+                    "truncated_responses": summary.get("truncated_responses"),
+                    "mean_judged_score": statistics.fmean(scores) if scores else None})
+    return out
+
+
+def export_runs(out_dir: Path, docs: Path, seeds: list[int]) -> None:
+    """Copy each run's eval.json and config.yaml to `docs`/runs/, with its rounds.json."""
+    for seed in seeds:
+        for strategy in STRATEGIES:
+            src, dst = run_dir(out_dir, strategy, seed), run_dir(docs / "runs", strategy, seed)
+            dst.mkdir(parents=True, exist_ok=True)
+            for name in ("eval.json", "config.yaml"):
+                shutil.copyfile(src / name, dst / name)
+            (dst / "rounds.json").write_text(json.dumps(round_summaries(src), indent=1) + "\n")
+
+
+def collect(runs: Path, seeds: list[int]) -> dict[str, ArmStats]:
     """The arms from the runs' eval.json files (the base arm from their ``before``)."""
-    values: dict[str, dict[str, list[float]]] = {a: {"rubric_score": [], "essential_pass_rate": []}
-                                                 for a in ARMS}
+    values: dict[str, dict[str, list[float]]] = {a: {m: [] for m in METRICS} for a in ARMS}
     for seed in seeds:
         evals = {}
         for strategy in STRATEGIES:
-            path = run_dir(out_dir, strategy, seed) / "eval.json"
+            path = run_dir(runs, strategy, seed) / "eval.json"
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: missing (run the ablation without --collect-only)")
             evals[strategy] = json.loads(path.read_text())
             for key in values[strategy]:
-                values[strategy][key].append(evals[strategy]["after"][key])
+                values[strategy][key].append(evals[strategy]["after"].get(key, float("nan")))
         # Both runs of a seed start from the same policy and sample the evaluation with the
         # same seed, so their 'before' numbers must agree: otherwise compute was not equal.
         before = [evals[s]["before"] for s in STRATEGIES]
         for key in values["base"]:
-            if abs(before[0][key] - before[1][key]) > 1e-9:
-                raise ValueError(f"seed {seed}: the runs' 'before' {key} differ "
-                                 f"({before[0][key]} vs {before[1][key]}): not the same start")
-            values["base"][key].append(before[0][key])
-    return {a: ArmStats(a, list(seeds), v["rubric_score"], v["essential_pass_rate"])
-            for a, v in values.items()}
+            a, b = (x.get(key, float("nan")) for x in before)
+            if abs(a - b) > 1e-9:
+                raise ValueError(f"seed {seed}: the runs' 'before' {key} differ ({a} vs {b}): "
+                                 "not the same start")
+            values["base"][key].append(a)
+    return {a: ArmStats(a, list(seeds), v) for a, v in values.items()}
 
 
-def render_markdown(arms: dict[str, ArmStats]) -> str:
-    """The table: mean ± standard deviation over seeds (min–max), then the per-seed values."""
-    def cell(s: dict, pct: bool) -> str:
-        f = (lambda x: f"{100 * x:.1f}") if pct else (lambda x: f"{x:.3f}")
-        return f"{f(s['mean'])} ± {f(s['std'])} ({f(s['min'])}–{f(s['max'])})"
+def machine_facts(threads: int) -> dict:
+    """What the numbers depend on besides the code: commit, torch, threads, CPU."""
+    import os
+    import platform
+    import subprocess
 
-    seeds = arms["base"].seeds
-    out = [f"Held-out rubric score and essential pass rate (%), mean ± std over {len(seeds)} "
-           "seeds (min–max):", "",
-           "| arm | rubric score | essential pass (%) |", "|---|---|---|"]
-    for a in ARMS:
-        s = arms[a].summary()
-        out.append(f"| {LABELS[a]} | {cell(s['rubric_score'], False)} "
-                   f"| {cell(s['essential_pass_rate'], True)} |")
-    out += ["", "Per seed (rubric score / essential pass %):", "",
-            "| seed | " + " | ".join(LABELS[a] for a in ARMS) + " | rubric − outcome |",
-            "|---|" + "---|" * (len(ARMS) + 1)]
-    for i, seed in enumerate(seeds):
-        cells = [f"{arms[a].rubric_score[i]:.3f} / {100 * arms[a].essential_pass_rate[i]:.1f}"
-                 for a in ARMS]
-        diff = arms["rubric"].rubric_score[i] - arms["outcome"].rubric_score[i]
-        out.append(f"| {seed} | " + " | ".join(cells) + f" | {diff:+.3f} |")
-    return "\n".join(out) + "\n"
+    import torch
 
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return "unknown"
 
-def plot(arms: dict[str, ArmStats], png: Path) -> None:
-    """Two panels (rubric score, essential pass rate): a bar per arm at the mean, a dot per seed."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10, 4.5), dpi=110, layout="constrained")
-    colors = {"base": "#7f7f7f", "outcome": "#ff7f0e", "rubric": "#1f77b4"}
-    for ax, key, title in zip(fig.subplots(1, 2), ("rubric_score", "essential_pass_rate"),
-                              ("Held-out mean rubric score", "Held-out essential pass rate"),
-                              strict=True):
-        for x, a in enumerate(ARMS):
-            vals = getattr(arms[a], key)
-            s = arms[a].summary()[key]
-            ax.bar(x, s["mean"], yerr=s["std"], color=colors[a], alpha=0.8, capsize=6, width=0.6)
-            ax.plot([x + d for d in _jitter(len(vals))], vals, "o", color="black", ms=4)
-            ax.text(x, s["mean"] + s["std"] + 0.02, f"{s['mean']:.3f}", ha="center", fontsize=9)
-        ax.set_xticks(range(len(ARMS)), [LABELS[a].replace(" (", "\n(") for a in ARMS], fontsize=9)
-        ax.set_ylim(0, 1)
-        ax.set_title(title)
-        ax.grid(alpha=0.3, axis="y")
-    n = len(arms["base"].seeds)
-    fig.suptitle(f"rDPO ablation on the synthetic shapes task: {n} seeds, equal compute "
-                 "(bars: mean ± std, dots: seeds)", fontsize=11)
-    fig.savefig(png)
+    cpu, flags = "unknown", ""
+    if Path("/proc/cpuinfo").is_file():
+        info = Path("/proc/cpuinfo").read_text()
+        cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                    if line.startswith("model name")), cpu)
+        flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
+    return {"commit": git("rev-parse", "HEAD"),
+            "dirty_files": git("status", "--porcelain", "--untracked-files=no").splitlines(),
+            "torch": torch.__version__, "threads": threads, "cpu_count": os.cpu_count(),
+            "cpu": cpu, "isa": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile")
+                                if f" {f}" in flags],
+            "python": platform.python_version()}
 
 
-def _jitter(n: int) -> list[float]:
-    return [0.0] if n == 1 else [-0.12 + 0.24 * i / (n - 1) for i in range(n)]
+def warm_start_hash(policy: Path) -> str:
+    """SHA-256 of the warm-started weights: equal on two machines = the same start."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(Path(policy).glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
 
 
-def write_outputs(arms: dict[str, ArmStats], out_dir: Path, seconds: float | None,
-                  command: str) -> None:
-    (out_dir / "ablation.md").write_text(render_markdown(arms))
-    (out_dir / "ablation.json").write_text(json.dumps({
-        "command": command, "seconds": seconds,
-        "arms": {a: {**asdict(s), "summary": s.summary()} for a, s in arms.items()}},
-        indent=2) + "\n")
-    plot(arms, out_dir / "ablation.png")
+def write_outputs(arms: dict[str, ArmStats], docs: Path, facts: dict, readme: Path | None) -> dict:
+    """ablation.{json,md,png} in `docs`; the README section when `readme` is given."""
+    data = {**facts, "arms": {a: {"seeds": s.seeds, "values": s.values, "summary": s.summary()}
+                              for a, s in arms.items()}}
+    (docs / "ablation.json").write_text(json.dumps(data, indent=2) + "\n")
+    (docs / "ablation.md").write_text(render_markdown(data))
+    plot(data, docs / "ablation.png")
+    if readme is not None:
+        update_readme(readme, data)
+    return data
+
+
+def _facts(args, seconds: float | None) -> dict:
+    from rdpo.config import load_config
+    from rdpo.demo.warmstart import toy_paths
+    from rdpo.simjudges import calibrate
+
+    cfg = load_config(args.config, [*args.overrides, "run.dir=unused"])
+    facts = {"command": "python -m rdpo.ablation " + " ".join(args.argv), "seconds": seconds,
+             "seeds": args.seeds, "docs": str(args.docs),
+             "settings": {"toy.task": cfg.toy.task, "judge.noise": cfg.judge.noise,
+                          "judge.outcome": cfg.judge.outcome,
+                          "judge.outcome_noise": cfg.judge.outcome_noise,
+                          "dpo.max_steps": cfg.dpo.max_steps,
+                          "rollout.every_n_steps": cfg.rollout.every_n_steps,
+                          "data.prompts_per_round": cfg.data.prompts_per_round,
+                          "rollout.samples_per_prompt": cfg.rollout.samples_per_prompt,
+                          "eval.samples_per_prompt": cfg.eval.samples_per_prompt,
+                          "toy.n_heldout": cfg.toy.n_heldout},
+             "machine": machine_facts(cfg.run.threads)}
+    if cfg.toy.enabled:
+        facts["warm_start_sha256"] = warm_start_hash(toy_paths(cfg.toy).policy)
+        if cfg.judge.kind == "rule":
+            facts["calibration"] = calibrate(cfg.toy, cfg.judge, args.seeds)
+    return facts
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rdpo.ablation",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/quickstart.yaml")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", default="runs/ablation")
+    parser.add_argument("--config", default="configs/ablation_hard.yaml")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--out", default="runs/ablation", help="where the runs train")
+    parser.add_argument("--docs", default="docs/ablation", help="where the evidence goes")
+    parser.add_argument("--readme", default="README.md",
+                        help="README whose ablation section is rewritten ('' for none)")
     parser.add_argument("--reuse", action="store_true", help="keep runs that already finished")
     parser.add_argument("--collect-only", action="store_true",
-                        help="no training: tabulate the runs already under --out")
+                        help="no training: tables, figure and README from the files in --docs")
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
     args = parser.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from rdpo.config import ConfigError
-    from rdpo.report import write_report
 
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    command = "python -m rdpo.ablation " + " ".join(argv if argv is not None else sys.argv[1:])
+    docs = Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    readme = Path(args.readme) if args.readme else None
     start = time.perf_counter()
     try:
-        if not args.collect_only:
-            run_all(args.config, args.seeds, out_dir, args.overrides, reuse=args.reuse)
-        seconds = None if args.collect_only else time.perf_counter() - start
-        arms = collect(out_dir, args.seeds)
+        if args.collect_only:
+            old = docs / "ablation.json"
+            if not old.is_file():
+                raise FileNotFoundError(f"{old}: missing (run the ablation without --collect-only)")
+            facts = {k: v for k, v in json.loads(old.read_text()).items() if k != "arms"}
+        else:
+            run_all(args.config, args.seeds, Path(args.out), args.overrides, reuse=args.reuse)
+            export_runs(Path(args.out), docs, args.seeds)
+            facts = _facts(args, time.perf_counter() - start)
+        arms = collect(docs / "runs", facts["seeds"])
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    write_outputs(arms, out_dir, seconds, command)
-    write_report([run_dir(out_dir, s, seed) for seed in args.seeds for s in STRATEGIES],
-                 out_dir / "report")
-    print(render_markdown(arms))
-    if seconds is not None:
-        print(f"wall time {seconds:.0f}s for {2 * len(args.seeds)} runs")
-    print(f"wrote {out_dir}/ablation.{{md,json,png}} and {out_dir}/report.{{png,md}}")
+    data = write_outputs(arms, docs, facts, readme)
+    if not args.collect_only:
+        from rdpo.report import write_report
+
+        write_report([run_dir(Path(args.out), s, seed) for seed in args.seeds for s in STRATEGIES],
+                     Path(args.out) / "report")
+    print(render_markdown(data))
+    print(f"wrote {docs}/ablation.{{md,json,png}}" + (f" and {readme}" if readme else ""))
     return 0
 
 

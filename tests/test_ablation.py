@@ -1,7 +1,8 @@
-"""rdpo.ablation's tabulation: arms from eval.json files, the equal-start check, table and figure.
+"""rdpo.ablation's evidence: arms from eval.json files, the equal-start check, round summaries,
+tables, figure, and the README section generated from the committed JSON.
 
-The training half is `fit()` (covered by tests/test_fit.py); these tests write the eval.json
-files a run leaves and check what the ablation makes of them.
+The training half is `fit()` (covered by tests/test_fit.py); these tests write the files a run
+leaves and check what the ablation makes of them.
 """
 
 import json
@@ -10,66 +11,111 @@ import statistics
 import pytest
 from PIL import Image
 
-from rdpo.ablation import collect, main, render_markdown, run_dir
+from rdpo.ablation import collect, export_runs, main, round_summaries, run_dir
+from rdpo.ablation_report import BEGIN, END, METRICS, readme_is_current
 
-BEFORE = {0: (0.40, 0.30), 1: (0.42, 0.32), 2: (0.38, 0.28)}
-AFTER = {("rubric", 0): (0.60, 0.55), ("rubric", 1): (0.62, 0.50), ("rubric", 2): (0.58, 0.52),
-         ("outcome", 0): (0.50, 0.40), ("outcome", 1): (0.47, 0.41), ("outcome", 2): (0.49, 0.39)}
+BEFORE = {0: 0.40, 1: 0.42, 2: 0.38}
+AFTER = {("rubric", 0): 0.60, ("rubric", 1): 0.62, ("rubric", 2): 0.58,
+         ("outcome", 0): 0.50, ("outcome", 1): 0.47, ("outcome", 2): 0.61}
+FACTS = {"command": "python -m rdpo.ablation --seeds 0 1 2", "seconds": 100.0, "seeds": [0, 1, 2],
+         "settings": {"toy.task": "hard", "judge.noise": 0.05, "judge.outcome": "holistic",
+                      "judge.outcome_noise": 1.25, "dpo.max_steps": 120,
+                      "rollout.every_n_steps": 30, "data.prompts_per_round": 48,
+                      "rollout.samples_per_prompt": 6, "eval.samples_per_prompt": 4,
+                      "toy.n_heldout": 48},
+         "machine": {"commit": "0123456789abcdef", "dirty_files": [], "torch": "2.x",
+                     "threads": 2, "cpu_count": 2, "cpu": "cpu", "isa": ["avx2"]}}
 
 
-def _write(out, strategy, seed, before=None):
-    d = run_dir(out, strategy, seed)
+def _metrics(x: float) -> dict:
+    # Each metric its own number, so a mixed-up column shows: metric i is x + i/100.
+    return {m: x + i / 100 for i, m in enumerate(METRICS)}
+
+
+def _write(runs, strategy, seed, before=None):
+    d = run_dir(runs, strategy, seed)
     d.mkdir(parents=True)
-    b, a = before or BEFORE[seed], AFTER[(strategy, seed)]
     (d / "eval.json").write_text(json.dumps({
-        "before": {"rubric_score": b[0], "essential_pass_rate": b[1]},
-        "after": {"rubric_score": a[0], "essential_pass_rate": a[1]}, "gain": a[0] - b[0]}))
+        "before": _metrics(before if before is not None else BEFORE[seed]),
+        "after": _metrics(AFTER[(strategy, seed)])}))
+    (d / "config.yaml").write_text(f"pairs:\n  strategy: {strategy}\n")
+    return d
 
 
 @pytest.fixture
-def out(tmp_path):
+def docs(tmp_path):
+    docs = tmp_path / "docs"
     for seed in BEFORE:
         for strategy in ("rubric", "outcome"):
-            _write(tmp_path, strategy, seed)
-    return tmp_path
+            _write(docs / "runs", strategy, seed)
+    (docs / "ablation.json").write_text(json.dumps(FACTS))
+    return docs
 
 
-def test_arms_from_the_runs(out):
-    arms = collect(out, [0, 1, 2])
-    assert arms["base"].rubric_score == [0.40, 0.42, 0.38]
-    assert arms["rubric"].essential_pass_rate == [0.55, 0.50, 0.52]
-    s = arms["outcome"].summary()["rubric_score"]
-    assert s["mean"] == pytest.approx((0.50 + 0.47 + 0.49) / 3)
-    assert s["std"] == pytest.approx(statistics.stdev([0.50, 0.47, 0.49]))
-    assert (s["min"], s["max"]) == (0.47, 0.50)
-    md = render_markdown(arms)
-    assert "| rubric filtering (rDPO) | 0.600 ± 0.020 (0.580–0.620) | 52.3 ± 2.5 (50.0–55.0) |" in md
-    assert "| 1 | 0.420 / 32.0 | 0.470 / 41.0 | 0.620 / 50.0 | +0.150 |" in md
+def test_arms_from_the_runs(docs):
+    arms = collect(docs / "runs", [0, 1, 2])
+    assert arms["base"].values["truth_score"] == [0.40, 0.42, 0.38]
+    assert arms["rubric"].values["rubric_score"] == pytest.approx([0.63, 0.65, 0.61])
+    s = arms["outcome"].summary()["truth_score"]
+    assert s["mean"] == pytest.approx((0.50 + 0.47 + 0.61) / 3)
+    assert s["std"] == pytest.approx(statistics.stdev([0.50, 0.47, 0.61]))
+    assert (s["min"], s["max"]) == (0.47, 0.61)
 
 
 def test_unequal_start_is_an_error(tmp_path):
     _write(tmp_path, "rubric", 0)
-    _write(tmp_path, "outcome", 0, before=(0.41, 0.30))
-    with pytest.raises(ValueError, match="seed 0: the runs' 'before' rubric_score differ"):
+    _write(tmp_path, "outcome", 0, before=0.41)
+    with pytest.raises(ValueError, match="seed 0: the runs' 'before' truth_score differ"):
         collect(tmp_path, [0])
 
 
-def test_missing_run_names_the_file(tmp_path, capsys):
-    _write(tmp_path, "rubric", 0)
-    assert main(["--collect-only", "--seeds", "0", "--out", str(tmp_path)]) == 2
-    assert "outcome-seed0/eval.json: missing" in capsys.readouterr().err
+def test_missing_run_names_the_file(docs, capsys):
+    (run_dir(docs / "runs", "outcome", 2) / "eval.json").unlink()
+    assert main(["--collect-only", "--docs", str(docs), "--readme", ""]) == 2
+    assert "outcome-seed2/eval.json: missing" in capsys.readouterr().err
 
 
-def test_collect_only_writes_table_json_and_figure(out):
-    for strategy in ("rubric", "outcome"):  # the overlaid report needs run directories
-        for seed in BEFORE:
-            (run_dir(out, strategy, seed) / "config.yaml").write_text(
-                f"pairs:\n  strategy: {strategy}\n")
-    assert main(["--collect-only", "--out", str(out)]) == 0
-    data = json.loads((out / "ablation.json").read_text())
-    assert data["arms"]["rubric"]["summary"]["rubric_score"]["mean"] == pytest.approx(0.60)
-    assert data["seconds"] is None  # nothing was trained
-    assert (out / "ablation.md").read_text().startswith("Held-out rubric score")
-    with Image.open(out / "ablation.png") as im:
-        assert im.format == "PNG" and im.size == (1100, 495)
-    assert (out / "report.png").is_file()
+def test_collect_only_writes_json_table_figure_and_readme(docs, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nintro\n\n{BEGIN}\nold table\n{END}\n\nafter\n")
+    assert main(["--collect-only", "--docs", str(docs), "--readme", str(readme)]) == 0
+    data = json.loads((docs / "ablation.json").read_text())
+    assert data["machine"]["commit"] == "0123456789abcdef"  # the run's facts are kept
+    assert data["arms"]["rubric"]["summary"]["truth_score"]["mean"] == pytest.approx(0.60)
+    md = (docs / "ablation.md").read_text()
+    # truth | correct | hallucinating | rubric | essential, mean ± std (min–max)
+    assert ("| rubric filtering (rDPO) | 0.600 ± 0.020 (0.580–0.620) | 61.0 ± 2.0 (59.0–63.0) | "
+            "62.0 ± 2.0 (60.0–64.0) | 0.630 ± 0.020 (0.610–0.650) | 64.0 ± 2.0 (62.0–66.0) |") in md
+    # per-seed differences +0.10, +0.15, -0.03: the verdict counts the seed the outcome arm won
+    assert "rubric − outcome, ground truth score: +0.073 ± 0.093 (rubric ahead on 2 of 3 seeds)" in md
+    assert "| 2 | 0.380 / 0.410 | 0.610 / 0.640 | 0.580 / 0.610 |" in md
+    with Image.open(docs / "ablation.png") as im:
+        assert im.format == "PNG" and im.size == (1300, 450)
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("# x\n\nintro\n\n") and text.endswith("after\n")
+    assert readme_is_current(readme, data)
+    assert "`python -m rdpo.ablation --seeds 0 1 2`" in text and "commit `0123456789ab`" in text
+    data["arms"]["rubric"]["values"]["truth_score"][0] = 0.9
+    assert not readme_is_current(readme, data)
+
+
+def test_round_summaries_and_export(tmp_path):
+    out = tmp_path / "runs"
+    src = _write(out, "rubric", 0)
+    for i, kept in enumerate((3, 5)):
+        r = src / "rounds" / f"{i:04d}"
+        r.mkdir(parents=True)
+        summary = {"prompts": 6, "kept": kept, "dropped": {"tie": 6 - kept},
+                   "truncated_responses": i}
+        (r / "pairs.jsonl").write_text('{"prompt_id": "p"}\n' + json.dumps({"summary": summary}) + "\n")
+        (r / "rollouts.jsonl").write_text("".join(json.dumps({"score": s}) + "\n" for s in (0.2, 0.6)))
+    rounds = round_summaries(src)
+    assert [(r["round"], r["kept"], r["dropped"]["tie"], r["truncated_responses"]) for r in rounds] \
+        == [(0, 3, 3, 0), (1, 5, 1, 1)]
+    assert rounds[1]["mean_judged_score"] == pytest.approx(0.4)
+    _write(out, "outcome", 0)
+    (run_dir(out, "outcome", 0) / "rounds").mkdir()
+    export_runs(out, tmp_path / "docs", [0])
+    copied = run_dir(tmp_path / "docs" / "runs", "rubric", 0)
+    assert json.loads((copied / "rounds.json").read_text()) == rounds
+    assert (copied / "eval.json").read_text() == (src / "eval.json").read_text()

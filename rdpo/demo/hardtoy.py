@@ -129,8 +129,7 @@ def _question(scene: HardScene, kind: str, target) -> tuple[str, str, dict]:
         add.append((f"States that there are {n} shapes.", {"any": [_number(n)]}, 1.0))
     if absent_c:
         ess.append((ABSENT_COLOR, {"none": [_word(c) for c in absent_c]}))
-    (ess.append((ABSENT_OBJECT, {"none": absent_o})) if kind == "describe"
-     else add.append((ABSENT_OBJECT, {"none": absent_o}, 0.5)))
+    ess.append((ABSENT_OBJECT, {"none": absent_o}))
     if absent_s:
         add.append((ABSENT_SHAPE, {"none": [_shape_word(s) for s in absent_s]}, 0.5))
     add.append(("Answers in a single sentence.", {"none": [r"\.\s*\S"]}, 0.5))
