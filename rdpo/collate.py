@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from rdpo.families import end_of_turn_id
+from rdpo.families import end_of_turn_id, processor_family
 from rdpo.pool import PromptRecord, load_images
 
 # Per-token fields of processor outputs (dim 1 is the sequence); everything else (pixel_values,
@@ -27,8 +27,10 @@ TYPE_FIELDS = ("mm_token_type_ids", "token_type_ids")
 
 
 def chat_text(processor, record: PromptRecord) -> str:
-    """The prompt text for `record` in the processor's chat template, ready for generation."""
+    """The prompt text for `record` in the processor's chat template, ready for generation:
+    the images, the video (if any), then the instruction."""
     content = [{"type": "image"} for _ in record.images]
+    content += [{"type": "video"}] if record.video else []
     content.append({"type": "text", "text": record.instruction})
     messages = [{"role": "user", "content": content}]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -37,8 +39,16 @@ def chat_text(processor, record: PromptRecord) -> str:
 def encode_prompt(processor, record: PromptRecord, images=None) -> dict[str, torch.Tensor]:
     """Processor output for one prompt (batch dimension 1), every field kept."""
     images = load_images(record) if images is None else images
+    videos = {}
+    if record.video:
+        family = processor_family(processor)
+        if family is None or not family.video:
+            raise ValueError(f"{record.source}: video: {type(processor).__name__} takes no video "
+                             "(rdpo.families); give the frames as images instead")
+        # The record's frames are the video as sampled: the processor keeps every one.
+        videos = {"videos": [load_images(record, record.video)], "do_sample_frames": False}
     return dict(processor(text=[chat_text(processor, record)], images=images or None,
-                          return_tensors="pt"))
+                          return_tensors="pt", **videos))
 
 
 Completion = str | Sequence[int]

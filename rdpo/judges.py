@@ -252,7 +252,7 @@ class ChatJudge:
         """`judge` over several prompts at once, so a remote backend sees them all concurrently."""
         prompts, ids = [], []
         for record, responses in items:
-            prompts += [(record.images, rubric_prompt(record, r)) for r in responses]
+            prompts += [(record.visuals, rubric_prompt(record, r)) for r in responses]
             ids += [[c.id for c in record.rubric.criteria()]] * len(responses)
         flat = self._ask(prompts, lambda i, text: parse_verdicts(text, ids[i]))
         flat = [got if got is not None else dict.fromkeys(ids[i]) for i, got in enumerate(flat)]
@@ -269,7 +269,7 @@ class ChatJudge:
     def outcome_many(self, items: Sequence[tuple[PromptRecord, Sequence[str]]]
                      ) -> list[list[int | None]]:
         """`outcome` over several prompts at once."""
-        prompts = [(record.images, outcome_prompt(record, r)) for record, rs in items for r in rs]
+        prompts = [(record.visuals, outcome_prompt(record, r)) for record, rs in items for r in rs]
         flat = self._ask(prompts, lambda i, text: parse_score(text))
         out, pos = [], 0
         for _, responses in items:

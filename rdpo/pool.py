@@ -18,7 +18,7 @@ from typing import Any
 
 from PIL import Image
 
-RECORD_KEYS = frozenset({"id", "images", "instruction", "reference", "rubric", "outcome"})
+RECORD_KEYS = frozenset({"id", "images", "video", "instruction", "reference", "rubric", "outcome"})
 OUTCOME_KEYS = frozenset({"check", "text"})
 RUBRIC_KEYS = frozenset({"essential", "additional"})
 CRITERION_KEYS = frozenset({"id", "text", "weight", "check"})
@@ -75,6 +75,13 @@ class PromptRecord:
     source: str = ""
     outcome: dict | None = None
     """Optional coarse check of the main answer (`check` syntax): the outcome baseline's verdict."""
+    video: tuple[Path, ...] = ()
+    """Frames of one video, in order (absolute), shown after the images (Qwen-VL families)."""
+
+    @property
+    def visuals(self) -> tuple[Path, ...]:
+        """What a judge is shown: the images, then the video's frames."""
+        return self.images + self.video
 
 
 @dataclass(frozen=True)
@@ -272,31 +279,32 @@ def _check_outcome(raw: Any, report: _Collector) -> dict | None:
 
 
 def check_images(
-    raw: Any, base: Path, open_images: bool, report: _Collector
+    raw: Any, base: Path, open_images: bool, report: _Collector, key: str = "images"
 ) -> tuple[Path, ...] | None:
-    """A record's ``images`` (paths relative to `base`) as resolved paths, or None with its
-    problems reported; `open_images` also checks that each file is a readable image."""
+    """A record's ``images`` (or the `key` list, e.g. ``video`` frames; paths relative to `base`)
+    as resolved paths, or None with its problems reported; `open_images` also checks that each
+    file is a readable image."""
     if not isinstance(raw, list) or not raw:
-        report("images", "must be a non-empty list of image paths")
+        report(key, "must be a non-empty list of image paths")
         return None
     before = report.count
     paths = []
     for i, item in enumerate(raw):
         if not _nonempty_str(item):
-            report(f"images[{i}]", "must be a non-empty string")
+            report(f"{key}[{i}]", "must be a non-empty string")
             continue
         path = (base / item).resolve()
         paths.append(path)
         if not open_images:
             continue
         if not path.is_file():
-            report(f"images[{i}]", f"file not found: {path}")
+            report(f"{key}[{i}]", f"file not found: {path}")
             continue
         try:
             with Image.open(path) as im:
                 im.verify()
         except Exception as err:  # PIL raises many types for corrupt files
-            report(f"images[{i}]", f"unreadable image {path}: {err}")
+            report(f"{key}[{i}]", f"unreadable image {path}: {err}")
     return tuple(paths) if report.count == before else None
 
 
@@ -305,10 +313,15 @@ def _check_record(raw: dict, lineno: int, seen: dict[str, int], base: Path, open
     _unknown_keys(raw, RECORD_KEYS, "record", report)
     # Ids of broken records are tracked too, so a duplicate is caught whichever copy is bad.
     check_id_and_instruction(raw, lineno, seen, report)
-    for key in ("images", "rubric"):
-        if key not in raw:
-            report(key, "missing")
-    images = check_images(raw["images"], base, open_images, report) if "images" in raw else None
+    # A record shows images, a video (its frames), or both; "images": [] is fine beside a video.
+    if "rubric" not in raw:
+        report("rubric", "missing")
+    if "images" not in raw and "video" not in raw:
+        report("images", "missing (or give a video)")
+    video = check_images(raw["video"], base, open_images, report, "video") if "video" in raw else ()
+    images = ()
+    if "images" in raw and not (raw["images"] == [] and "video" in raw):
+        images = check_images(raw["images"], base, open_images, report)
     rubric = check_rubric(raw["rubric"], report) if "rubric" in raw else None
     reference = raw.get("reference")
     if reference is not None and not isinstance(reference, str):
@@ -316,11 +329,12 @@ def _check_record(raw: dict, lineno: int, seen: dict[str, int], base: Path, open
     outcome = None
     if raw.get("outcome") is not None:
         outcome = _check_outcome(raw["outcome"], report)
-    if report.count or images is None or rubric is None:
+    if report.count or images is None or video is None or rubric is None:
         return None
     return PromptRecord(
         id=raw["id"],
         images=images,
+        video=video,
         instruction=raw["instruction"],
         rubric=rubric,
         reference=reference,
@@ -365,10 +379,11 @@ def load_pool(path: str | os.PathLike, *, open_images: bool = True) -> list[Prom
     return records
 
 
-def load_images(record: PromptRecord) -> list[Image.Image]:
-    """Open a record's images as RGB (fully loaded, files closed)."""
+def load_images(record: PromptRecord, paths: tuple[Path, ...] | None = None) -> list[Image.Image]:
+    """Open a record's images (or `paths`, e.g. ``record.video``) as RGB (fully loaded, files
+    closed)."""
     images = []
-    for path in record.images:
+    for path in record.images if paths is None else paths:
         with Image.open(path) as im:
             images.append(im.convert("RGB"))
     return images

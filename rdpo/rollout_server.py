@@ -235,6 +235,9 @@ class VLLMRollout:
             return list(pool.map(one, records))
 
     def _complete(self, record: PromptRecord, params: dict, seed: int):
+        if record.video:  # a video_url of frames would be encoded differently from rdpo's prompt
+            raise RolloutServerError(f"{record.source}: video records sample with "
+                                     "rollout.engine=transformers only")
         content: list[dict] = [{"type": "image_url", "image_url": {"url": data_url(p)}}
                                for p in record.images]
         content.append({"type": "text", "text": record.instruction})

@@ -190,7 +190,10 @@ def build_tiny_vlm(
         temporal_patch_size=2,
         size={"shortest_edge": image_pixels, "longest_edge": image_pixels},
     )
-    video_processor = getattr(transformers, video_cls)(patch_size=patch, merge_size=2)
+    # Video frames get the images' pixel budget: a 4-frame toy video is 2 × 8 tokens.
+    video_processor = getattr(transformers, video_cls)(
+        patch_size=patch, merge_size=2,
+        size={"shortest_edge": image_pixels, "longest_edge": image_pixels})
     processor = getattr(transformers, proc_cls)(
         image_processor=image_processor,
         tokenizer=tokenizer,
