@@ -47,8 +47,10 @@ def encode_prompt(processor, record: PromptRecord, images=None) -> dict[str, tor
                              "(rdpo.families); give the frames as images instead")
         # The record's frames are the video as sampled: the processor keeps every one.
         videos = {"videos": [load_images(record, record.video)], "do_sample_frames": False}
+    # The chat template writes every special token itself (Gemma 3's and Llama 3.2's write
+    # <bos>): the tokenizer adds none, as in transformers' own apply_chat_template(tokenize=True).
     return dict(processor(text=[chat_text(processor, record)], images=images or None,
-                          return_tensors="pt", **videos))
+                          return_tensors="pt", add_special_tokens=False, **videos))
 
 
 Completion = str | Sequence[int]

@@ -1,0 +1,144 @@
+"""Every VLM family on its tiny build: what `rdpo.families` says matches the model and the
+processor, and packed pairs give the log-probs and gradients of separate forwards (or, for
+Mllama, packing is refused with its reason)."""
+
+import re
+
+import pytest
+import torch
+
+from rdpo.collate import collate_sequences, encode_prompt
+from rdpo.demo import toy
+from rdpo.demo.tiny import FAMILIES, TOY_IMAGE_PIXELS, build_tiny_vlm
+from rdpo.families import end_of_turn_id, family_of, processor_family, vision_token_ids
+from rdpo.logps import sequence_logps
+from rdpo.packing import pack_pairs, packed_logps, packing_support
+from rdpo.pool import load_pool
+
+CHOSEN = ["There is a red circle on the left.", "Blue."]
+REJECTED = ["A purple triangle and a dog and a blue square on the right side.", "Red red red."]
+PACKING = [f for f in FAMILIES if f != "mllama"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def built(request, tmp_path_factory):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    family = request.param
+    path = build_tiny_vlm(tmp_path_factory.mktemp(family), toy.corpus(), family=family,
+                          image_pixels=TOY_IMAGE_PIXELS.get(family, 112 * 56))
+    processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    # Random init gives near-uniform predictions; a sharper output layer makes a wrong position
+    # or a wrong mask show in the log-probs.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    return family, model, processor
+
+
+def test_family_is_recognised_from_model_and_processor(built):
+    name, model, processor = built
+    assert family_of(model).name == name
+    assert processor_family(processor).name == name
+
+
+def test_end_of_turn_is_the_templates(built):
+    _, _, processor = built
+    # The chat template closes an assistant turn with the family's end-of-turn token.
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Hi?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "Blue sky"}]}]
+    text = processor.apply_chat_template(messages, tokenize=False)
+    tok = processor.tokenizer
+    after = text[text.index("Blue sky") + len("Blue sky"):]
+    first = tok(after, add_special_tokens=False)["input_ids"][0]
+    assert first == end_of_turn_id(processor) != tok.unk_token_id
+
+
+def test_vision_tokens_are_suppressed(built):
+    _, model, processor = built
+    ids = vision_token_ids(processor)
+    image_token = getattr(processor, "image_token", None)
+    assert processor.tokenizer.convert_tokens_to_ids(image_token) in ids
+    config_id = getattr(model.config, "image_token_id", None)
+    config_id = config_id if config_id is not None else model.config.image_token_index
+    assert config_id in ids  # the placeholder the model replaces with image features
+    assert end_of_turn_id(processor) not in ids
+
+
+def test_lora_target_is_the_language_model_and_nf4_skips_the_vision_tower(built):
+    _, model, _ = built
+    family = family_of(model)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    targets = [n for n in names if re.fullmatch(family.lora_target, n)]
+    lm = f"model.{family.language_model}."
+    assert targets and all(n.startswith(lm) for n in targets)
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert any(n.endswith(proj) for n in targets), proj
+    # Every Linear outside the language model (vision tower, projector) is kept out of 4 bits.
+    outside = [n for n in names if not n.startswith(lm) and n != "lm_head"]
+    assert outside
+    assert all(any(n == p or n.startswith(p + ".") for p in family.nf4_skip) for n in outside)
+
+
+def separate(model, processor, prompts, chosen, rejected):
+    seqs = collate_sequences(processor, prompts * 2, [*chosen, *rejected])
+    return sequence_logps(model, seqs).chunk(2)
+
+
+@pytest.mark.parametrize("sliding", [None, 6])
+def test_packed_equals_separate_forwards(built, toy_pools, sliding):
+    name, model, processor = built
+    if name not in PACKING:
+        assert "cross-attention" in packing_support(model)
+        return
+    text = model.config.get_text_config()
+    if sliding is not None:
+        if "sliding_attention" not in (getattr(text, "layer_types", None) or ()):
+            pytest.skip(f"{name} has no sliding-window layers")
+        # A window shorter than the prompt: the rejected tokens must get theirs by position.
+        text.sliding_window, saved = sliding, text.sliding_window
+    try:
+        assert packing_support(model) is None
+        prompts = [encode_prompt(processor, r) for r in load_pool(toy_pools.train)[:2]]
+        weight = model.get_parameter(f"model.{family_of(model).language_model}.layers.0.mlp.down_proj.weight")
+        got = []
+        for packed in (False, True):
+            weight.requires_grad_(True)
+            if packed:
+                c, r = packed_logps(model, pack_pairs(processor, prompts, CHOSEN, REJECTED))
+            else:
+                c, r = separate(model, processor, prompts, CHOSEN, REJECTED)
+            (c - 2 * r).sum().backward()
+            got.append((c.detach(), r.detach(), weight.grad.clone()))
+            weight.requires_grad_(False)
+            weight.grad = None
+    finally:
+        if sliding is not None:
+            text.sliding_window = saved
+    (want_c, want_r, want_g), (c, r, g) = got
+    assert (want_c - want_r).abs().max() > 1.0  # chosen and rejected really differ
+    torch.testing.assert_close(c, want_c, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(r, want_r, atol=1e-4, rtol=1e-5)
+    assert g.abs().max() > 0
+    torch.testing.assert_close(g, want_g, atol=1e-4, rtol=1e-4)
+
+
+def test_packed_image_blocks_matter_for_gemma3(built, toy_pools):
+    """Without Gemma 3's bidirectional image blocks the packed log-probs would differ: the
+    equality above is not an accident of the tiny model."""
+    name, model, processor = built
+    if name != "gemma3":
+        pytest.skip("Gemma 3 only")
+    from rdpo import families
+
+    prompts = [encode_prompt(processor, r) for r in load_pool(toy_pools.train)[:2]]
+    batch = pack_pairs(processor, prompts, CHOSEN, REJECTED)
+    with torch.no_grad():
+        want = packed_logps(model, batch)
+        gemma = families.FAMILIES["gemma3"]
+        try:
+            object.__setattr__(gemma, "image_blocks", None)
+            causal_only = packed_logps(model, batch)
+        finally:
+            object.__setattr__(gemma, "image_blocks", "token_type_ids")
+    assert (want[0] - causal_only[0]).abs().max() > 1e-3
