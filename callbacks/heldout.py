@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+from rdpo.callbacks.progress import phase
 from rdpo.callbacks.scoring import _all_gather, sample
 
 from rdpo.config import RolloutConfig
@@ -46,12 +47,19 @@ class HeldoutEvaluation(L.Callback):
         self.run_dir = Path(run_dir) if run_dir else None
         self.results: dict = {"before": before} if before else {}
 
-    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                 label: str = "held-out") -> dict:
         rank, world = trainer.global_rank, trainer.world_size
         shard = self.records[rank::world]
-        rollouts = sample(trainer, pl_module, shard, self.settings, seed=self.seed + rank,
-                          prompts=getattr(trainer.datamodule, "prompts", None), server=self.server)
-        scored = score_rollouts(self.judge, rollouts, self.aggregation, strategy="rubric")
+        with phase(trainer, "sampling", len(shard) * self.settings.samples_per_prompt,
+                   "responses", where=label) as shown:
+            rollouts = sample(trainer, pl_module, shard, self.settings, seed=self.seed + rank,
+                              prompts=getattr(trainer.datamodule, "prompts", None),
+                              server=self.server, progress=shown.update)
+        with phase(trainer, "judging", sum(len(r.responses) for r in rollouts), "responses",
+                   where=label) as shown:
+            scored = score_rollouts(self.judge, rollouts, self.aggregation, strategy="rubric")
+            shown.update(sum(len(r.responses) for r in rollouts))
         scored = [s for part in _all_gather(trainer, scored) for s in part]
         summary = heldout_summary(scored, self.settings)
         if self.truth is not None:
@@ -62,7 +70,7 @@ class HeldoutEvaluation(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.records or "before" in self.results:
             return
-        self.results["before"] = self.evaluate(trainer, pl_module)
+        self.results["before"] = self.evaluate(trainer, pl_module, "held-out before")
         if self.run_dir is not None and trainer.is_global_zero:
             (self.run_dir / "eval_before.json").write_text(
                 json.dumps(self.results["before"], indent=2) + "\n")
@@ -71,7 +79,7 @@ class HeldoutEvaluation(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.records or trainer.global_step < trainer.max_steps:
             return
-        self.results["after"] = self.evaluate(trainer, pl_module)
+        self.results["after"] = self.evaluate(trainer, pl_module, "held-out after")
         self.results["gain"] = (self.results["after"]["rubric_score"]
                                 - self.results["before"]["rubric_score"])
         self._log(trainer, "after")

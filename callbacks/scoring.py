@@ -18,6 +18,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from rdpo.callbacks.progress import phase
 
 from rdpo.config import PairsConfig, RolloutConfig
 from rdpo.pairs import PairSelection
@@ -106,16 +107,22 @@ class RubricScoringCallback(L.Callback):
         dm = trainer.datamodule
         start = time.perf_counter()
         records = dm.round_prompts(index)
-        rollouts = sample(trainer, pl_module, records, self.rollout, seed=round_seed(
-            self.seed, index, trainer.global_rank), prompts=dm.prompts, server=self.server)
-        scored = self._score(rollouts)
+        k = self.rollout.samples_per_prompt
+        with phase(trainer, "sampling", len(records) * k, "responses") as shown:
+            rollouts = sample(trainer, pl_module, records, self.rollout, seed=round_seed(
+                self.seed, index, trainer.global_rank), prompts=dm.prompts, server=self.server,
+                progress=shown.update)
+        with phase(trainer, "judging", len(records) * k, "responses") as shown:
+            scored = self._score(rollouts, shown.update)
         selection = select_pairs(scored, min_margin=self.pairs.min_margin,
                                  require_chosen_essential=self.pairs.require_chosen_essential,
                                  truncated=self.rollout.truncated)
-        train_pairs = reference_logps(pl_module.model, dm.collator, scored, selection,
-                                      self.ref_batch_size, reference=self.reference,
-                                      reference_model=self.reference_model,
-                                      precision=trainer.precision_plugin)
+        with phase(trainer, "reference log-probs", len(selection.pairs), "pairs") as shown:
+            train_pairs = reference_logps(pl_module.model, dm.collator, scored, selection,
+                                          self.ref_batch_size, reference=self.reference,
+                                          reference_model=self.reference_model,
+                                          precision=trainer.precision_plugin,
+                                          progress=shown.update)
         dm.set_pairs(train_pairs, index)
         # Every rank gets every rank's results: the numbers are the whole round's on each rank.
         parts = _all_gather(trainer, (scored, selection, train_pairs, dm.pair_usage()))
@@ -134,11 +141,13 @@ class RubricScoringCallback(L.Callback):
                          "pairs_unused": sum(u["pairs_unused"] for u in usage)})
         return summary
 
-    def _score(self, rollouts) -> list[ScoredRollout]:
+    def _score(self, rollouts, progress=None) -> list[ScoredRollout]:
         size = self.judge_chunk or len(rollouts) or 1
         scored: list[ScoredRollout] = []
         for i in range(0, len(rollouts), size):
             scored += score_rollouts(self.judge, rollouts[i:i + size], self.pairs.aggregation)
+            if progress is not None:
+                progress(sum(len(r.responses) for r in rollouts[i:i + size]))
         return scored
 
     def _report(self, trainer: L.Trainer, index: int, summary: RoundSummary,
@@ -163,6 +172,7 @@ class RubricScoringCallback(L.Callback):
         else:
             log.info(line)
         metrics = {f"round/{k}": float(v) for k, v in row.items() if k in ROUND_METRICS}
+        metrics |= {f"round/dropped/{k}": float(v) for k, v in row.get("dropped", {}).items()}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
@@ -174,25 +184,35 @@ class RubricScoringCallback(L.Callback):
 
 
 ROUND_METRICS = ("mean_score", "essential_pass_rate", "pairs", "unknown_verdicts", "fully_judged",
-                 "truncated", "pair_uses_min", "pair_uses_max", "pairs_unused")
+                 "truncated", "pair_uses_min", "pair_uses_max", "pairs_unused", "seconds")
 
 
 def sample(trainer: L.Trainer, pl_module: L.LightningModule, records, rollout: RolloutConfig, *,
-           seed: int, num_samples: int | None = None, prompts=None, server=None) -> list:
+           seed: int, num_samples: int | None = None, prompts=None, server=None,
+           progress=None) -> list:
     """Rollouts of `records` from the policy as it trains: in the trainer's precision context,
     weights gathered under ZeRO-3, from a generator seeded with `seed` (the global RNG is left
     as it was). With `server` (a `VLLMRollout`), the policy's adapter is published to the
-    server (collective: every rank calls this) and the server samples, seeded per prompt."""
+    server (collective: every rank calls this) and the server samples, seeded per prompt.
+    `progress(n)` is told of every n responses sampled (the console's progress display)."""
     if server is not None:
-        return _sample_on_server(trainer, pl_module, records, rollout, seed=seed,
-                                 num_samples=num_samples, prompts=prompts, server=server)
+        out = _sample_on_server(trainer, pl_module, records, rollout, seed=seed,
+                                num_samples=num_samples, prompts=prompts, server=server)
+        if progress is not None:
+            progress(sum(len(r.responses) for r in out))
+        return out
     device = next(pl_module.model.parameters()).device
+    out = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
             _gathered_for_generation(trainer, pl_module.model), \
             trainer.precision_plugin.forward_context():
         torch.manual_seed(seed)
-        return list(generate(pl_module.model, pl_module.processor, records, rollout,
-                             num_samples=num_samples, prompts=prompts))
+        for r in generate(pl_module.model, pl_module.processor, records, rollout,
+                          num_samples=num_samples, prompts=prompts):
+            out.append(r)
+            if progress is not None:
+                progress(len(r.responses))
+    return out
 
 
 def _sample_on_server(trainer, pl_module, records, rollout, *, seed, num_samples, prompts,

@@ -67,6 +67,60 @@ class RunConfig:
     """ZeRO stage when run.strategy=deepspeed; the config is built in rdpo.strategy."""
     deepspeed_offload: bool = False
     """run.strategy=deepspeed: keep optimizer state (and, at stage 3, parameters) in CPU memory."""
+    loggers: list[str] = field(default_factory=lambda: ["csv"])
+    """Experiment loggers (Lightning's), any of csv (run.dir/logs/metrics.csv), tensorboard,
+    wandb, mlflow; their settings are under logger.*."""
+
+
+LOGGERS = ("csv", "tensorboard", "wandb", "mlflow")
+"""The names run.loggers takes (`rdpo.loggers`)."""
+
+
+@dataclass
+class TensorBoardConfig:
+    save_dir: str = "${run.dir}/tensorboard"
+    """Folder of the event files (tensorboard --logdir it, or a folder above it)."""
+
+
+@dataclass
+class WandbConfig:
+    project: str = "rdpo"
+    """W&B project."""
+    name: str | None = None
+    """Run name (null: the name of run.dir)."""
+    entity: str | None = None
+    """W&B team or user (null: your default entity)."""
+    offline: bool = False
+    """Write the run locally only (sync later with wandb sync); WANDB_MODE=offline does the same."""
+    save_dir: str = "${run.dir}"
+    """Folder of W&B's local files (a wandb/ folder is made in it)."""
+    tags: list[str] = field(default_factory=list)
+    """Tags of the W&B run."""
+
+
+@dataclass
+class MLflowConfig:
+    experiment: str = "rdpo"
+    """MLflow experiment name."""
+    run_name: str | None = None
+    """Run name (null: the name of run.dir)."""
+    tracking_uri: str | None = None
+    """Tracking store or server, e.g. sqlite:///mlflow.db or http://host:5000 (null:
+    $MLFLOW_TRACKING_URI, else MLflow's default, sqlite:///mlflow.db in the working directory)."""
+    artifact_location: str | None = None
+    """Where a new experiment stores artifacts such as report.png (null: the store's default)."""
+
+
+@dataclass
+class LoggerConfig:
+    """Settings of the experiment loggers run.loggers names."""
+
+    tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
+    """TensorBoard (Lightning's TensorBoardLogger)."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases (Lightning's WandbLogger)."""
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+    """MLflow (Lightning's MLFlowLogger)."""
 
 
 @dataclass
@@ -303,12 +357,17 @@ class Config:
     pairs: PairsConfig = field(default_factory=PairsConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
 def _run_rules(run, name: Callable[[str], str]) -> list[str]:
+    problems = [f"{name('loggers')}: {x!r} is not one of {', '.join(LOGGERS)}"
+                for x in run.loggers if x not in LOGGERS]
+    problems += [f"{name('loggers')}: {x!r} is listed twice" for x in sorted(set(run.loggers))
+                 if list(run.loggers).count(x) > 1]
     strategy = run.strategy
     if not strategy.startswith(DEEPSPEED) or strategy == DEEPSPEED:
-        return []
+        return problems
     # Lightning's registered names (deepspeed_stage_2, deepspeed_stage_3_offload, ...) build
     # their own DeepSpeed config, which would silently ignore run.deepspeed_stage/_offload.
     m = re.fullmatch(rf"{DEEPSPEED}_stage_(\d)(_offload)?.*", strategy)
@@ -316,8 +375,8 @@ def _run_rules(run, name: Callable[[str], str]) -> list[str]:
     if m:
         fix += f" {name('deepspeed_stage')}={m[1]}"
         fix += f" {name('deepspeed_offload')}=true" if m[2] else ""
-    return [f"{name('strategy')}: {strategy!r} is not supported (it would bypass rdpo's "
-            f"DeepSpeed config); use {fix}"]
+    return problems + [f"{name('strategy')}: {strategy!r} is not supported (it would bypass "
+                       f"rdpo's DeepSpeed config); use {fix}"]
 
 
 def _model_rules(model, name: Callable[[str], str]) -> list[str]:

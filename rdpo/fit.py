@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rdpo import console
 from rdpo.config import Config, ConfigError, load_config, save_config
 
 log = logging.getLogger("rdpo")
@@ -183,10 +184,13 @@ def build(cfg: Config) -> Run:
     check_inputs(cfg)
     import lightning as L
     import torch
-    from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.utilities import rank_zero_only
 
-    from rdpo.callbacks import HeldoutEvaluation, RubricScoringCallback
+    from rdpo import loggers
+
+    console.route_lightning()  # Lightning's own console handler would print each message twice
+
+    from rdpo.callbacks import HeldoutEvaluation, RoundProgressBar, RubricScoringCallback
     from rdpo.callbacks.checkpoint import (
         RoundCheckpoint,
         base_fingerprint,
@@ -250,15 +254,20 @@ def build(cfg: Config) -> Run:
     checkpointer = RoundCheckpoint(
         run_dir / "checkpoints", cfg.run.checkpoint_every_n_steps or cfg.rollout.every_n_steps,
         stop_signal=_preemption_signal(), enabled=cfg.run.checkpoint, base=base_fingerprint(model))
-    logger = CSVLogger(run_dir, name="", version="logs")
-    if ckpt is not None and rank_zero_only.rank == 0:
-        keep_metrics(logger, ckpt)
+    run_loggers = loggers.make_loggers(cfg.run.loggers, cfg.logger, run_dir)
+    csv = loggers.csv_logger(run_loggers)
+    if ckpt is not None and rank_zero_only.rank == 0 and csv is not None:
+        keep_metrics(csv, ckpt)
+    if rank_zero_only.rank == 0 and run_loggers:
+        loggers.log_config(run_loggers, cfg)
+        log.info("logging to %s", loggers.describe(run_loggers))
+    progress = [RoundProgressBar()] if cfg.run.progress_bar else []
     trainer = L.Trainer(
         accelerator=cfg.run.accelerator, devices=cfg.run.devices, num_nodes=cfg.run.num_nodes,
         strategy=make_strategy(cfg), precision=cfg.run.precision, max_steps=cfg.dpo.max_steps,
         max_epochs=-1, accumulate_grad_batches=cfg.data.accumulate_grad_batches,
         gradient_clip_val=cfg.dpo.grad_clip or None, log_every_n_steps=cfg.run.log_every_n_steps,
-        logger=logger, callbacks=[heldout, scoring, checkpointer],
+        logger=run_loggers or False, callbacks=[heldout, scoring, checkpointer, *progress],
         plugins=cluster_plugins(),
         enable_progress_bar=cfg.run.progress_bar, enable_checkpointing=False,
         enable_model_summary=False, default_root_dir=run_dir, use_distributed_sampler=False)
@@ -314,6 +323,10 @@ def finish(run: Run, start: float) -> FitResult:
             log.info("report: %s and %s", report.png, report.markdown)
         except Exception:  # the run's own files are written: a plotting failure must not fail it
             log.exception("could not write the report; retry with python -m rdpo.report %s", run_dir)
+    if trainer.is_global_zero and trainer.loggers:
+        from rdpo.loggers import log_results
+
+        log_results(trainer.loggers, run_dir, results, trainer.global_step)
     result = FitResult(run_dir, adapter_dir, results, run.scoring.history,
                        time.perf_counter() - start, resumed_from=run.checkpoint)
     log.info("run finished in %.0fs: %s", result.seconds, run_dir)
@@ -333,8 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     parser.add_argument("--print-run-dir", action="store_true",
                         help="print run.dir as the config resolves it and exit (slurm/fit.sbatch)")
+    console.add_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    console.setup(console.verbosity(args))
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -343,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_run_dir:
         print(cfg.run.dir)
         return 0
+    if args.quiet:
+        cfg.run.progress_bar = False
     from rdpo.chat import ChatError
     from rdpo.preflight import HubError
 

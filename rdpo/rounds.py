@@ -146,19 +146,20 @@ def follow_policy(ref: torch.nn.Module, policy: torch.nn.Module) -> None:
 
 def reference_logps(model, collator: PairCollator, scored: Sequence[ScoredRollout],
                     selection: PairSelection, batch_size: int = 8, *, reference: str = "base",
-                    reference_model=None, precision=None) -> list[TrainPair]:
+                    reference_model=None, precision=None, progress=None) -> list[TrainPair]:
     """`TrainPair`s for a round's kept pairs, each with the token ids its responses were sampled
     as and reference log-probs computed once, here (`with_reference_logps`)."""
     by_id = {s.rollout.record.id: s.rollout for s in scored}
     pairs = [_train_pair(by_id[p.prompt_id], p) for p in selection.pairs]
     return with_reference_logps(model, collator, pairs, batch_size, reference=reference,
-                                reference_model=reference_model, precision=precision)
+                                reference_model=reference_model, precision=precision,
+                                progress=progress)
 
 
 @torch.no_grad()
 def with_reference_logps(model, collator: PairCollator, pairs: Sequence[TrainPair],
                          batch_size: int = 8, *, reference: str = "base", reference_model=None,
-                         precision=None) -> list[TrainPair]:
+                         precision=None, progress=None) -> list[TrainPair]:
     """`pairs` with their reference log-probs filled in.
 
     `reference`: ``base`` — the model without its adapters (or `reference_model`, a frozen copy,
@@ -168,7 +169,7 @@ def with_reference_logps(model, collator: PairCollator, pairs: Sequence[TrainPai
     the training step's precision (Lightning: ``trainer.precision_plugin``; anything with
     ``forward_context()`` and ``convert_input(batch)``): the reference must be computed as the
     step computes the policy, inputs converted the same way, or a round's first step does not
-    start at loss ln 2.
+    start at loss ln 2. `progress(n)` is told of every n pairs done.
     """
     if reference not in REFERENCES:
         raise ValueError(f"reference {reference!r} is not one of {', '.join(REFERENCES)}")
@@ -190,6 +191,8 @@ def with_reference_logps(model, collator: PairCollator, pairs: Sequence[TrainPai
                                               else batch)
                 for p, c, r in zip(chunk, chosen.tolist(), rejected.tolist(), strict=True):
                     out.append(dataclasses.replace(p, ref_chosen_logp=c, ref_rejected_logp=r))
+                if progress is not None:
+                    progress(len(chunk))
     finally:
         ref.train(was_training)
     return out

@@ -1,0 +1,146 @@
+"""Experiment loggers: Lightning's CSV, TensorBoard, W&B and MLflow loggers, as run.loggers says.
+
+Every logger gets the same things: the resolved config as hyperparameters (`log_config`), the
+step metrics Lightning logs (``train/*``), the round metrics of `RubricScoringCallback`
+(``round/*``, drop reasons under ``round/dropped/*``), the held-out before/after of
+`HeldoutEvaluation` (``heldout/*``) and, at the end, the gain and the run report
+(`log_results`): report.png as an image where the logger shows images (TensorBoard, W&B), and
+report.png, report.md, eval.json and config.yaml as artifacts where it keeps files (MLflow).
+The CSV logger writes run.dir/logs/metrics.csv, next to those files already.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+from rdpo.config import Config, ConfigError, LoggerConfig
+
+log = logging.getLogger("rdpo")
+
+PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+"""The package each logger needs (installed by ``pip install 'rdpo[loggers]'``)."""
+
+
+def _missing_packages(names: list[str]) -> list[str]:
+    return [f"run.loggers: {name} needs the {PACKAGES[name]} package (pip install "
+            f"{PACKAGES[name]}, or pip install 'rdpo[loggers]')" for name in names
+            if name in PACKAGES and importlib.util.find_spec(PACKAGES[name]) is None]
+
+
+def mlflow_uri(settings) -> str:
+    """logger.mlflow.tracking_uri, else $MLFLOW_TRACKING_URI, else MLflow's own default (a
+    sqlite store in the working directory; its file store now refuses to start)."""
+    if settings.tracking_uri:
+        return settings.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+def make_loggers(names: list[str], settings: LoggerConfig, run_dir: str | Path) -> list:
+    """Lightning loggers for `names` (run.loggers) with `settings` (the logger section)."""
+    problems = _missing_packages(names)
+    if problems:
+        raise ConfigError(problems)
+    run_dir = Path(run_dir)
+    loggers = []
+    for name in names:
+        if name == "csv":
+            from lightning.pytorch.loggers import CSVLogger
+
+            loggers.append(CSVLogger(run_dir, name="", version="logs"))
+        elif name == "tensorboard":
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            # version="": the events go straight into save_dir; a resumed run adds a file there.
+            loggers.append(TensorBoardLogger(settings.tensorboard.save_dir, name="", version="",
+                                             default_hp_metric=False))
+        elif name == "wandb":
+            from lightning.pytorch.loggers import WandbLogger
+
+            w = settings.wandb
+            Path(w.save_dir).mkdir(parents=True, exist_ok=True)
+            loggers.append(WandbLogger(project=w.project, name=w.name or run_dir.name,
+                                       entity=w.entity, offline=w.offline, save_dir=w.save_dir,
+                                       tags=list(w.tags) or None, log_model=False))
+        elif name == "mlflow":
+            from lightning.pytorch.loggers import MLFlowLogger
+
+            m = settings.mlflow
+            loggers.append(MLFlowLogger(experiment_name=m.experiment,
+                                        run_name=m.run_name or run_dir.name,
+                                        tracking_uri=mlflow_uri(m),
+                                        artifact_location=m.artifact_location))
+    return loggers
+
+
+def csv_logger(loggers: list):
+    """The CSV logger among `loggers`, or None."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    return next((lg for lg in loggers if isinstance(lg, CSVLogger)), None)
+
+
+def log_config(loggers: list, cfg: Config) -> None:
+    """The resolved config as every logger's hyperparameters (nested; each logger flattens)."""
+    params = dataclasses.asdict(cfg)
+    for logger in loggers:
+        logger.log_hyperparams(params)
+
+
+def log_results(loggers: list, run_dir: Path, results: dict, step: int) -> None:
+    """The held-out gain and the run report (files of run_dir) to every logger that takes
+    them; then the loggers that buffer (TensorBoard, W&B) write everything out."""
+    from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
+
+    png = run_dir / "report.png"
+    for logger in loggers:
+        if "gain" in results:
+            logger.log_metrics({"heldout/gain": float(results["gain"])}, step=step)
+        if isinstance(logger, TensorBoardLogger) and png.is_file():
+            logger.experiment.add_image("report", _rgb(png), step, dataformats="HWC")
+            logger.experiment.flush()
+        elif isinstance(logger, WandbLogger):
+            if png.is_file():
+                logger.log_image("report", [str(png)], step=step)
+            logger.experiment.finish()
+        elif isinstance(logger, MLFlowLogger):
+            for name in ("report.png", "report.md", "eval.json", "config.yaml"):
+                if (run_dir / name).is_file():
+                    logger.experiment.log_artifact(logger.run_id, str(run_dir / name))
+
+
+def _rgb(png: Path):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(png) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def describe(loggers: list) -> str:
+    """Where each logger writes, for the log line at start."""
+    from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
+
+    parts = []
+    for logger in loggers:
+        if isinstance(logger, CSVLogger):
+            parts.append(f"csv {Path(logger.log_dir) / 'metrics.csv'}")
+        elif isinstance(logger, TensorBoardLogger):
+            parts.append(f"tensorboard {logger.log_dir}")
+        elif isinstance(logger, WandbLogger):
+            parts.append(f"wandb project {logger._project}"
+                         + (" (offline)" if logger._offline else ""))
+        elif isinstance(logger, MLFlowLogger):
+            parts.append(f"mlflow experiment {logger._experiment_name} at {logger._tracking_uri}")
+    return ", ".join(parts)
+
+
+__all__ = ["PACKAGES", "csv_logger", "describe", "log_config", "log_results", "make_loggers",
+           "mlflow_uri"]
