@@ -1,9 +1,20 @@
 """Completion log-probabilities without materialising ``[batch, seq, vocab]`` logits.
 
 The policy's trunk runs once to hidden states; only the positions that predict completion
-tokens are projected through the output layer, a chunk of rows at a time. Under autograd each
-chunk is checkpointed, so the backward pass recomputes one chunk's logits at a time and peak
-memory is ``chunk_size × vocab`` instead of ``completion_tokens × vocab``.
+tokens are projected through the output layer, a chunk of rows at a time, so peak memory is
+``chunk_size × vocab`` instead of ``completion_tokens × vocab``. Under autograd:
+
+- a frozen output layer (LoRA, QLoRA): each chunk's gradient with respect to its hidden rows,
+  ``W[target] - softmax(logits) @ W``, is computed in the forward pass while the logits are at
+  hand (`_FrozenHeadLogps`), and only that ``[rows, hidden]`` tensor is kept: the backward pass
+  neither recomputes nor stores logits, and the ``[rows, vocab]`` work is one projection, one
+  softmax and one product instead of the checkpointed path's two projections, two softmaxes and
+  a product;
+- a trainable one (full fine-tuning): each chunk is checkpointed, the backward pass recomputing
+  one chunk's logits at a time.
+
+The log-probs themselves are computed by the same operations on every path (`_chunk_logps`), so
+the reference pass (no gradient) and a training step agree exactly.
 """
 
 from __future__ import annotations
@@ -22,6 +33,33 @@ def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
+class _FrozenHeadLogps(torch.autograd.Function):
+    """`_chunk_logps` for an output layer that does not train, its input gradient precomputed."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets):
+        logits = nn.functional.linear(hidden, weight, bias)
+        compute = logits.dtype
+        logits = logits.float()
+        lse = logits.logsumexp(-1)
+        logps = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+        # d logp / d hidden = W[target] - softmax(logits) @ W; the softmax overwrites the logits.
+        probs = logits.sub_(lse[:, None]).exp_().to(compute)
+        grad = weight[targets].to(compute) - probs @ weight.to(compute)
+        ctx.save_for_backward(grad)
+        ctx.hidden_dtype = hidden.dtype
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return (grad_out[:, None].to(grad.dtype) * grad).to(ctx.hidden_dtype), None, None, None
+
+
+def _frozen(lm_head: nn.Module) -> bool:
+    return not lm_head.weight.requires_grad and (lm_head.bias is None or not lm_head.bias.requires_grad)
+
+
 # Elements of one chunk's logits: 2^24 float32 values are 64 MiB, so with Qwen's 152k vocabulary
 # a chunk is ~110 rows, and its log-softmax and gradient stay within a few hundred MiB.
 CHUNK_ELEMENTS = 2**24
@@ -37,7 +75,9 @@ def token_logps(hidden: torch.Tensor, lm_head: nn.Linear, targets: torch.Tensor,
     out = []
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
-        if torch.is_grad_enabled() and h.requires_grad:
+        if torch.is_grad_enabled() and h.requires_grad and _frozen(lm_head):
+            out.append(_FrozenHeadLogps.apply(h, lm_head.weight, lm_head.bias, t))
+        elif torch.is_grad_enabled() and h.requires_grad:
             out.append(checkpoint(_chunk_logps, h, lm_head.weight, lm_head.bias, t,
                                   use_reentrant=False))
         else:

@@ -188,3 +188,32 @@ def test_sequence_logps_never_projects_the_full_sequence(tiny_model_and_processo
     # only completion positions reach the output layer, at most chunk_size rows at a time
     assert sum(rows) == n_tokens
     assert max(rows) <= 5
+
+
+@pytest.mark.parametrize("chunk_size", [3, 1024])
+def test_frozen_output_layer_gradient_precomputed(tiny_model_and_processor, batch, chunk_size,
+                                                  monkeypatch):
+    # LoRA/QLoRA: the output layer does not train, so each chunk's input gradient is computed
+    # in the forward pass (no checkpoint, no recomputed logits); same log-probs, same gradients.
+    import rdpo.logps
+
+    model, _ = tiny_model_and_processor
+    weights = torch.tensor([1.0, -0.5, 2.0])
+    embed = model.model.language_model.embed_tokens.weight
+    calls = []
+    monkeypatch.setattr(rdpo.logps, "checkpoint", lambda *a, **k: calls.append(1))
+    model.lm_head.weight.requires_grad_(False)
+    try:
+        expected_logps = naive_logps(model, batch)
+        expected = torch.autograd.grad((expected_logps * weights).sum(), embed)[0]
+        got_logps = sequence_logps(model, batch, chunk_size=chunk_size)
+        got = torch.autograd.grad((got_logps * weights).sum(), embed)[0]
+        with torch.no_grad():
+            reference = sequence_logps(model, batch, chunk_size=chunk_size)
+    finally:
+        model.lm_head.weight.requires_grad_(True)
+    assert calls == []
+    assert torch.equal(got_logps.detach(), reference)  # the reference pass computes the same
+    torch.testing.assert_close(got_logps.detach(), expected_logps.detach(), atol=1e-4, rtol=1e-5)
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
