@@ -142,16 +142,29 @@ def pad_to(value: torch.Tensor, shape: tuple[int, ...], fill: int = 0, left: boo
     return out
 
 
+def stack_field(values: Sequence[torch.Tensor], fill: int = 0, left: bool = False) -> torch.Tensor:
+    """One field of several encodings concatenated along dim 0, each padded to the largest
+    (`pad_to`)."""
+    shape = tuple(max(sizes) for sizes in zip(*(v.shape for v in values), strict=True))
+    return torch.cat([pad_to(v, shape, fill, left) for v in values], 0)
+
+
 def pad_batch(items: Sequence[dict], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:
     """Stack single-sequence encodings into one batch, padding token fields on `side` and
-    per-image fields at their ends (`pad_to`)."""
+    per-image fields at their ends (`pad_to`).
+
+    Per-image fields are concatenated over the encodings that have them: a video prompt has
+    ``pixel_values_videos`` where an image prompt has ``pixel_values``, and the model matches
+    features to placeholder tokens in order.
+    """
+    keys = list(dict.fromkeys(k for item in items for k in item))
     batch: dict[str, torch.Tensor] = {}
-    for key in items[0]:
-        values = [item[key] for item in items]
-        shape = tuple(max(sizes) for sizes in zip(*(v.shape for v in values), strict=True))
-        fill = pad_id if key == "input_ids" else 0
-        left = key in TOKEN_FIELDS and side == "left"
-        batch[key] = torch.cat([pad_to(v, shape, fill, left) for v in values], 0)
+    for key in keys:
+        values = [item[key] for item in items if key in item]
+        if key in TOKEN_FIELDS and len(values) < len(items):
+            raise ValueError(f"{key} missing from some prompts of the batch")
+        batch[key] = stack_field(values, pad_id if key == "input_ids" else 0,
+                                 key in TOKEN_FIELDS and side == "left")
     return batch
 
 

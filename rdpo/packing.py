@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-from rdpo.collate import TOKEN_FIELDS, TYPE_FIELDS, Completion, completion_ids, pad_to
+from rdpo.collate import TOKEN_FIELDS, TYPE_FIELDS, Completion, completion_ids, stack_field
 from rdpo.families import PLAIN, ROPE_INDEX, family_of
 from rdpo.logps import sequence_logps, token_logps, unwrap
 from rdpo.vision_cache import trunk_inputs
@@ -95,11 +95,9 @@ def pack_pairs(processor, prompts: Sequence[dict], chosen: Sequence[Completion],
     batch = {"input_ids": pad(rows, tok.pad_token_id), "segments": pad(segs, PAD)}
     for key, type_rows in types.items():
         batch[key] = pad(type_rows, 0)
-    for key in prompts[0]:
+    for key in dict.fromkeys(k for p in prompts for k in p):  # per-image fields, as pad_batch
         if key not in TOKEN_FIELDS:
-            values = [p[key] for p in prompts]
-            shape = tuple(max(sizes) for sizes in zip(*(v.shape for v in values), strict=True))
-            batch[key] = torch.cat([pad_to(v, shape) for v in values], 0)
+            batch[key] = stack_field([p[key] for p in prompts if key in p])
     return batch
 
 

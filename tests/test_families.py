@@ -15,9 +15,28 @@ from rdpo.logps import sequence_logps
 from rdpo.packing import pack_pairs, packed_logps, packing_support
 from rdpo.pool import load_pool
 
-CHOSEN = ["There is a red circle on the left.", "Blue."]
-REJECTED = ["A purple triangle and a dog and a blue square on the right side.", "Red red red."]
+CHOSEN = ["There is a red circle on the left.", "Blue.", "Two shapes: a green square."]
+REJECTED = ["A purple triangle and a dog and a blue square on the right side.", "Red red red.", "No."]
 PACKING = [f for f in FAMILIES if f != "mllama"]
+
+
+@pytest.fixture(scope="module")
+def mixed_pools(toy_pools, tmp_path_factory):
+    """(images only, with video): toy records 0, 1, 3 as two images, one image (or a video of
+    4 frames), one image."""
+    from family_pools import reshape_pool
+
+    root = tmp_path_factory.mktemp("mixed_pools")
+    pools = [reshape_pool(toy_pools.train, root / f"{kind}.jsonl", multi_image=True, video=kind == "video")
+             for kind in ("images", "video")]
+    return [[load_pool(p)[i] for i in (0, 1, 3)] for p in pools]
+
+
+def mixed_prompts(processor, mixed_pools):
+    """Encoded mixed prompts: the video variant where the family takes videos."""
+    records = mixed_pools[1] if processor_family(processor).video else mixed_pools[0]
+    assert [len(r.images) for r in records][::2] == [2, 1]
+    return [encode_prompt(processor, r) for r in records]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -85,8 +104,24 @@ def separate(model, processor, prompts, chosen, rejected):
     return sequence_logps(model, seqs).chunk(2)
 
 
+def test_batched_prompts_equal_each_alone(built, mixed_pools):
+    """Two images, one image (a video for Qwen) in one batch: padding the per-image fields
+    (image counts differ) changes no log-prob."""
+    name, model, processor = built
+    prompts, chosen = mixed_prompts(processor, mixed_pools), CHOSEN
+    if name == "mllama":
+        # transformers' Mllama is not invariant to a padded (masked) image slot, with its own
+        # processor's padding too (~0.07 nats here): only prompts of one image count batch exactly.
+        prompts, chosen = prompts[1:], CHOSEN[1:]
+    with torch.no_grad():
+        batched = sequence_logps(model, collate_sequences(processor, prompts, chosen))
+        alone = torch.cat([sequence_logps(model, collate_sequences(processor, [p], [c]))
+                           for p, c in zip(prompts, chosen, strict=True)])
+    torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("sliding", [None, 6])
-def test_packed_equals_separate_forwards(built, toy_pools, sliding):
+def test_packed_equals_separate_forwards(built, mixed_pools, sliding):
     name, model, processor = built
     if name not in PACKING:
         assert "cross-attention" in packing_support(model)
@@ -99,7 +134,7 @@ def test_packed_equals_separate_forwards(built, toy_pools, sliding):
         text.sliding_window, saved = sliding, text.sliding_window
     try:
         assert packing_support(model) is None
-        prompts = [encode_prompt(processor, r) for r in load_pool(toy_pools.train)[:2]]
+        prompts = mixed_prompts(processor, mixed_pools)
         weight = model.get_parameter(f"model.{family_of(model).language_model}.layers.0.mlp.down_proj.weight")
         got = []
         for packed in (False, True):
@@ -123,7 +158,7 @@ def test_packed_equals_separate_forwards(built, toy_pools, sliding):
     torch.testing.assert_close(g, want_g, atol=1e-4, rtol=1e-4)
 
 
-def test_packed_image_blocks_matter_for_gemma3(built, toy_pools):
+def test_packed_image_blocks_matter_for_gemma3(built, mixed_pools):
     """Without Gemma 3's bidirectional image blocks the packed log-probs would differ: the
     equality above is not an accident of the tiny model."""
     name, model, processor = built
@@ -131,7 +166,7 @@ def test_packed_image_blocks_matter_for_gemma3(built, toy_pools):
         pytest.skip("Gemma 3 only")
     from rdpo import families
 
-    prompts = [encode_prompt(processor, r) for r in load_pool(toy_pools.train)[:2]]
+    prompts = mixed_prompts(processor, mixed_pools)
     batch = pack_pairs(processor, prompts, CHOSEN, REJECTED)
     with torch.no_grad():
         want = packed_logps(model, batch)
