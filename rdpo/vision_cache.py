@@ -199,6 +199,10 @@ def trunk_inputs(model, inputs: dict) -> dict:
     images = inputs.pop("images", None)
     if images is None or not images.cache.supports(model) or "pixel_values" not in inputs:
         return inputs
+    if "pixel_values_videos" in inputs:
+        # Qwen-VL takes precomputed features or pixels, not both: a batch with a video prompt
+        # (rdpo.pool's "video" records) runs the vision tower.
+        return inputs
     trunk = _unwrap(model).model
     pixels = inputs["pixel_values"]
     out_type, rows = images.cache.features(trunk, images, pixels, inputs["input_ids"].device)

@@ -133,8 +133,10 @@ def _model_config(family: str, tokenizer, hidden: int, layers: int, *, head_dim:
                       fullatt_block_indexes=[layers - 1], window_size=56)
         text["rope_parameters"] = mrope
     elif family == "qwen3_vl":
+        # One deepstack layer, as every real Qwen3-VL has: generate() with K samples per prompt
+        # (transformers 5.24) indexes the deepstack features and fails on an empty list.
         vision.update(hidden_size=hidden, out_hidden_size=hidden, intermediate_size=2 * hidden,
-                      patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[])
+                      patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[0])
         text.update(head_dim=head_dim,
                     rope_parameters={**mrope, "mrope_interleaved": True})
     else:

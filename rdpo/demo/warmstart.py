@@ -25,7 +25,8 @@ if TYPE_CHECKING:  # rdpo.config imports this module (toy paths): no import back
 log = logging.getLogger("rdpo")
 
 # Bump when the task, the tiny model or the warm start changes in a way the settings don't show.
-TOY_VERSION = 4  # 3: records carry an `outcome` check (outcome baseline); 4: toy.head_dim
+TOY_VERSION = 5  # 3: records carry an `outcome` check (outcome baseline); 4: toy.head_dim;
+# 5: tiny Qwen3-VL with a deepstack layer, tiny Qwen video processor at the image pixel budget
 
 
 WARM_THREADS = 2
