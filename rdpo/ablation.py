@@ -72,6 +72,8 @@ def run_all(config: str, seeds: list[int], out_dir: Path, overrides: list[str],
             if reuse and (d / "eval.json").is_file():
                 log.info("ablation: reusing %s", d)
                 continue
+            if d.exists():  # stale rounds of an earlier, longer run would join rounds.json
+                shutil.rmtree(d)
             cfg = load_config(config, [*overrides, f"run.dir={d}", f"run.seed={seed}",
                                        f"pairs.strategy={strategy}", "run.progress_bar=false"])
             if not cfg.data.heldout_pool:
@@ -131,6 +133,24 @@ def collect(runs: Path, seeds: list[int]) -> dict[str, ArmStats]:
                                  "not the same start")
             values["base"][key].append(a)
     return {a: ArmStats(a, list(seeds), v) for a, v in values.items()}
+
+
+def pair_stats(runs: Path, seeds: list[int]) -> dict:
+    """Per strategy, from the runs' rounds.json: mean prompts and pairs kept per round, and the
+    drops by reason summed over rounds and seeds."""
+    out = {}
+    for strategy in STRATEGIES:
+        rounds = [r for seed in seeds for r in json.loads(
+            (run_dir(runs, strategy, seed) / "rounds.json").read_text())]
+        dropped: dict[str, int] = {}
+        for r in rounds:
+            for reason, n in r["dropped"].items():
+                dropped[reason] = dropped.get(reason, 0) + n
+        out[strategy] = {"rounds": len(rounds),
+                         "prompts_per_round": statistics.fmean(r["prompts"] for r in rounds),
+                         "kept_per_round": statistics.fmean(r["kept"] for r in rounds),
+                         "dropped": {k: v for k, v in dropped.items() if v}}
+    return out
 
 
 def machine_facts(threads: int) -> dict:
@@ -242,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             export_runs(Path(args.out), docs, args.seeds)
             facts = _facts(args, time.perf_counter() - start)
         arms = collect(docs / "runs", facts["seeds"])
+        facts["pairs"] = pair_stats(docs / "runs", facts["seeds"])
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

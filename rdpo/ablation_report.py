@@ -86,6 +86,16 @@ def _calibration(cal: dict) -> list[str]:
                        cal["outcome_holistic"]["agree"], cal["outcome_holistic"]["ties"])]
 
 
+def _pairs(pairs: dict) -> list[str]:
+    out = ["DPO pairs per round (mean over rounds and seeds; drops summed):", "",
+           "| strategy | pairs kept / prompts | drops by reason |", "|---|---|---|"]
+    for strategy, p in pairs.items():
+        drops = ", ".join(f"{k} {v}" for k, v in sorted(p["dropped"].items(), key=lambda x: -x[1]))
+        out.append(f"| {strategy} | {p['kept_per_round']:.1f} / {p['prompts_per_round']:.0f} "
+                   f"| {drops or 'none'} |")
+    return out
+
+
 def readme_section(data: dict) -> str:
     """The README's generated ablation section (between `BEGIN` and `END`)."""
     m, s = data["machine"], data["settings"]
@@ -104,6 +114,8 @@ def readme_section(data: dict) -> str:
              + (f"; wall time {secs:.0f} s." if secs else "."), "",
              render_markdown(data).rstrip(), "",
              "![ablation: base vs outcome vs rubric filtering](docs/ablation/ablation.png)"]
+    if "pairs" in data:
+        lines += [""] + _pairs(data["pairs"])
     if "calibration" in data:
         lines += [""] + _calibration(data["calibration"])
     return "\n".join(lines + ["", END])

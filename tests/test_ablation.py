@@ -10,9 +10,10 @@ import statistics
 
 import pytest
 from PIL import Image
+from small_toy import ROOT
 
 from rdpo.ablation import collect, export_runs, main, round_summaries, run_dir
-from rdpo.ablation_report import BEGIN, END, METRICS, readme_is_current
+from rdpo.ablation_report import BEGIN, END, METRICS, readme_is_current, readme_section
 
 BEFORE = {0: 0.40, 1: 0.42, 2: 0.38}
 AFTER = {("rubric", 0): 0.60, ("rubric", 1): 0.62, ("rubric", 2): 0.58,
@@ -35,6 +36,10 @@ def _metrics(x: float) -> dict:
 def _write(runs, strategy, seed, before=None):
     d = run_dir(runs, strategy, seed)
     d.mkdir(parents=True)
+    kept = 3 if strategy == "rubric" else 5
+    (d / "rounds.json").write_text(json.dumps([
+        {"round": i, "prompts": 6, "kept": kept, "dropped": {"tie": 6 - kept, "truncated": 0}}
+        for i in range(2)]))
     (d / "eval.json").write_text(json.dumps({
         "before": _metrics(before if before is not None else BEFORE[seed]),
         "after": _metrics(AFTER[(strategy, seed)])}))
@@ -95,6 +100,7 @@ def test_collect_only_writes_json_table_figure_and_readme(docs, tmp_path):
     assert "old table" not in text and text.startswith("# x\n\nintro\n\n") and text.endswith("after\n")
     assert readme_is_current(readme, data)
     assert "`python -m rdpo.ablation --seeds 0 1 2`" in text and "commit `0123456789ab`" in text
+    assert "| rubric | 3.0 / 6 | tie 18 |" in text  # 2 rounds x 3 seeds x 3 ties
     data["arms"]["rubric"]["values"]["truth_score"][0] = 0.9
     assert not readme_is_current(readme, data)
 
@@ -119,3 +125,17 @@ def test_round_summaries_and_export(tmp_path):
     copied = run_dir(tmp_path / "docs" / "runs", "rubric", 0)
     assert json.loads((copied / "rounds.json").read_text()) == rounds
     assert (copied / "eval.json").read_text() == (src / "eval.json").read_text()
+
+
+def test_committed_readme_is_current():
+    """README's ablation section is exactly what docs/ablation/ablation.json generates
+    (rerun `python -m rdpo.ablation --collect-only` after changing either)."""
+    data = json.loads((ROOT / "docs/ablation/ablation.json").read_text())
+    assert readme_is_current(ROOT / "README.md", data), "README ablation section is stale"
+    assert readme_section(data).count(BEGIN) == 1
+    for seed in data["seeds"]:  # every run behind the table is committed
+        for strategy in ("outcome", "rubric"):
+            d = run_dir(ROOT / "docs/ablation/runs", strategy, seed)
+            assert {"eval.json", "config.yaml", "rounds.json"} <= {p.name for p in d.iterdir()}
+    arms = collect(ROOT / "docs/ablation/runs", data["seeds"])  # and the JSON is theirs
+    assert {a: s.values for a, s in arms.items()} == {a: v["values"] for a, v in data["arms"].items()}

@@ -28,8 +28,10 @@ def _records(cfg):
 
 def test_parser_reads_the_task_vocabulary():
     assert parse_claims("There are 3 shapes: a Red circle, two blue squares and green.") == [
-        ("number", 3), ("obj", "red", "circle"), ("number", 2), ("obj", "blue", "square"),
-        ("color", "green")]
+        ("number", 3, ("all",)), ("obj", "red", "circle"), ("number", 2, ("obj", "blue", "square")),
+        ("obj", "blue", "square"), ("color", "green")]
+    assert parse_claims("one green shape, 2") == [
+        ("number", 1, ("color", "green")), ("group", "green"), ("number", 2, None)]
     assert parse_claims("The red shapes are left of and above it") == [
         ("group", "red"), ("rel", "left"), ("rel", "above")]
 
@@ -44,7 +46,13 @@ def test_partial_and_false_claims():
     t = check(desc, "There are three shapes: a red circle, a yellow circle and a blue square.")
     assert (t.recall, t.hallucination, t.correct) == (pytest.approx(2 / 3), True, False)
     assert check(desc, "red circle, green circle, blue square").score == 1.0  # terse: facts only
-    assert check(Question("count_color", SCENE, ("green",)), "There is one green shape.").correct
+    green = Question("count_color", SCENE, ("green",))
+    assert check(green, "There is one green shape.").correct and check(green, "1").correct
+    # One red shape is true, but the question asks about the blue ones (the regex rubric of
+    # this prompt, looking for "one", would pass it).
+    red = check(Question("count_color", SCENE, ("blue",)), "There is one red shape.")
+    assert (red.recall, red.precision, red.correct) == (0.0, 1.0, False)
+    assert check(Question("count", SCENE), "There are two red circles.").wrong  # one red circle
 
 
 @pytest.mark.parametrize("cfg", [EASY, HARD], ids=["easy", "hard"])

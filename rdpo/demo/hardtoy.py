@@ -105,7 +105,13 @@ def _question(scene: HardScene, kind: str, target) -> tuple[str, str, dict]:
         instruction = f"How many {what} are there?"
         noun = what if k > 1 else what[:-1]
         reference = f"There {'are' if k > 1 else 'is'} {NUMBERS[k]} {noun}."
-        ess.append((f"States that there {'are' if k > 1 else 'is'} {k} {noun}.", {"any": [_number(k)]}))
+        # The number with what it counts ("two red shapes"), or the number alone as the answer:
+        # "one green shape" does not answer how many red shapes there are.
+        colour = "" if kind == "count" else rf"{target}\s+"
+        counted = rf"{_number(k)}\s+{colour}shapes?\b"
+        bare = rf"^\W*{_number(k)}\W*$"
+        ess.append((f"States that there {'are' if k > 1 else 'is'} {k} {noun}.",
+                    {"any": [counted, bare]}))
         ess.append(("Does not state another number.", {"none": _other_numbers(k)}))
         pat = r"\bshapes?\b" if kind == "count" else rf"\b{target}\s+shapes?\b"
         add.append((f"Says what is counted: {what}.", {"any": [pat]}, 1.0))

@@ -49,9 +49,22 @@ class Truth:
     wrong: bool
 
 
+def _scope(words: list[str]) -> tuple | None:
+    """What a number right before `words` counts: ``("all",)`` (n shapes), ``("color", c)``
+    (n red shapes), ``("obj", c, s)`` (n red circles), or None (the question's quantity)."""
+    w, nxt = (words + ["", ""])[:2]
+    if w in ("shape", "shapes"):
+        return ("all",)
+    if w in COLORS and nxt in ("shape", "shapes"):
+        return ("color", w)
+    if w in COLORS and nxt in _SINGULAR:
+        return ("obj", w, _SINGULAR[nxt])
+    return None
+
+
 def parse_claims(text: str) -> list[tuple]:
     """The answer's mentions in order: ``("obj", c, s)``, ``("group", c)`` (c shapes),
-    ``("color", c)``, ``("shape", s)``, ``("number", n)``, ``("rel", word)``."""
+    ``("color", c)``, ``("shape", s)``, ``("number", n, scope)`` (`_scope`), ``("rel", word)``."""
     words = _TOKEN.findall(text.lower())
     out, i = [], 0
     while i < len(words):
@@ -67,7 +80,8 @@ def parse_claims(text: str) -> list[tuple]:
         elif w in _SINGULAR:
             out.append(("shape", _SINGULAR[w]))
         elif w in NUMBERS[1:] or (w.isdigit() and len(w) < 3):
-            out.append(("number", NUMBERS.index(w) if w in NUMBERS else int(w)))
+            out.append(("number", NUMBERS.index(w) if w in NUMBERS else int(w),
+                        _scope(words[i + 1:i + 3])))
         elif w in RELATIONS:
             out.append(("rel", w))
         i += 1
@@ -107,10 +121,14 @@ def check(q: Question, text: str) -> Truth:
         elif kind == "shape":
             ok = claim[1] in shapes
         elif kind == "number":
-            n = (sum(o[0] == q.target[0] for o in q.objects) if q.kind == "count_color"
-                 else len(q.objects))
+            scope = claim[2] or (("color", q.target[0]) if q.kind == "count_color" else ("all",))
+            n = (len(q.objects) if scope[0] == "all" else
+                 sum(o[0] == scope[1] for o in q.objects) if scope[0] == "color" else
+                 int(tuple(scope[1:]) in combos))
             ok, attr = claim[1] == n, True
-            asked |= {"number"} if ok else set()
+            # The asked count: all shapes (count), the asked colour's shapes (count_color).
+            wanted = ("color", q.target[0]) if q.kind == "count_color" else ("all",)
+            asked |= {"number"} if ok and scope == wanted else set()
         else:  # a relation word
             rel = claim[1]
             if q.kind == "relation":
