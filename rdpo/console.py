@@ -33,12 +33,22 @@ NOISE = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
     # transformers 5 renamed it; PEFT 0.21 still reads the old name on every model it wraps.
     r"`is_gradient_checkpointing` is deprecated",
+    # DeepSpeed (imported by transformers' integrations) on a machine without a GPU; Lightning's
+    # "GPU available: False" already says what matters.
+    r"Setting accelerator to CPU\. If you have GPU or other accelerator",
 )
 """Messages (regular expressions, matched at the start) hidden unless ``-v``: each names a
 version of a dependency and has nothing a user of rdpo can change."""
 
 _NOISE = re.compile("|".join(f"(?:{n})" for n in NOISE))
 _HANDLER_NAME = "rdpo-console"
+_verbosity = VERBOSE
+"""What `setup` was last asked for; VERBOSE (show everything) when a library user never called it."""
+
+
+def verbose() -> bool:
+    """Whether third-party tools may print their own summaries (``-v``, or no `setup` at all)."""
+    return _verbosity >= VERBOSE
 
 
 class NoiseFilter(logging.Filter):
@@ -69,6 +79,8 @@ def setup(verbosity: int = DEFAULT, stream=None) -> None:
     no `NOISE`), `VERBOSE` (everything, debug messages of rdpo included). Calling it again
     replaces the handler rather than adding a second one.
     """
+    global _verbosity
+    _verbosity = verbosity
     root = logging.getLogger()
     for handler in list(root.handlers):
         if handler.get_name() == _HANDLER_NAME:
@@ -86,6 +98,11 @@ def setup(verbosity: int = DEFAULT, stream=None) -> None:
         handler.addFilter(NoiseFilter())
         silence_warnings()
         _quiet_transformers()
+        # DeepSpeed prints through its own handler (no propagation): filtered on its logger,
+        # which applies to every record it logs, even before deepspeed is imported.
+        deepspeed = logging.getLogger("DeepSpeed")
+        if not any(isinstance(f, NoiseFilter) for f in deepspeed.filters):
+            deepspeed.addFilter(NoiseFilter())
     root.addHandler(handler)
     route_lightning()
 

@@ -66,9 +66,15 @@ def make_loggers(names: list[str], settings: LoggerConfig, run_dir: str | Path) 
 
             w = settings.wandb
             Path(w.save_dir).mkdir(parents=True, exist_ok=True)
-            loggers.append(WandbLogger(project=w.project, name=w.name or run_dir.name,
-                                       entity=w.entity, offline=w.offline, save_dir=w.save_dir,
-                                       tags=list(w.tags) or None, log_model=False))
+            # quiet: W&B's own end-of-run tables of every metric (the console's -v shows them).
+            wandb = WandbLogger(project=w.project, name=w.name or run_dir.name, entity=w.entity,
+                                offline=w.offline, save_dir=w.save_dir, tags=list(w.tags) or None,
+                                log_model=False, settings=_wandb_settings())
+            # Lightning 2.6 always passes anonymous=None, which wandb >= 0.19 answers with a
+            # "has no effect" warning on every run; left out, nothing changes but the noise.
+            if wandb._wandb_init.get("anonymous") is None:
+                wandb._wandb_init.pop("anonymous", None)
+            loggers.append(wandb)
         elif name == "mlflow":
             from lightning.pytorch.loggers import MLFlowLogger
 
@@ -78,6 +84,14 @@ def make_loggers(names: list[str], settings: LoggerConfig, run_dir: str | Path) 
                                         tracking_uri=mlflow_uri(m),
                                         artifact_location=m.artifact_location))
     return loggers
+
+
+def _wandb_settings():
+    import wandb
+
+    from rdpo.console import verbose
+
+    return wandb.Settings(quiet=not verbose())
 
 
 def csv_logger(loggers: list):
@@ -103,13 +117,18 @@ def log_results(loggers: list, run_dir: Path, results: dict, step: int) -> None:
     for logger in loggers:
         if "gain" in results:
             logger.log_metrics({"heldout/gain": float(results["gain"])}, step=step)
+            logger.save()  # the trainer has finished: nobody else writes the CSV's last rows
         if isinstance(logger, TensorBoardLogger) and png.is_file():
             logger.experiment.add_image("report", _rgb(png), step, dataformats="HWC")
             logger.experiment.flush()
         elif isinstance(logger, WandbLogger):
             if png.is_file():
                 logger.log_image("report", [str(png)], step=step)
+            run_dir_wandb = logger.experiment.dir
             logger.experiment.finish()
+            if logger._offline:  # W&B's own hint is part of the output quiet=True hides
+                log.info("W&B run saved offline; upload it with: wandb sync %s",
+                         Path(run_dir_wandb).parent)
         elif isinstance(logger, MLFlowLogger):
             for name in ("report.png", "report.md", "eval.json", "config.yaml"):
                 if (run_dir / name).is_file():
