@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 from PIL import Image
-from small_toy import ROOT
+from small_toy import QUICKSTART, ROOT
 
 from rdpo.config import ConfigError, load_config
 from rdpo.demo import hardtoy, toy
@@ -125,3 +125,29 @@ def test_simulation_keys_are_checked():
         load_config(None, ["run.dir=x", "judge.outcome=holistic"])
     with pytest.raises(ConfigError, match="judge.noise"):
         load_config(None, ["run.dir=x", "judge.noise=0.7"])
+
+
+@pytest.mark.slow
+def test_warm_start_weights_do_not_depend_on_the_callers_threads(tmp_path):
+    """The warm start pins its CPU threads (rdpo.demo.warmstart.WARM_THREADS): a caller on 1
+    thread and one on 2 get bit-identical weights (with the pin lifted they differ)."""
+    import hashlib
+
+    import torch
+
+    from rdpo.demo.warmstart import prepare_toy
+
+    hashes = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            cfg = load_config(QUICKSTART, ["run.dir=unused", f"toy.cache_dir={tmp_path / str(threads)}",
+                                           "toy.n_train=16", "toy.n_heldout=8",
+                                           "toy.warmstart_steps=8"])
+            policy = prepare_toy(cfg.toy).policy
+            hashes.append(hashlib.sha256(b"".join(
+                f.read_bytes() for f in sorted(policy.glob("*.safetensors")))).hexdigest())
+    finally:
+        torch.set_num_threads(before)
+    assert hashes[0] == hashes[1]
