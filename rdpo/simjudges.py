@@ -60,8 +60,6 @@ class SimulatedJudge(RuleJudge):
     def __init__(self, cfg: JudgeConfig, *, truth=None, seed: int = 0,
                  strategy: str = PairsConfig.strategy) -> None:
         super().__init__(strategy)
-        if cfg.outcome == "holistic" and truth is None:
-            raise ValueError("judge.outcome=holistic needs the toy's ground truth (toy.enabled)")
         self.cfg, self.truth, self.seed = cfg, truth, seed
 
     def judge(self, record: PromptRecord, responses: Sequence[str]) -> list[dict[str, bool | None]]:
@@ -76,6 +74,8 @@ class SimulatedJudge(RuleJudge):
 
     def holistic(self, record_id: str, response: str) -> int:
         """The simulated holistic 1-10 score of one answer."""
+        if self.truth is None:
+            raise ValueError("judge.outcome=holistic reads the toy's scenes: set toy.enabled")
         terse, ramble = style_flaws(response)
         quality = self.truth.check(record_id, response).score - STYLE_PENALTY * (terse + ramble)
         noise = _uniform(self.seed, record_id, response, "holistic").gauss(0.0, 1.0)
@@ -94,12 +94,10 @@ def make_simulated(cfg: JudgeConfig, toy, seed: int, strategy: str) -> RuleJudge
     if not cfg.noise and cfg.outcome == "check":
         return RuleJudge(strategy)
     truth = None
-    if cfg.outcome == "holistic":
-        if toy is None or not toy.enabled:
-            raise ValueError("judge.outcome=holistic reads the toy task's scenes: set toy.enabled")
+    if cfg.outcome == "holistic" and toy is not None and toy.enabled:
         from rdpo.demo.truth import GroundTruth
 
-        truth = GroundTruth.for_toy(toy)
+        truth = GroundTruth.for_toy(toy)  # without it, outcome() fails and judge() still works
     return SimulatedJudge(cfg, truth=truth, seed=seed, strategy=strategy)
 
 
