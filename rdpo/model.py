@@ -82,8 +82,6 @@ def add_lora(model, cfg: ModelConfig):
     (``auto``: the family's language model, `rdpo.families`)."""
     from peft import LoraConfig, get_peft_model
 
-    if cfg.gradient_checkpointing:
-        checkpoint_language_model(model)
     lora = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
@@ -91,7 +89,13 @@ def add_lora(model, cfg: ModelConfig):
         target_modules=lora_target(model, cfg),
         bias="none",
     )
-    return get_peft_model(model, lora)
+    peft_model = get_peft_model(model, lora)
+    # After wrapping: PEFT, seeing a checkpointed model, would make every embedding output of
+    # the whole VLM require grad, the vision tower's patch embedding included, and the steps
+    # would back-propagate through the frozen tower.
+    if cfg.gradient_checkpointing:
+        checkpoint_language_model(model)
+    return peft_model
 
 
 def unfreeze_language_model(model):

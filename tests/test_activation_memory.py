@@ -39,6 +39,13 @@ def test_language_model_checkpointing_same_gradients_fewer_saved_bytes(tiny_dir,
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, 0.05)
+        # Without the cache the step runs the frozen vision tower, which builds no graph.
+        outputs = []
+        hook = model.get_base_model().model.visual.register_forward_hook(
+            lambda m, i, o, seen=outputs: seen.append(o.last_hidden_state))
+        pair_logps(model, PairCollator(processor)(pairs))
+        hook.remove()
+        assert outputs and not any(o.requires_grad for o in outputs)
         collator = PairCollator(processor, vision=VisionCache())
         with torch.no_grad():
             pair_logps(model, collator(pairs))  # the reference pass: features cached

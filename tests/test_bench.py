@@ -6,20 +6,45 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.slow  # trains rdpo and TRL's DPOTrainer in a subprocess
+pytestmark = pytest.mark.slow  # trains rdpo and TRL's DPOTrainer in subprocesses
 
 
-def test_bench_dpo_json(tmp_path):
+def bench(tmp_path, *extra):
     out = subprocess.run(
         [sys.executable, "-m", "rdpo.bench", "dpo", "--json", "--shape", "tiny", "--steps", "3",
          "--batch", "2", "--repeats", "1", "--response-tokens", "16", "--image-side", "112",
-         "--work", str(tmp_path)],
-        capture_output=True, text=True, timeout=600)
+         "--work", str(tmp_path), *extra],
+        capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    for key in ("throughput_ratio", "peak_memory_ratio", "max_abs_loss_diff"):
-        assert result[key] > 0 or key == "max_abs_loss_diff"
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_bench_dpo_json(tmp_path):
+    result = bench(tmp_path, "--images", "2")
+    assert result["images"] == 2
+    settings = [r["setting"] for r in result["runs"]]
+    assert settings == ["rdpo (gc off, cache on, packed)", "trl (gc off)",
+                        "rdpo (gc on, cache on, packed)", "trl (gc on)"]
+    for key in ("throughput_ratio_like_for_like", "throughput_ratio_vs_trl_default",
+                "activation_memory_ratio", "peak_memory_ratio", "training_memory_ratio"):
+        assert result[key] > 0, key
+    # The headline memory ratio holds at either checkpointing setting.
+    assert result["activation_memory_ratio"] == max(result["activation_memory_ratio_gc_off"],
+                                                    result["activation_memory_ratio_gc_on"])
+    for run in result["runs"]:
+        assert run["activation_mb"] > 0 and run["pairs_per_s"] > 0
+    # rdpo's steps reuse the image features the reference pass encoded.
+    assert all(r["vision_calls_in_steps"] == 0 for r in result["runs"] if r["impl"] == "rdpo")
     # Same initial adapter, same token sequences, same optimizer: the two trainers take the
     # same steps, so their per-step losses agree (step 0 is ln 2 for both).
     assert result["max_abs_loss_diff"] < 1e-4
-    assert result["rdpo_pairs_per_s"] > 0 and result["trl_pairs_per_s"] > 0
+
+
+def test_bench_levers(tmp_path):
+    result = bench(tmp_path, "--levers")
+    runs = {r["setting"]: r for r in result["runs"]}
+    assert runs["rdpo (gc off, cache off, packed)"]["vision_calls_in_steps"] == 3
+    assert runs["rdpo (gc off, cache on, packed)"]["vision_calls_in_steps"] == 0
+    # Checkpointing the language model leaves less saved for backward.
+    assert (runs["rdpo (gc on, cache on, packed)"]["activation_mb"]
+            < runs["rdpo (gc off, cache on, packed)"]["activation_mb"])
