@@ -254,12 +254,14 @@ def build(cfg: Config) -> Run:
     checkpointer = RoundCheckpoint(
         run_dir / "checkpoints", cfg.run.checkpoint_every_n_steps or cfg.rollout.every_n_steps,
         stop_signal=_preemption_signal(), enabled=cfg.run.checkpoint, base=base_fingerprint(model))
-    run_loggers = loggers.make_loggers(cfg.run.loggers, cfg.logger, run_dir)
+    run_loggers = loggers.make_loggers(cfg.run.loggers, cfg.logger, run_dir,
+                                       resume=ckpt is not None)
     csv = loggers.csv_logger(run_loggers)
     if ckpt is not None and rank_zero_only.rank == 0 and csv is not None:
         keep_metrics(csv, ckpt)
     if rank_zero_only.rank == 0 and run_loggers:
         loggers.log_config(run_loggers, cfg)
+        loggers.remember(run_loggers, run_dir)
         log.info("logging to %s", loggers.describe(run_loggers))
     progress = [RoundProgressBar()] if cfg.run.progress_bar else []
     trainer = L.Trainer(

@@ -7,12 +7,17 @@ step metrics Lightning logs (``train/*``), the round metrics of `RubricScoringCa
 (`log_results`): report.png as an image where the logger shows images (TensorBoard, W&B), and
 report.png, report.md, eval.json and config.yaml as artifacts where it keeps files (MLflow).
 The CSV logger writes run.dir/logs/metrics.csv, next to those files already.
+
+A resumed run continues the same W&B and MLflow runs: their ids are kept in
+run.dir/loggers.json (`remember`); TensorBoard appends to its folder, and the CSV logger keeps the
+rows before the checkpoint (`rdpo.callbacks.checkpoint.keep_metrics`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import logging
 import os
 from pathlib import Path
@@ -43,12 +48,25 @@ def mlflow_uri(settings) -> str:
     return mlflow.get_tracking_uri()
 
 
-def make_loggers(names: list[str], settings: LoggerConfig, run_dir: str | Path) -> list:
-    """Lightning loggers for `names` (run.loggers) with `settings` (the logger section)."""
+IDS_FILE = "loggers.json"
+
+
+def _saved_ids(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / IDS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def make_loggers(names: list[str], settings: LoggerConfig, run_dir: str | Path, *,
+                 resume: bool = False) -> list:
+    """Lightning loggers for `names` (run.loggers) with `settings` (the logger section);
+    `resume`: continue the W&B and MLflow runs this run directory logged to before."""
     problems = _missing_packages(names)
     if problems:
         raise ConfigError(problems)
     run_dir = Path(run_dir)
+    ids = _saved_ids(run_dir) if resume else {}
     loggers = []
     for name in names:
         if name == "csv":
@@ -67,9 +85,10 @@ def make_loggers(names: list[str], settings: LoggerConfig, run_dir: str | Path) 
             w = settings.wandb
             Path(w.save_dir).mkdir(parents=True, exist_ok=True)
             # quiet: W&B's own end-of-run tables of every metric (the console's -v shows them).
+            again = {"id": ids["wandb"], "resume": "allow"} if ids.get("wandb") else {}
             wandb = WandbLogger(project=w.project, name=w.name or run_dir.name, entity=w.entity,
                                 offline=w.offline, save_dir=w.save_dir, tags=list(w.tags) or None,
-                                log_model=False, settings=_wandb_settings())
+                                log_model=False, settings=_wandb_settings(), **again)
             # Lightning 2.6 always passes anonymous=None, which wandb >= 0.19 answers with a
             # "has no effect" warning on every run; left out, nothing changes but the noise.
             if wandb._wandb_init.get("anonymous") is None:
@@ -82,8 +101,24 @@ def make_loggers(names: list[str], settings: LoggerConfig, run_dir: str | Path) 
             loggers.append(MLFlowLogger(experiment_name=m.experiment,
                                         run_name=m.run_name or run_dir.name,
                                         tracking_uri=mlflow_uri(m),
-                                        artifact_location=m.artifact_location))
+                                        artifact_location=m.artifact_location,
+                                        run_id=ids.get("mlflow")))
     return loggers
+
+
+def remember(loggers: list, run_dir: str | Path) -> None:
+    """Write the W&B and MLflow run ids to run.dir/loggers.json, for a resumed run (rank 0,
+    after `log_config` started those runs)."""
+    from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
+
+    ids = {}
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            ids["wandb"] = logger.experiment.id
+        elif isinstance(logger, MLFlowLogger):
+            ids["mlflow"] = logger.run_id
+    if ids:
+        (Path(run_dir) / IDS_FILE).write_text(json.dumps(ids) + "\n")
 
 
 def _wandb_settings():
@@ -162,4 +197,4 @@ def describe(loggers: list) -> str:
 
 
 __all__ = ["PACKAGES", "csv_logger", "describe", "log_config", "log_results", "make_loggers",
-           "mlflow_uri"]
+           "mlflow_uri", "remember"]

@@ -10,7 +10,7 @@ import pytest
 from small_toy import QUICKSTART
 
 from rdpo.config import ConfigError, load_config
-from rdpo.loggers import describe, log_config, log_results, make_loggers, mlflow_uri
+from rdpo.loggers import describe, log_config, log_results, make_loggers, mlflow_uri, remember
 
 
 def _cfg(tmp_path, *extra):
@@ -92,6 +92,16 @@ def test_mlflow_gets_params_metrics_and_artifacts(tmp_path):
     assert run.data.metrics == {"round/mean_score": 0.5, "heldout/gain": 0.25}
     assert sorted(a.path for a in client.list_artifacts(logger.run_id)) == [
         "config.yaml", "eval.json", "report.md", "report.png"]
+    # A resumed run continues the same MLflow run; a new start makes a new one.
+    remember([logger], run_dir)
+    (again,) = make_loggers(cfg.run.loggers, cfg.logger, run_dir, resume=True)
+    again.log_metrics({"round/mean_score": 0.75}, step=80)
+    assert again.run_id == logger.run_id
+    history = client.get_metric_history(logger.run_id, "round/mean_score")
+    assert [(m.step, m.value) for m in history] == [(0, 0.5), (80, 0.75)]
+    (fresh,) = make_loggers(cfg.run.loggers, cfg.logger, run_dir)
+    fresh.log_metrics({"round/mean_score": 0.1}, step=0)
+    assert fresh.run_id != logger.run_id
 
 
 def test_wandb_offline_gets_config_metrics_and_report(tmp_path, monkeypatch):
@@ -107,12 +117,14 @@ def test_wandb_offline_gets_config_metrics_and_report(tmp_path, monkeypatch):
     run = logger.experiment
     assert run.config["dpo"]["beta"] == 0.5 and run.config["run"]["loggers"] == ["wandb"]
     assert run.tags == ("toy",) and run.name == "run"
+    assert run.summary["round/mean_score"] == 0.5
     _report(run_dir)
     log_results([logger], run_dir, {"gain": 0.25}, step=40)  # finishes the W&B run
     (offline,) = (run_dir / "wandb").glob("offline-run-*")
-    # The run's transaction log (protobuf records, read by `wandb sync`) holds the metrics.
-    (log_file,) = offline.glob("run-*.wandb")
-    data = log_file.read_bytes()
-    assert b"round/mean_score" in data and b"heldout/gain" in data and b"max_steps" in data
+    assert list(offline.glob("run-*.wandb"))  # the transaction log `wandb sync` uploads
     (image,) = (offline / "files" / "media" / "images").glob("report_*.png")
     assert image.read_bytes() == (run_dir / "report.png").read_bytes()
+    remember([logger], run_dir)
+    (again,) = make_loggers(cfg.run.loggers, cfg.logger, run_dir, resume=True)
+    assert again.experiment.id == run.id  # a resumed run logs to the same W&B run
+    again.experiment.finish()
