@@ -185,7 +185,9 @@ class ModelConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA adapter on the language model."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
+    """Recompute the language model's layer activations in the backward pass: far less kept for
+    backward, one more forward of the language model per step (the vision tower is frozen and
+    never checkpointed)."""
     disable_dropout: bool = True
     """Turn every dropout of the model (the checkpoint's and LoRA's) off for DPO, as TRL does:
     the training step then computes the same function as the reference pass and the rollout,
