@@ -57,7 +57,7 @@ class Phase:
 
 def phase(trainer: L.Trainer, name: str, total: int, unit: str, where: str | None = None) -> Phase:
     """A `Phase` line on `trainer`'s `RoundProgressBar`, or one that displays nothing. The line
-    reads ``WHERE · NAME`` (`where`: the current round, ``round i/N``, by default)."""
+    reads ``WHERE · NAME`` (`where`: the current round, ``round i``, by default)."""
     bar = trainer.progress_bar_callback
     if not isinstance(bar, RoundProgressBar) or not trainer.is_global_zero or bar.is_disabled:
         return Phase(None)

@@ -51,6 +51,20 @@ def verbose() -> bool:
     return _verbosity >= VERBOSE
 
 
+class _Handler(logging.StreamHandler):
+    """Writes each record above any open progress bar (tqdm's `write` clears and redraws it),
+    so a message in the middle of a phase neither breaks the bar's line nor is broken by it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:
+            self.handleError(record)
+
+
 class NoiseFilter(logging.Filter):
     """Drops log records whose message matches `NOISE`."""
 
@@ -85,7 +99,7 @@ def setup(verbosity: int = DEFAULT, stream=None) -> None:
     for handler in list(root.handlers):
         if handler.get_name() == _HANDLER_NAME:
             root.removeHandler(handler)
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = _Handler(stream or sys.stderr)
     handler.set_name(_HANDLER_NAME)
     handler.setFormatter(logging.Formatter("%(message)s"))
     level = {QUIET: logging.WARNING, DEFAULT: logging.INFO}.get(verbosity, logging.DEBUG)
