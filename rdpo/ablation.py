@@ -211,7 +211,7 @@ def _facts(args, seconds: float | None) -> dict:
 
     cfg = load_config(args.config, [*args.overrides, "run.dir=unused"])
     facts = {"command": "python -m rdpo.ablation " + " ".join(args.argv), "seconds": seconds,
-             "seeds": args.seeds, "docs": str(args.docs),
+             "seeds": args.seeds, "docs": str(args.docs), "config": args.config,
              "settings": {"toy.task": cfg.toy.task, "judge.noise": cfg.judge.noise,
                           "judge.outcome": cfg.judge.outcome,
                           "judge.outcome_noise": cfg.judge.outcome_noise,
@@ -220,6 +220,7 @@ def _facts(args, seconds: float | None) -> dict:
                           "data.prompts_per_round": cfg.data.prompts_per_round,
                           "rollout.samples_per_prompt": cfg.rollout.samples_per_prompt,
                           "eval.samples_per_prompt": cfg.eval.samples_per_prompt,
+                          "eval.max_prompts": cfg.eval.max_prompts,
                           "toy.n_heldout": cfg.toy.n_heldout},
              "machine": machine_facts(cfg.run.threads)}
     if cfg.toy.enabled:

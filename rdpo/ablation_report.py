@@ -69,12 +69,13 @@ def render_markdown(data: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def _calibration(cal: dict) -> list[str]:
+def _calibration(cal: dict, config: str, seeds: list[int]) -> list[str]:
     row = "| {} | {:.3f} | {:.3f} |"
     return [f"Judges' pairwise agreement with the ground truth on a fixed set ({cal['prompts']} "
             f"train prompts, {cal['answers']} answers: references and flawed answers; "
             f"{int(cal['rubric_exact']['pairs'])} pairs the truth ranks apart; a tie counts as a "
-            "disagreement). `python -m rdpo.simjudges` reproduces it:", "",
+            "disagreement; noisy judges: mean over the seeds). `python -m rdpo.simjudges "
+            f"--config {config} --seeds {' '.join(map(str, seeds))}` reproduces it:", "",
             "| judge | agreement | ties |", "|---|---|---|",
             row.format("rubric, exact RuleJudge", cal["rubric_exact"]["agree"],
                        cal["rubric_exact"]["ties"]),
@@ -105,7 +106,8 @@ def readme_section(data: dict) -> str:
              f"{s['rollout.every_n_steps']} steps of {s['data.prompts_per_round']} prompts x "
              f"{s['rollout.samples_per_prompt']} samples; judge noise {s['judge.noise']}, outcome "
              f"judge {s['judge.outcome']} (noise SD {s['judge.outcome_noise']}); held out: "
-             f"{s['toy.n_heldout']} prompts x {s['eval.samples_per_prompt']} samples.",
+             f"{s.get('eval.max_prompts') or s['toy.n_heldout']} prompts x "
+             f"{s['eval.samples_per_prompt']} samples.",
              f"Code: commit `{m['commit'][:12]}`" + (" (with uncommitted changes)"
                                                    if m.get("dirty_files") else "")
              + f"; torch {m['torch']}, {m['threads']} threads, {m['cpu_count']} CPUs ({m['cpu']}; "
@@ -117,7 +119,8 @@ def readme_section(data: dict) -> str:
     if "pairs" in data:
         lines += [""] + _pairs(data["pairs"])
     if "calibration" in data:
-        lines += [""] + _calibration(data["calibration"])
+        lines += [""] + _calibration(data["calibration"], data.get("config", "CONFIG"),
+                                     data["seeds"])
     return "\n".join(lines + ["", END])
 
 
