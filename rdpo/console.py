@@ -53,16 +53,30 @@ def verbose() -> bool:
 
 class _Handler(logging.StreamHandler):
     """Writes each record above any open progress bar (tqdm's `write` clears and redraws it),
-    so a message in the middle of a phase neither breaks the bar's line nor is broken by it."""
+    so a message in the middle of a phase neither breaks the bar's line nor is broken by it.
+    Without a stream of its own it writes to whatever ``sys.stderr`` is at the time (a test's
+    capture, a redirected console), never to a stream closed since."""
+
+    def __init__(self, stream=None):
+        super().__init__(stream)
+        self._own_stream = stream is not None
+
+    def _target(self):
+        return self.stream if self._own_stream else sys.stderr
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             from tqdm import tqdm
 
-            tqdm.write(self.format(record), file=self.stream)
+            tqdm.write(self.format(record), file=self._target())
             self.flush()
         except Exception:
             self.handleError(record)
+
+    def flush(self) -> None:
+        target = self._target()
+        if target is not None and hasattr(target, "flush"):
+            target.flush()
 
 
 class NoiseFilter(logging.Filter):
@@ -99,7 +113,7 @@ def setup(verbosity: int = DEFAULT, stream=None) -> None:
     for handler in list(root.handlers):
         if handler.get_name() == _HANDLER_NAME:
             root.removeHandler(handler)
-    handler = _Handler(stream or sys.stderr)
+    handler = _Handler(stream)
     handler.set_name(_HANDLER_NAME)
     handler.setFormatter(logging.Formatter("%(message)s"))
     level = {QUIET: logging.WARNING, DEFAULT: logging.INFO}.get(verbosity, logging.DEBUG)

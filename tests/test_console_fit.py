@@ -91,3 +91,31 @@ def test_every_logger_holds_the_run(cli_run):
     assert "report.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
     header = (run_dir / "logs" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "round/mean_score" in header and "heldout/gain" in header
+
+
+def test_the_fitted_run_exports_and_answers(cli_run, capsys):
+    """The trained run (not a made-up one): merged export answers as the run's policy does,
+    and rdpo.generate judges its answers against a held-out rubric."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from rdpo.config import RolloutConfig
+    from rdpo.export import export
+    from rdpo.generate import load_run_policy
+    from rdpo.generate import main as generate_main
+    from rdpo.pool import load_pool
+    from rdpo.rollout import generate
+
+    run_dir, tmp, _ = cli_run
+    out = export(run_dir, tmp / "export", merge=True)
+    merged = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
+    policy, processor, cfg = load_run_policy(run_dir)
+    records = load_pool(cfg.data.heldout_pool)[:3]
+    greedy = RolloutConfig(temperature=0.0, max_new_tokens=24, samples_per_prompt=1)
+    assert ([r.token_ids for r in generate(merged, processor, records, greedy)]
+            == [r.token_ids for r in generate(policy, processor, records, greedy)])
+    assert generate_main(["--run", str(run_dir), "--rubric", cfg.data.heldout_pool, "--id",
+                          records[0].id, "--samples", "2", "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"{records[0].id}: {records[0].instruction}")
+    assert "[2] " in printed and "over 2 answers" in printed

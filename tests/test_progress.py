@@ -64,6 +64,7 @@ def test_rounds_phases_and_steps(capsys, accumulate):
 def test_phase_without_the_bar_displays_nothing(capsys):
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_checkpointing=False, enable_model_summary=False)
+    capsys.readouterr()  # what the trainer itself printed
     shown = phase(trainer, "judging", 3, "responses")
     assert isinstance(shown, Phase) and shown.bar is None
     shown.update(3)
