@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-
 from rdpo.callbacks.checkpoint import RoundCheckpoint, base_fingerprint
 
 
