@@ -12,8 +12,6 @@ flawed answers are read back from a record's reference and pitfall checks.
 
 from __future__ import annotations
 
-import io
-import json
 import random
 import re
 from dataclasses import dataclass
@@ -35,7 +33,7 @@ from rdpo.demo.toy import (
     _outcome,
     _shape_word,
     _word,
-    _write_if_changed,
+    write_task,
 )
 
 KINDS = ("count", "count_color", "relation", "describe")
@@ -184,23 +182,7 @@ def write_pools(out_dir: Path, *, n_train: int = 96, n_heldout: int = 48, seed: 
                 n_warm: int = 1500) -> ToyPools:
     """Like `rdpo.demo.toy.write_pools`: train, held-out and warm-start pools (the warm-start
     pool is the train pool plus `n_warm` more prompts, none held out) and their images."""
-    out_dir = Path(out_dir)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    ids = [f"train-{i:05d}" for i in range(n_train)] + [f"heldout-{i:05d}" for i in range(n_heldout)]
-    ids += [f"warm-{i:05d}" for i in range(n_warm)]
-    records = []
-    for rec, scene, render_seed in draw_records(ids, seed):
-        buf = io.BytesIO()
-        render(scene, render_seed).save(buf, format="PNG")
-        _write_if_changed(out_dir / rec["images"][0], buf.getvalue())
-        records.append(rec)
-    pools = ToyPools(train=out_dir / "train.jsonl", heldout=out_dir / "heldout.jsonl",
-                     warmstart=out_dir / "warmstart.jsonl")
-    train, held = records[:n_train], records[n_train:n_train + n_heldout]
-    warm = train + records[n_train + n_heldout:]
-    for path, recs in ((pools.train, train), (pools.heldout, held), (pools.warmstart, warm)):
-        _write_if_changed(path, "".join(json.dumps(r) + "\n" for r in recs).encode())
-    return pools
+    return write_task(out_dir, n_train, n_heldout, n_warm, seed, draw_records, render)
 
 
 _OBJ = re.compile(rf"\b({'|'.join(COLORS)}) ({'|'.join(SHAPES)})\b")

@@ -228,15 +228,23 @@ def write_pools(out_dir: Path, *, n_train: int = 96, n_heldout: int = 48, seed: 
     images, not memorise 96 of them). Same arguments give byte-identical files; unchanged files
     are not rewritten.
     """
+    return write_task(out_dir, n_train, n_heldout, max(0, TOTAL_PAIRS - n_train - n_heldout),
+                      seed, _draw_records, render)
+
+
+def write_task(out_dir: Path, n_train: int, n_heldout: int, n_warm: int, seed: int,
+               draw_records, render_scene) -> ToyPools:
+    """The pools and images of a toy task (`write_pools` here and in `rdpo.demo.hardtoy`):
+    ids train-*, heldout-*, warm-* drawn by `draw_records(ids, seed)` and drawn with
+    `render_scene(scene, seed)`; the warm-start pool is the train pool plus the warm-* prompts."""
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    n_extra = TOTAL_PAIRS - n_train - n_heldout
     ids = [f"train-{i:05d}" for i in range(n_train)] + [f"heldout-{i:05d}" for i in range(n_heldout)]
-    ids += [f"warm-{i:05d}" for i in range(max(0, n_extra))]
+    ids += [f"warm-{i:05d}" for i in range(n_warm)]
     records = []
-    for rec, scene, render_seed in _draw_records(ids, seed):
+    for rec, scene, render_seed in draw_records(ids, seed):
         buf = io.BytesIO()
-        render(scene, render_seed).save(buf, format="PNG")
+        render_scene(scene, render_seed).save(buf, format="PNG")
         _write_if_changed(out_dir / rec["images"][0], buf.getvalue())
         records.append(rec)
     pools = ToyPools(train=out_dir / "train.jsonl", heldout=out_dir / "heldout.jsonl",
