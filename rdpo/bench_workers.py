@@ -56,7 +56,7 @@ def _pool(work: Path, n: int):
             [x["rejected"] for x in lines])
 
 
-def _model_config(work: Path, precision: str, gc: bool):
+def _model_config(work: Path, precision: str, gc: bool | str):
     from rdpo.config import LoraConfig, ModelConfig
 
     return ModelConfig(path=str(work / "model"), dtype="bfloat16" if precision == "bf16" else "float32",

@@ -68,13 +68,19 @@ def lora_target(model, cfg: ModelConfig) -> str:
     return families.lora_target(model)
 
 
-def checkpoint_language_model(model) -> None:
+def checkpoint_language_model(model, mode: bool | str = True) -> None:
     """Gradient checkpointing of the language model's layers only (non-reentrant: no input needs
-    to require grad). The vision tower is frozen and builds no graph; with the vision cache the
-    steps do not even run it, so checkpointing it would only cost."""
+    to require grad), every layer's activations recomputed (``True``) or only the cheap ones
+    (``"selective"``, `rdpo.recompute`). The vision tower is frozen and builds no graph; with the
+    vision cache the steps do not even run it, so checkpointing it would only cost."""
     trunk = getattr(model, "model", None)
     target = trunk.get_decoder() if hasattr(trunk, "get_decoder") else model
-    target.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    kwargs: dict = {"use_reentrant": False}
+    if mode == "selective":
+        from rdpo.recompute import selective_contexts
+
+        kwargs["context_fn"] = selective_contexts
+    target.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
 
 
 def add_lora(model, cfg: ModelConfig):
@@ -94,7 +100,7 @@ def add_lora(model, cfg: ModelConfig):
     # the whole VLM require grad, the vision tower's patch embedding included, and the steps
     # would back-propagate through the frozen tower.
     if cfg.gradient_checkpointing:
-        checkpoint_language_model(model)
+        checkpoint_language_model(model, cfg.gradient_checkpointing)
     return peft_model
 
 
@@ -144,7 +150,7 @@ def load_policy(cfg: ModelConfig):
     if cfg.finetune == "full":
         model = unfreeze_language_model(load_base(cfg))
         if cfg.gradient_checkpointing:
-            checkpoint_language_model(model)
+            checkpoint_language_model(model, cfg.gradient_checkpointing)
         _ready_to_train(model, cfg)
         log.info("policy %s: %d trainable parameters (full fine-tuning)", cfg.path,
                  sum(p.numel() for p in model.parameters() if p.requires_grad))

@@ -10,7 +10,9 @@ held at any moment, normally reached when the forward pass ends.
 
 Gradient checkpointing shows as it should: a checkpointed region saves only its inputs (its
 own hooks take over inside it, and what it recomputes during the backward lives one region at
-a time, outside this count).
+a time, outside this count). Selective checkpointing (`rdpo.recompute`) also keeps the outputs
+of the ops it does not recompute, outside autograd's saved tensors; it reports them to the
+active meter (`active`, `hold`), so they are counted too.
 """
 
 from __future__ import annotations
@@ -86,10 +88,24 @@ class SavedTensorMeter:
         """The `n` largest (shape and dtype, bytes) groups held at the peak."""
         return sorted(self.by_shape.items(), key=lambda kv: -kv[1])[:n]
 
+    def hold(self, tensor: torch.Tensor):
+        """Count `tensor` as held for backward until the returned object is freed."""
+        return self._pack(tensor)
+
     def __enter__(self) -> SavedTensorMeter:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
+        _active.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
+        _active.remove(self)
         self._hooks.__exit__(*exc)
+
+
+_active: list[SavedTensorMeter] = []
+
+
+def active() -> SavedTensorMeter | None:
+    """The innermost meter now metering a forward pass, if any."""
+    return _active[-1] if _active else None

@@ -36,7 +36,8 @@ _BOUNDS = {"ge": (">=", "[", lambda v, b: v >= b), "gt": (">", "(", lambda v, b:
 def allowed(meta) -> str:
     """A field's metadata in words: ``one of a, b``, ``> 0``, ``in [0, 0.5)``; "" if unconstrained."""
     if "choices" in meta:
-        return "one of " + ", ".join(str(c) for c in meta["choices"])
+        return "one of " + ", ".join(str(c).lower() if isinstance(c, bool) else str(c)
+                                     for c in meta["choices"])
     lo = next((k for k in ("ge", "gt") if k in meta), None)
     hi = next((k for k in ("le", "lt") if k in meta), None)
     if lo and hi:
@@ -102,6 +103,18 @@ def _leaves(tree, prefix: str = ""):
             yield f"{prefix}{key}", value
 
 
+def _field_meta(base: DictConfig, dotted: str) -> dict:
+    """The schema metadata of the field at `dotted` in a structured config ({} if none)."""
+    *parents, leaf = dotted.split(".")
+    node = base
+    for part in parents:
+        node = node.get(part) if isinstance(node, DictConfig) else None
+    cls = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+    if not dataclasses.is_dataclass(cls):
+        return {}
+    return next((dict(f.metadata) for f in dataclasses.fields(cls) if f.name == leaf), {})
+
+
 def merge_errors(base: DictConfig, sources: list[tuple[str, DictConfig]]) -> list[str]:
     """Merge each source into `base` one leaf at a time, so every bad key is reported."""
     problems = []
@@ -116,5 +129,7 @@ def merge_errors(base: DictConfig, sources: list[tuple[str, DictConfig]]) -> lis
                 reason = str(e).splitlines()[0]
                 if type(e).__name__ == "ConfigKeyError":
                     reason = "unknown key"
+                elif limits := allowed(_field_meta(base, dotted)):
+                    reason += f"; {limits}"
                 problems.append(f"{dotted}: {reason} (from {where})")
     return problems

@@ -24,13 +24,23 @@ def test_bench_dpo_json(tmp_path):
     assert result["images"] == 2
     settings = [r["setting"] for r in result["runs"]]
     assert settings == ["rdpo (gc off, cache on, packed)", "trl (gc off)",
-                        "rdpo (gc on, cache on, packed)", "trl (gc on)"]
+                        "rdpo (gc selective, cache on, packed)", "rdpo (gc on, cache on, packed)",
+                        "trl (gc on)"]
     for key in ("throughput_ratio_like_for_like", "throughput_ratio_vs_trl_default",
-                "activation_memory_ratio", "peak_memory_ratio", "training_memory_ratio"):
+                "activation_memory_ratio", "peak_memory_ratio", "training_memory_ratio",
+                "throughput_ratio_selective_vs_trl_best"):
         assert result[key] > 0, key
-    # The headline memory ratio holds at either checkpointing setting.
-    assert result["activation_memory_ratio"] == max(result["activation_memory_ratio_gc_off"],
-                                                    result["activation_memory_ratio_gc_on"])
+    runs = {r["setting"]: r for r in result["runs"]}
+    trl_off = runs["trl (gc off)"]["activation_mb"]
+    # The headline: rdpo's selective checkpointing against TRL without checkpointing.
+    assert result["activation_memory_ratio"] == pytest.approx(
+        runs["rdpo (gc selective, cache on, packed)"]["activation_mb"] / trl_off)
+    assert result["activation_memory_ratio_gc_off"] == pytest.approx(
+        runs["rdpo (gc off, cache on, packed)"]["activation_mb"] / trl_off)
+    # Selective keeps less than none, more than full checkpointing.
+    assert (runs["rdpo (gc on, cache on, packed)"]["activation_mb"]
+            < runs["rdpo (gc selective, cache on, packed)"]["activation_mb"]
+            < runs["rdpo (gc off, cache on, packed)"]["activation_mb"])
     for run in result["runs"]:
         assert run["activation_mb"] > 0 and run["pairs_per_s"] > 0
     # rdpo's steps reuse the image features the reference pass encoded.

@@ -39,7 +39,9 @@ PRECISIONS = {
     "32-true": [],
     "bf16-mixed": [],
     "bf16-true": [],
-    "nf4+bf16-mixed": ["model.quantization=nf4", "model.dtype=bfloat16"],
+    # with selective checkpointing: its kept/recomputed split under nf4 dequantisation + autocast
+    "nf4+bf16-mixed": ["model.quantization=nf4", "model.dtype=bfloat16",
+                       "model.gradient_checkpointing=selective"],
     # full fine-tuning: the frozen reference copy follows the policy the plugin converted to bf16
     "full+bf16-true": ["model.finetune=full"],
 }
