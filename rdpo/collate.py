@@ -22,8 +22,6 @@ from rdpo.pool import PromptRecord, load_images
 # image_grid_thw, aspect_ratio_ids, ...) is per image or per prompt and concatenated along dim 0.
 TOKEN_FIELDS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids",
                 "cross_attention_mask", "completion_mask")
-# Token-type fields: a completion token is text (0).
-TYPE_FIELDS = ("mm_token_type_ids", "token_type_ids")
 
 
 def chat_text(processor, record: PromptRecord) -> str:
@@ -101,14 +99,16 @@ class PromptCache:
         return encoded
 
 
-def _extend(key: str, value: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def extend_token_field(key: str, value: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Token field `key` of a prompt extended over appended completion `ids` [1, n]."""
     n = ids.shape[1]
     if key == "input_ids":
         tail = ids
     elif key == "cross_attention_mask":
         # Mllama: each text token's view of the images; completion tokens see what the prompt's
-        # last token sees, as generate extends it while sampling.
+        # last token sees, as generate extends it while sampling. Rows are independent (the
+        # cross-attention layers read the image, not other tokens), so a packed pair gives its
+        # chosen and rejected tokens that same row too.
         tail = value[:, -1:].expand(-1, n, *value.shape[2:])
     else:  # attention_mask 1; token types 0 (text)
         tail = value.new_full((1, n), 1 if key == "attention_mask" else 0)
@@ -118,7 +118,7 @@ def _extend(key: str, value: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 def append_completion(processor, prompt: dict[str, torch.Tensor], completion: Completion) -> dict:
     """`prompt` (one sequence) followed by `completion`'s ids, with a completion mask."""
     ids = torch.tensor(completion_ids(processor, completion), dtype=torch.long)[None]
-    out = {k: _extend(k, v, ids) if k in TOKEN_FIELDS else v for k, v in prompt.items()}
+    out = {k: extend_token_field(k, v, ids) if k in TOKEN_FIELDS else v for k, v in prompt.items()}
     mask = torch.zeros_like(out["input_ids"])
     mask[:, -ids.shape[1]:] = 1
     out["completion_mask"] = mask

@@ -99,12 +99,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            language_model="language_model",
            vision_modules=("model.vision_tower", "model.multi_modal_projector"), positions=PLAIN),
     # Llama 3.2 Vision: text tokens read the image through cross-attention layers, gated by a
-    # per-token cross_attention_mask; a packed row would need that mask per segment as well.
+    # per-token cross_attention_mask whose rows are independent: a packed pair's answer tokens
+    # get the prompt's last row (rdpo.packing), its self-attention layers the 4-D mask.
     Family("mllama", ("mllama",), ("MllamaProcessor",), end_of_turn="<|eot_id|>",
            vision_tokens=("<|image|>",), language_model="language_model",
-           vision_modules=("model.vision_model", "model.multi_modal_projector"), positions=None,
-           no_packing="cross-attention to the image (cross_attention_mask) has no packed form "
-                      "in transformers' Mllama"),
+           vision_modules=("model.vision_model", "model.multi_modal_projector"), positions=PLAIN),
 )}
 
 # Processor and tokenizer attributes that name image/video special tokens, read generically.

@@ -10,9 +10,12 @@ hidden state, like the first chosen token. The log-probs equal two separate forw
 
 The mask follows the model's own: image tokens that attend to their whole image (Gemma 3) see
 it in the packed row too, and sliding-window layers get their window, measured in positions.
-Packing needs the custom mask to reach the attention kernel, which transformers does for
-``eager`` and ``sdpa``; other kernels (flash-attention) and families without a packed form
-(cross-attention: Mllama) fall back to the plain batch of 2B sequences, with a logged notice.
+Mllama reads the image through cross-attention layers gated per token by
+``cross_attention_mask``; those rows are independent of each other, so chosen and rejected
+tokens get the prompt's last row, as in a plain sequence. Packing needs the custom mask to
+reach the attention kernel, which transformers does for ``eager`` and ``sdpa``; other kernels
+(flash-attention) and unknown families fall back to the plain batch of 2B sequences, with a
+logged notice.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from collections.abc import Sequence
 
 import torch
 
-from rdpo.collate import TOKEN_FIELDS, TYPE_FIELDS, Completion, completion_ids, stack_field
+from rdpo.collate import TOKEN_FIELDS, Completion, completion_ids, extend_token_field, stack_field
 from rdpo.families import PLAIN, ROPE_INDEX, family_of
 from rdpo.logps import sequence_logps, token_logps, unwrap
 from rdpo.vision_cache import trunk_inputs
@@ -34,6 +37,8 @@ log = logging.getLogger(__name__)
 PAD, PROMPT, CHOSEN, REJECTED = 0, 1, 2, 3
 PACKABLE_ATTENTION = ("eager", "sdpa")
 SLIDING = "sliding_attention"
+# Per-token fields a packed batch builds itself (ids, the 4-D mask) or never has.
+_OWN_FIELDS = ("input_ids", "attention_mask", "completion_mask")
 
 
 def _sliding_window(base) -> int | None:
@@ -69,14 +74,17 @@ def pack_pairs(processor, prompts: Sequence[dict], chosen: Sequence[Completion],
     """A right-padded batch of B packed rows ``[prompt, chosen, rejected]``.
 
     `prompts` are single-prompt processor outputs (batch dimension 1). Returns the processor's
-    per-image fields once per pair, ``input_ids``, the token-type fields the processor gives
-    (``mm_token_type_ids``, ``token_type_ids``) and ``segments`` [B, T] (PAD, PROMPT, CHOSEN,
-    REJECTED). Completions are token ids as sampled, or texts given the end-of-turn token
+    per-image fields once per pair, ``input_ids``, the other per-token fields the processor
+    gives, extended over the answers as for a plain sequence (`extend_token_field`: token types
+    0, Mllama's ``cross_attention_mask`` rows the prompt's last row, since each row only gates
+    that token's view of the images), and ``segments`` [B, T] (PAD, PROMPT, CHOSEN, REJECTED).
+    Completions are token ids as sampled, or texts given the end-of-turn token
     (`rdpo.collate.completion_ids`).
     """
     tok = processor.tokenizer
     rows, segs = [], []
-    types: dict[str, list[torch.Tensor]] = {k: [] for k in TYPE_FIELDS if k in prompts[0]}
+    fields: dict[str, list[torch.Tensor]] = {
+        k: [] for k in TOKEN_FIELDS if k in prompts[0] and k not in _OWN_FIELDS}
     for prompt, c, r in zip(prompts, chosen, rejected, strict=True):
         p_ids = prompt["input_ids"][0]
         c_ids = torch.tensor(completion_ids(processor, c), dtype=torch.long)
@@ -84,17 +92,18 @@ def pack_pairs(processor, prompts: Sequence[dict], chosen: Sequence[Completion],
         rows.append(torch.cat([p_ids, c_ids, r_ids]))
         segs.append(torch.cat([torch.full_like(p_ids, PROMPT), torch.full_like(c_ids, CHOSEN),
                                torch.full_like(r_ids, REJECTED)]))
-        for key, type_rows in types.items():
-            kinds = prompt[key][0]
-            type_rows.append(torch.cat([kinds, kinds.new_zeros(len(c_ids) + len(r_ids))]))
+        answers = torch.cat([c_ids, r_ids])[None]
+        for key, field_rows in fields.items():
+            field_rows.append(extend_token_field(key, prompt[key], answers))
     length = max(len(row) for row in rows)
 
     def pad(items: list[torch.Tensor], value: int) -> torch.Tensor:
         return torch.stack([torch.cat([x, x.new_full((length - len(x),), value)]) for x in items])
 
     batch = {"input_ids": pad(rows, tok.pad_token_id), "segments": pad(segs, PAD)}
-    for key, type_rows in types.items():
-        batch[key] = pad(type_rows, 0)
+    for key, field_rows in fields.items():
+        # Padding tokens (and, for Mllama, missing images and tiles) get 0, as the processor pads.
+        batch[key] = stack_field(field_rows)
     for key in dict.fromkeys(k for p in prompts for k in p):  # per-image fields, as pad_batch
         if key not in TOKEN_FIELDS:
             batch[key] = stack_field([p[key] for p in prompts if key in p])

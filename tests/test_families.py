@@ -1,12 +1,12 @@
 """Every VLM family on its tiny build: what `rdpo.families` says matches the model and the
-processor, and packed pairs give the log-probs and gradients of separate forwards (or, for
-Mllama, packing is refused with its reason)."""
+processor, and packed pairs give the log-probs and gradients of separate forwards."""
 
 import re
 
 import pytest
 import torch
 
+from rdpo import packing
 from rdpo.collate import collate_sequences, encode_prompt
 from rdpo.demo import toy
 from rdpo.demo.tiny import FAMILIES, TOY_IMAGE_PIXELS, build_tiny_vlm
@@ -17,7 +17,6 @@ from rdpo.pool import load_pool
 
 CHOSEN = ["There is a red circle on the left.", "Blue.", "Two shapes: a green square."]
 REJECTED = ["A purple triangle and a dog and a blue square on the right side.", "Red red red.", "No."]
-PACKING = [f for f in FAMILIES if f != "mllama"]
 
 
 @pytest.fixture(scope="module")
@@ -123,9 +122,6 @@ def test_batched_prompts_equal_each_alone(built, mixed_pools):
 @pytest.mark.parametrize("sliding", [None, 6])
 def test_packed_equals_separate_forwards(built, mixed_pools, sliding):
     name, model, processor = built
-    if name not in PACKING:
-        assert "cross-attention" in packing_support(model)
-        return
     text = model.config.get_text_config()
     if sliding is not None:
         if "sliding_attention" not in (getattr(text, "layer_types", None) or ()):
@@ -177,3 +173,29 @@ def test_packed_image_blocks_matter_for_gemma3(built, mixed_pools):
         finally:
             object.__setattr__(gemma, "image_blocks", "token_type_ids")
     assert (want[0] - causal_only[0]).abs().max() > 1e-3
+
+
+def test_packed_cross_attention_rows_for_mllama(built, mixed_pools):
+    """Mllama's answer tokens read the image through cross_attention_mask rows (the prompt's
+    last row): packed = separate also on prompts of one image each (no padded image slot, the
+    batches Mllama is advised to get), and answer rows shut off from the image change the
+    log-probs (~2 nats here), so the equality above is not an accident of the tiny model."""
+    name, model, processor = built
+    if name != "mllama":
+        pytest.skip("Mllama only")
+    prompts = mixed_prompts(processor, mixed_pools)[1:]
+    chosen, rejected = CHOSEN[1:], REJECTED[1:]
+    batch = pack_pairs(processor, prompts, chosen, rejected)
+    assert batch["cross_attention_mask"].shape[2] == 1  # one image slot: nothing padded
+    with torch.no_grad():
+        want = separate(model, processor, prompts, chosen, rejected)
+        got = packed_logps(model, batch)
+        seg = batch["segments"]
+        answers = (seg == packing.CHOSEN) | (seg == packing.REJECTED)
+        cam = batch["cross_attention_mask"]
+        last = cam[torch.arange(len(seg)), (seg == packing.PROMPT).sum(1) - 1]  # [B, images, tiles]
+        assert last.any(-1).all() and (cam == last[:, None]).flatten(2).all(-1)[answers].all()
+        blind = packed_logps(model, {**batch, "cross_attention_mask": cam * ~answers[..., None, None]})
+    for w, g, b in zip(want, got, blind, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-5)
+        assert (b - w).abs().max() > 0.1
