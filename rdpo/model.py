@@ -77,9 +77,9 @@ def checkpoint_language_model(model, mode: bool | str = True) -> None:
     target = trunk.get_decoder() if hasattr(trunk, "get_decoder") else model
     kwargs: dict = {"use_reentrant": False}
     if mode == "selective":
-        from rdpo.recompute import selective_contexts
+        from rdpo.recompute import selective_checkpoint_kwargs
 
-        kwargs["context_fn"] = selective_contexts
+        kwargs.update(selective_checkpoint_kwargs())
     target.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
 
 

@@ -24,11 +24,16 @@ equal those without checkpointing (dropout's random state is restored by torch's
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
 
 from rdpo import saved_memory
 
@@ -101,5 +106,19 @@ def selective_contexts():
     if meter is None:
         return forward, recompute
     # The meter's mode is entered first, so it runs under the caching mode and sees each output.
+    # checkpoint() cannot see the caching mode inside the wrapper to pass its
+    # respect_saved_tensors_hooks on: set here as `selective_checkpoint_kwargs` says.
+    if hasattr(forward, "respect_saved_tensors_hooks"):
+        forward.respect_saved_tensors_hooks = False
     metered = _MeterKept(meter)
     return _within(metered, forward), _then_release(recompute, metered)
+
+
+def selective_checkpoint_kwargs() -> dict:
+    """Keyword arguments of `torch.utils.checkpoint.checkpoint` for selective checkpointing."""
+    kwargs: dict = {"context_fn": selective_contexts}
+    if "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters:
+        # What it keeps stays outside autograd's saved-tensor hooks, as on older torch (which
+        # has no choice): `rdpo.saved_memory` meters it through `_MeterKept`.
+        kwargs["respect_saved_tensors_hooks"] = False
+    return kwargs

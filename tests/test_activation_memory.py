@@ -10,7 +10,7 @@ from rdpo.config import LoraConfig, ModelConfig
 from rdpo.model import load_policy
 from rdpo.packing import pair_logps
 from rdpo.pool import load_pool
-from rdpo.recompute import keep, selective_contexts
+from rdpo.recompute import keep, selective_checkpoint_kwargs
 from rdpo.saved_memory import SavedTensorMeter
 from rdpo.vision_cache import VisionCache
 
@@ -50,7 +50,7 @@ def test_selective_keeps_the_products_and_recomputes_the_rest():
         t.grad = None
     meter = SavedTensorMeter(base, down, up)
     with meter:
-        got = checkpoint(block, x, use_reentrant=False, context_fn=selective_contexts)
+        got = checkpoint(block, x, use_reentrant=False, **selective_checkpoint_kwargs())
     # The region's input (8×16), the base projection's output (8×64) and the rank-2 product (8×2).
     assert meter.peak == 4 * (8 * 16 + 8 * 64 + 8 * 2)
     got.sum().backward()
