@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rdpo import console
 from rdpo.ablation_report import ARMS, METRICS, STRATEGIES, plot, render_markdown, update_readme
 
 log = logging.getLogger("rdpo")
@@ -243,9 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--collect-only", action="store_true",
                         help="no training: tables, figure and README from the files in --docs")
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
+    console.add_arguments(parser)
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # The runs train in-process: the console of `python -m rdpo.fit` (no doubled Lightning
+    # lines, known third-party notices off, -q / -v).
+    console.setup(console.verbosity(args))
     from rdpo.config import ConfigError
 
     docs = Path(args.docs)
