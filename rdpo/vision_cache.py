@@ -14,10 +14,19 @@ step's precision context (`rdpo.rounds.with_reference_logps` runs in it), so a r
 step still starts at loss ln 2 in every precision. Features are per process: under DDP and
 DeepSpeed each rank keeps those of its own pairs.
 
+Mllama reads its images through cross-attention layers, not placeholder tokens: its trunk takes
+the projected vision output precomputed as ``cross_attention_states`` ([rows × images × tiles,
+patches, hidden]). The cache keeps each prompt's [images, tiles, patches, hidden] block and a
+step lays the blocks out as the batch's pixels are. An image slot a prompt lacks (a batch of
+prompts with different image counts) gets what the tower computes for an empty slot (zero
+pixels, aspect ratio id 0), encoded once: zeros would not do, as Mllama's cross-attention
+layers gate a text token blind to every image after its attention (``full_text_row_masked_out_mask``
+multiplies the MLP output only), so such tokens average over every slot, empty ones included.
+
 A model that cannot use precomputed features (no ``get_image_features``, a forward without
-``mm_encoder_outputs``, or a trainable weight outside the language model: a LoRA target in the
-vision tower) runs the vision tower in every step as before; `vision_cache_support` gives the
-reason and it is logged once.
+``mm_encoder_outputs`` or Mllama's ``cross_attention_states``, or a trainable weight outside the
+language model: a LoRA target in the vision tower) runs the vision tower in every step as
+before; `vision_cache_support` gives the reason and it is logged once.
 """
 
 from __future__ import annotations
@@ -43,14 +52,23 @@ _DROPPED = ("last_hidden_state", "hidden_states", "attentions")
 _NEEDS_LAST_HIDDEN = ("blip-2", "instructblip", "fuyu", "llama4")
 
 
+def _cross_attention(trunk) -> bool:
+    """Whether `trunk` (Mllama's) reads its images as precomputable ``cross_attention_states``."""
+    return ("cross_attention_states" in inspect.signature(trunk.forward).parameters
+            and hasattr(trunk, "vision_model") and hasattr(trunk, "multi_modal_projector"))
+
+
 def vision_cache_support(model) -> str | None:
     """None when `model` can take precomputed image features, else the reason it cannot."""
     base = _unwrap(model)
     trunk = getattr(base, "model", None)
-    if trunk is None or not hasattr(trunk, "get_image_features"):
-        return f"{type(base).__name__} has no model.get_image_features"
-    if "mm_encoder_outputs" not in inspect.signature(trunk.forward).parameters:
-        return f"{type(trunk).__name__}.forward takes no mm_encoder_outputs"
+    if trunk is None:
+        return f"{type(base).__name__} has no model trunk"
+    if not _cross_attention(trunk):
+        if not hasattr(trunk, "get_image_features"):
+            return f"{type(base).__name__} has no model.get_image_features"
+        if "mm_encoder_outputs" not in inspect.signature(trunk.forward).parameters:
+            return f"{type(trunk).__name__}.forward takes no mm_encoder_outputs"
     if getattr(base.config, "model_type", None) in _NEEDS_LAST_HIDDEN:
         return f"{base.config.model_type} reads the vision tower's hidden states back"
     # Everything outside the language model (vision tower, projector) must be frozen and carry
@@ -95,6 +113,7 @@ class VisionCache:
         self.hits = self.misses = 0
         self._items: OrderedDict[tuple, tuple[dict, int]] = OrderedDict()
         self._support: dict[int, str | None] = {}
+        self._empty: dict[tuple, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self._items)
@@ -143,9 +162,24 @@ class VisionCache:
             rows.append({k: _move(v, device) for k, v in fields.items() if k != "__class__"})
         return out_type, rows
 
+    def empty_slot(self, trunk, like: torch.Tensor) -> torch.Tensor:
+        """Mllama: the [tiles, patches, hidden] block the tower gives an empty image slot of a
+        batch whose pixels are `like` (kept, one per pixel shape and dtype)."""
+        key = (tuple(like.shape[2:]), like.dtype, like.device)
+        if key not in self._empty:
+            tiles = like.shape[2]
+            encoding = {"pixel_values": like.new_zeros((1, 1, *like.shape[2:])),
+                        "aspect_ratio_ids": torch.zeros((1, 1), dtype=torch.long),
+                        "aspect_ratio_mask": torch.zeros((1, 1, tiles), dtype=torch.long)}
+            block = self._encode(trunk, encoding, like, like.device)["cross_attention_states"]
+            self._empty[key] = block[0].to(like.device)
+        return self._empty[key]
+
     @torch.no_grad()
     def _encode(self, trunk, encoding: dict, like: torch.Tensor | None, device) -> dict:
-        params = inspect.signature(trunk.get_image_features).parameters
+        cross = _cross_attention(trunk)
+        encoder = trunk.vision_model if cross else trunk.get_image_features
+        params = inspect.signature(encoder.forward if cross else encoder).parameters
         kwargs = {}
         for k, v in encoding.items():
             if k in params and isinstance(v, torch.Tensor):
@@ -153,6 +187,11 @@ class VisionCache:
                 if v.is_floating_point() and like is not None:
                     v = v.to(like.dtype)
                 kwargs[k] = v
+        if cross:
+            # MllamaModel.forward's own two lines: the projected last hidden state, here
+            # [images, tiles, patches, hidden] of the one prompt.
+            states = trunk.multi_modal_projector(encoder(**kwargs).last_hidden_state)
+            return {"cross_attention_states": states[0].detach().to("cpu"), "__class__": None}
         out = trunk.get_image_features(**kwargs, return_dict=True)
         fields = {k: _move(v, "cpu") for k, v in out.items()
                   if k not in _DROPPED and v is not None}
@@ -205,6 +244,8 @@ def trunk_inputs(model, inputs: dict) -> dict:
         return inputs
     trunk = _unwrap(model).model
     pixels = inputs["pixel_values"]
+    if _cross_attention(trunk):
+        return _cross_attention_inputs(trunk, images, inputs)
     out_type, rows = images.cache.features(trunk, images, pixels, inputs["input_ids"].device)
     if not rows:
         return inputs
@@ -214,4 +255,28 @@ def trunk_inputs(model, inputs: dict) -> dict:
     # sizes, which Qwen's rotary positions also need) stays.
     inputs = {k: v for k, v in inputs.items() if not (k in params and k.startswith("pixel_"))}
     inputs["mm_encoder_outputs"] = {"image": out_type(**joined)}
+    return inputs
+
+
+def _cross_attention_inputs(trunk, images: BatchImages, inputs: dict) -> dict:
+    """Mllama: the rows' cached [images, tiles, patches, hidden] blocks laid out as the batch's
+    pixels are (`rdpo.collate.pad_to`: a prompt's missing image slots at the end, given the
+    empty slot's block), as the ``cross_attention_states`` the trunk would compute from them."""
+    pixels = inputs["pixel_values"]  # [rows, images, tiles, channels, height, width]
+    if sum("pixel_values" in e for e in images.encodings) != pixels.shape[0]:
+        return inputs  # a row without images: its slots exist only in the pixels' layout
+    if any(e["pixel_values"].shape[2:] != pixels.shape[2:] for e in images.encodings):
+        # The processor pads every image to max_image_tiles; tiles padded later would change
+        # the image's own features (its tiles attend to each other).
+        return inputs
+    _, rows = images.cache.features(trunk, images, pixels, inputs["input_ids"].device)
+    states = [r["cross_attention_states"] for r in rows]
+    empty = None
+    if any(s.shape[0] < pixels.shape[1] for s in states):
+        empty = images.cache.empty_slot(trunk, pixels)
+    batch = torch.stack([torch.cat([s, *[empty[None]] * (pixels.shape[1] - s.shape[0])])
+                         for s in states])
+    inputs = {k: v for k, v in inputs.items()
+              if k not in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
+    inputs["cross_attention_states"] = batch.reshape(-1, *batch.shape[-2:])
     return inputs
