@@ -19,14 +19,20 @@ CHOSEN = ["There is a red circle on the left.", "Blue.", "Two shapes: a green sq
 REJECTED = ["A purple triangle and a dog and a blue square on the right side.", "Red red red.", "No."]
 
 
-def lora_model(family: str, root, target: str | None = None, pixels: int | None = None):
+def lora_model(family: str, root, target: str | None = None, pixels: int | None = None,
+               edit=None):
+    """The family's tiny build with a LoRA adapter; `edit(path)` may rewrite its config files
+    first (weights of a changed shape are then initialised afresh)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     pixels = pixels or (128 * 64 if family == "qwen3_vl" else 112 * 56)
     path = build_tiny_vlm(root, toy.corpus(), family=family, image_pixels=pixels)
+    if edit is not None:
+        edit(path)
     processor = AutoProcessor.from_pretrained(path)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, dtype=torch.float32, ignore_mismatched_sizes=edit is not None).eval()
     model.requires_grad_(False)
     with torch.no_grad():
         model.lm_head.weight.mul_(20)  # log-probs that differ clearly between positions

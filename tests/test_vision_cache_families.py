@@ -1,12 +1,17 @@
 """The vision cache on every VLM family's tiny build: with prompts of two images and of one,
 packed and plain, cached image features give the log-probs and LoRA gradients of running the
-vision tower in the step, and a cached step never runs the tower."""
+vision tower in the step, and a cached step never runs the tower. Also with each family's
+image splitting on (Idefics3's tiles, InternVL's patches, LLaVA-OneVision's anyres grid,
+Gemma 3's pan-and-scan crops) and Mllama with several tiles per image."""
+
+import copy
 
 import pytest
 import torch
 from test_vision_cache import CHOSEN, REJECTED, logps_and_grads, lora_model, visual
 
 from rdpo.batches import PairCollator, TrainPair
+from rdpo.collate import encode_prompt
 from rdpo.demo.tiny import FAMILIES, TOY_IMAGE_PIXELS
 from rdpo.packing import pair_logps
 from rdpo.pool import load_pool
@@ -15,7 +20,7 @@ from rdpo.vision_cache import VisionCache, vision_cache_support
 
 @pytest.fixture(scope="module")
 def mixed_records(toy_pools, tmp_path_factory):
-    """Toy records 0, 1, 3 as two images, one image, one image (and the one-image pool's)."""
+    """Toy records 0, 1, 3 as two images, one image, one image."""
     from family_pools import reshape_pool
 
     path = reshape_pool(toy_pools.train, tmp_path_factory.mktemp("vc_mixed") / "pool.jsonl",
@@ -33,11 +38,9 @@ def family_lora(request, tmp_path_factory):
     return family, model, processor
 
 
-@pytest.mark.parametrize("packed", [True, False], ids=["packed", "plain"])
-def test_cached_features_equal_the_tower_on_every_family(family_lora, mixed_records, packed):
-    family, model, processor = family_lora
-    assert vision_cache_support(model) is None, family
-    records = mixed_records
+def assert_cache_exact(model, processor, records, packed: bool) -> VisionCache:
+    """Log-probs and LoRA gradients of a cached step equal the tower's; the step never runs it."""
+    assert vision_cache_support(model) is None
     pairs = [TrainPair(r, c, j, 0.0, 0.0) for r, c, j in zip(records, CHOSEN, REJECTED, strict=True)]
     want, want_grads = logps_and_grads(model, PairCollator(processor, packed=packed)(pairs))
 
@@ -53,8 +56,6 @@ def test_cached_features_equal_the_tower_on_every_family(family_lora, mixed_reco
     finally:
         hook.remove()
     assert calls == []  # the step never ran the vision tower
-    if family == "mllama":  # the one-image prompts' second slot: the tower's empty-slot block
-        assert len(cache._empty) == 1
     assert cache.hits == (3 if packed else 9)
     assert (want[:3] - want[3:]).abs().max() > 1.0  # chosen and rejected really differ
     torch.testing.assert_close(ref, want, atol=1e-5, rtol=1e-5)
@@ -63,3 +64,76 @@ def test_cached_features_equal_the_tower_on_every_family(family_lora, mixed_reco
     assert max(g.abs().max() for g in want_grads.values()) > 0
     for name, g in want_grads.items():
         torch.testing.assert_close(got_grads[name], g, atol=1e-5, rtol=1e-4, msg=name)
+    return cache
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "plain"])
+def test_cached_features_equal_the_tower_on_every_family(family_lora, mixed_records, packed):
+    family, model, processor = family_lora
+    cache = assert_cache_exact(model, processor, mixed_records, packed)
+    if family == "mllama":  # the one-image prompts' second slot: the tower's empty-slot block
+        assert len(cache._empty) == 1
+
+
+def split_images(family, model, processor):
+    """A copy of `processor` that splits each (2:1) toy image in several tiles or crops, with
+    the model's config matched where it reads the layout; None where the family has no such
+    option. Returns (processor, undo)."""
+    processor = copy.deepcopy(processor)
+    images = processor.image_processor
+    undo = lambda: None  # noqa: E731
+    if family == "idefics3":  # resized to 224 px, 2 tiles of 112 px + the whole image
+        images.do_image_splitting = True
+        images.size, images.max_image_size = {"longest_edge": 224}, {"longest_edge": 112}
+    elif family == "internvl":  # 2 patches + a thumbnail
+        images.crop_to_patches, images.max_patches = True, 4
+    elif family == "gemma3":  # the image + 2 pan-and-scan crops, 16 tokens each
+        processor.images_kwargs = dict(processor.images_kwargs, do_pan_and_scan=True,
+                                       pan_and_scan_min_crop_size=16)
+    elif family == "llava_onevision":  # anyres: the base image + a 1×2 grid of 56 px tiles
+        config, was = model.get_base_model().config, model.get_base_model().config.image_grid_pinpoints
+        pins = [[56, 56], [56, 112], [112, 56], [112, 112]]
+        images.image_grid_pinpoints = config.image_grid_pinpoints = pins
+
+        def undo():
+            config.image_grid_pinpoints = was
+    else:
+        return None, undo
+    return processor, undo
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "plain"])
+def test_cached_features_equal_the_tower_with_split_images(family_lora, mixed_records, packed):
+    family, model, processor = family_lora
+    split, undo = split_images(family, model, processor)
+    if split is None:
+        pytest.skip(f"{family}: no image splitting (Qwen: one native-resolution grid per image; "
+                    "Mllama: tiles, test_mllama_tiles)")
+    try:
+        one = encode_prompt(split, mixed_records[1])["pixel_values"]  # a one-image prompt
+        assert one.numel() // one.shape[-3:].numel() == 3  # tiles, patches or crops
+        assert_cache_exact(model, split, mixed_records, packed)
+    finally:
+        undo()
+
+
+def two_tiles(path):
+    """Mllama's tiny build with up to 2 tiles per image: a 2:1 toy image takes both."""
+    import json
+
+    config = json.loads((path / "config.json").read_text())
+    config["vision_config"].update(max_num_tiles=2, supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]])
+    (path / "config.json").write_text(json.dumps(config))
+    processor = json.loads((path / "processor_config.json").read_text())
+    processor["image_processor"]["max_image_tiles"] = 2
+    (path / "processor_config.json").write_text(json.dumps(processor))
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "plain"])
+def test_mllama_tiles(tmp_path, mixed_records, packed):
+    model, processor = lora_model("mllama", tmp_path, edit=two_tiles)
+    one = encode_prompt(processor, mixed_records[0])
+    assert one["pixel_values"].shape[1:3] == (2, 2)  # 2 images × 2 tiles
+    assert one["aspect_ratio_mask"].tolist() == [[[1, 1], [1, 1]]]
+    cache = assert_cache_exact(model, processor, mixed_records, packed)
+    assert len(cache._empty) == 1
