@@ -234,7 +234,8 @@ def _join(values: list):
 def trunk_inputs(model, inputs: dict) -> dict:
     """The model trunk's inputs for a collated batch: when the batch says which prompts it shows
     (``images``, a `BatchImages`) and the model can take them, the image features (cached, or
-    encoded without gradient) replace the pixels as ``mm_encoder_outputs``."""
+    encoded without gradient) replace the pixels as ``mm_encoder_outputs`` (Mllama:
+    ``cross_attention_states``)."""
     images = inputs.pop("images", None)
     if images is None or not images.cache.supports(model) or "pixel_values" not in inputs:
         return inputs
@@ -271,11 +272,12 @@ def _cross_attention_inputs(trunk, images: BatchImages, inputs: dict) -> dict:
         return inputs
     _, rows = images.cache.features(trunk, images, pixels, inputs["input_ids"].device)
     states = [r["cross_attention_states"] for r in rows]
-    empty = None
-    if any(s.shape[0] < pixels.shape[1] for s in states):
+    missing = [pixels.shape[1] - s.shape[0] for s in states]
+    if any(missing):
         empty = images.cache.empty_slot(trunk, pixels)
-    batch = torch.stack([torch.cat([s, *[empty[None]] * (pixels.shape[1] - s.shape[0])])
-                         for s in states])
+        states = [torch.cat([s, empty.expand(n, *empty.shape)]) if n else s
+                  for s, n in zip(states, missing, strict=True)]
+    batch = torch.stack(states)
     inputs = {k: v for k, v in inputs.items()
               if k not in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
     inputs["cross_attention_states"] = batch.reshape(-1, *batch.shape[-2:])

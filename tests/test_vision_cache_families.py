@@ -75,10 +75,18 @@ def test_cached_features_equal_the_tower_on_every_family(family_lora, mixed_reco
         assert len(cache._empty) == 1
 
 
+@pytest.mark.parametrize("family_lora", ["mllama"], indirect=True)
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "plain"])
+def test_mllama_one_image_count(family_lora, toy_pools, packed):
+    """Mllama's recommended pool (one image per prompt): no empty slot to fill."""
+    _, model, processor = family_lora
+    cache = assert_cache_exact(model, processor, load_pool(toy_pools.train)[:3], packed)
+    assert len(cache._empty) == 0
+
+
 def split_images(family, model, processor):
-    """A copy of `processor` that splits each (2:1) toy image in several tiles or crops, with
-    the model's config matched where it reads the layout; None where the family has no such
-    option. Returns (processor, undo)."""
+    """(a copy of `processor` that splits each 2:1 toy image in 3 tiles, patches or crops,
+    undo): the shared model's config is matched where it reads the layout, and undo restores it."""
     processor = copy.deepcopy(processor)
     images = processor.image_processor
     undo = lambda: None  # noqa: E731
@@ -98,17 +106,18 @@ def split_images(family, model, processor):
         def undo():
             config.image_grid_pinpoints = was
     else:
-        return None, undo
+        raise AssertionError(f"{family}: no image splitting option here")
     return processor, undo
 
 
+# Qwen encodes each image as one native-resolution grid (nothing to split); Mllama's tiles:
+# test_mllama_tiles.
+@pytest.mark.parametrize("family_lora", ["llava_onevision", "idefics3", "gemma3", "internvl"],
+                         indirect=True)
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "plain"])
 def test_cached_features_equal_the_tower_with_split_images(family_lora, mixed_records, packed):
     family, model, processor = family_lora
     split, undo = split_images(family, model, processor)
-    if split is None:
-        pytest.skip(f"{family}: no image splitting (Qwen: one native-resolution grid per image; "
-                    "Mllama: tiles, test_mllama_tiles)")
     try:
         one = encode_prompt(split, mixed_records[1])["pixel_values"]  # a one-image prompt
         assert one.numel() // one.shape[-3:].numel() == 3  # tiles, patches or crops
