@@ -10,7 +10,8 @@ on (TRL's default is on), and rdpo also with selective checkpointing (`rdpo.reco
 run in turn, ``--repeats`` times, and the best repeat of each counts, so load on a shared
 machine falls on every setting alike. Reports pairs/s, the bytes one step saves for backward
 (`rdpo.saved_memory`) and what dominates them, peak memory, the ratios, and the largest
-per-step loss difference; ``--levers`` runs rdpo alone with each of its levers (packing, vision
+per-step loss difference, and rdpo's model FLOPs (torch's counter over the reference pass and one
+step without checkpointing) per pair, per second and, on a GPU, as MFU; ``--levers`` runs rdpo alone with each of its levers (packing, vision
 cache, language-model checkpointing) on and off; ``--json`` prints one JSON line.
 """
 
@@ -130,10 +131,10 @@ def dpo(args) -> dict:
                        for r in best]}
     if args.levers:
         return result
-    return {**result, **_compare(best, args.device)}
+    return {**result, **_compare(best, args.device, args.peak_tflops)}
 
 
-def _compare(best: list[dict], device: str) -> dict:
+def _compare(best: list[dict], device: str, peak_tflops: float) -> dict:
     """The headline figures from the best run of each setting."""
     side = {impl: [r for r in best if r["impl"] == impl] for impl in ("rdpo", "trl")}
     top = {impl: max(rs, key=lambda r: r["pairs_per_s"]) for impl, rs in side.items()}
@@ -147,7 +148,13 @@ def _compare(best: list[dict], device: str) -> dict:
     memory["selective"] = at[("rdpo", "selective")]["activation_mb"] / at[("trl", False)]["activation_mb"]
     diffs = [abs(a - b) for x in side["rdpo"] for y in side["trl"]
              for a, b in zip(x["losses"], y["losses"], strict=False)]
+    # Model FLOPs of a pair: the run without checkpointing's count (no recomputation in it).
+    model_flops = at[("rdpo", False)]["flops_per_pair"]
+    achieved = model_flops * r["pairs_per_s"]
     return {
+        "rdpo_model_flops_per_pair": model_flops, "rdpo_model_tflops_per_s": achieved / 1e12,
+        # Model FLOPs utilisation against the GPU's dense bf16 peak (`--peak-tflops`).
+        "rdpo_mfu": achieved / (peak_tflops * 1e12) if device == "cuda" else None,
         "rdpo_pairs_per_s": r["pairs_per_s"], "trl_pairs_per_s": t["pairs_per_s"],
         "rdpo_best_setting": _label(r), "trl_best_setting": _label(t),
         "throughput_ratio_like_for_like": r["pairs_per_s"] / t["pairs_per_s"],
@@ -190,6 +197,10 @@ def report(result: dict, args) -> None:
           + (f", training memory ratio {result['training_memory_ratio']:.2f}"
              if result["training_memory_ratio"] else ""))
     print(f"  largest per-step loss difference {result['max_abs_loss_diff']:.2e}")
+    print(f"  rdpo model FLOPs {result['rdpo_model_flops_per_pair'] / 1e9:.1f} GFLOP per pair, "
+          f"{result['rdpo_model_tflops_per_s']:.3f} TFLOP/s at its best"
+          + (f", MFU {100 * result['rdpo_mfu']:.1f} % of {args.peak_tflops:g} TFLOP/s"
+             if result["rdpo_mfu"] is not None else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--response-tokens", type=int, default=64)
     parser.add_argument("--image-side", type=int, default=448)
     parser.add_argument("--images", type=int, default=1, help="images per prompt")
+    parser.add_argument("--peak-tflops", type=float, default=790.0,
+                        help="the GPU's dense bf16 peak for rdpo's MFU (cuda only)")
     parser.add_argument("--levers", action="store_true",
                         help="rdpo only: each of its levers (packing, vision cache, gradient "
                         "checkpointing) alone and together")

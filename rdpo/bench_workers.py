@@ -90,6 +90,7 @@ def run(spec: dict) -> dict:
 def _run_rdpo(spec: dict, work: Path) -> dict:
     import lightning as L
     from torch.utils.data import DataLoader
+    from torch.utils.flop_counter import FlopCounterMode
 
     from rdpo.batches import PairCollator, TrainPair
     from rdpo.config import DPOConfig
@@ -109,12 +110,17 @@ def _run_rdpo(spec: dict, work: Path) -> dict:
                             vision=VisionCache() if spec.get("cache", True) else None)
     losses: list[float] = []
     meter = SavedTensorMeter(model)
+    # Matrix-product and attention FLOPs (torch's own counter) of the metered step, forward and
+    # backward, and of the whole reference pass: the model FLOPs a pair costs (with
+    # checkpointing, the step's count also holds what it recomputes).
+    step_counter, flops = FlopCounterMode(display=False), {}
     vision_calls = []
     hook = _vision_module(model).register_forward_hook(lambda *a: vision_calls.append(1))
 
     class Record(L.Callback):
         def on_train_batch_start(self, trainer, module, b, i):
             if i == METER_STEP:
+                step_counter.__enter__()
                 meter.__enter__()
 
         def on_before_backward(self, trainer, module, loss):
@@ -123,6 +129,9 @@ def _run_rdpo(spec: dict, work: Path) -> dict:
 
         def on_train_batch_end(self, trainer, module, outputs, b, i):
             losses.append(float(outputs["loss"]))
+            if i == METER_STEP:
+                step_counter.__exit__(None, None, None)
+                flops["step"] = step_counter.get_total_flops()
 
     module = RubricDPOModule(model, processor, DPOConfig(beta=0.1, lr=1e-4, max_steps=steps))
     trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_steps=steps,
@@ -132,9 +141,10 @@ def _run_rdpo(spec: dict, work: Path) -> dict:
     start = time.perf_counter()
     # Reference log-probs once per pair (adapters off), as a round computes them; with the
     # vision cache this pass also encodes each image, once.
-    pairs = with_reference_logps(
-        model, collator, [TrainPair(*x, 0.0, 0.0) for x in zip(records, chosen, rejected, strict=True)],
-        batch, precision=trainer.precision_plugin)
+    with FlopCounterMode(display=False) as reference_counter:
+        pairs = with_reference_logps(
+            model, collator, [TrainPair(*x, 0.0, 0.0) for x in zip(records, chosen, rejected, strict=True)],
+            batch, precision=trainer.precision_plugin)
     reference_vision_calls = len(vision_calls)
     model.train()
     trainer.fit(module, DataLoader(pairs, batch_size=batch, shuffle=False, collate_fn=collator))
@@ -142,7 +152,8 @@ def _run_rdpo(spec: dict, work: Path) -> dict:
     seconds = time.perf_counter() - start
     hook.remove()
     return _result(seconds, steps, batch, losses, meter, device, base_rss,
-                   vision_calls_in_steps=len(vision_calls) - reference_vision_calls)
+                   vision_calls_in_steps=len(vision_calls) - reference_vision_calls,
+                   flops_per_pair=reference_counter.get_total_flops() / len(pairs) + flops["step"] / batch)
 
 
 def _sync(device: str) -> None:

@@ -41,6 +41,12 @@ def test_bench_dpo_json(tmp_path):
     assert (runs["rdpo (gc on, cache on, packed)"]["activation_mb"]
             < runs["rdpo (gc selective, cache on, packed)"]["activation_mb"]
             < runs["rdpo (gc off, cache on, packed)"]["activation_mb"])
+    # FLOPs a pair costs (reference pass + step, counted by torch): recomputation adds to them,
+    # selective's (LoRA's rank-r products only) less than full checkpointing's.
+    flops = [runs[f"rdpo (gc {gc}, cache on, packed)"]["flops_per_pair"] for gc in ("off", "selective", "on")]
+    assert 0 < flops[0] < flops[1] < flops[2]
+    assert result["rdpo_model_flops_per_pair"] == flops[0] and result["rdpo_model_tflops_per_s"] > 0
+    assert result["rdpo_mfu"] is None  # CPU: no peak to compare with
     for run in result["runs"]:
         assert run["activation_mb"] > 0 and run["pairs_per_s"] > 0
     # rdpo's steps reuse the image features the reference pass encoded.

@@ -65,3 +65,15 @@ def test_build_load_and_forward(family, tmp_path, corpus):
                       return_tensors="pt")
     with torch.no_grad():
         assert not torch.allclose(model(**other).logits, logits)
+
+
+def test_model_vocabulary_is_the_shape_s_not_the_tokenizer_s(tmp_path, corpus):
+    """`vocab_size` sizes the model's embedding and output layer (the benchmark's real Qwen
+    vocabulary); the tokenizer trained on the small corpus stays small."""
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    out = build_tiny_vlm(tmp_path / "m", corpus, vocab_size=3000)
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    assert model.config.text_config.vocab_size == 3000
+    assert model.get_output_embeddings().weight.shape[0] == 3000
+    assert len(AutoTokenizer.from_pretrained(out)) <= 512

@@ -161,7 +161,7 @@ def build_tiny_vlm(
     hidden: int = 64,
     layers: int = 2,
     image_pixels: int = 112 * 56,
-    vocab_size: int = 512,
+    tokenizer_vocab: int = 512,
     seed: int = 0,
     **shape,
 ) -> Path:
@@ -169,7 +169,8 @@ def build_tiny_vlm(
 
     `image_pixels` pins the image processor's min and max pixel budget, so every toy image keeps
     its size (112×56 → 8 patches wide × 4 high → 8 image tokens after the 2×2 merge).
-    `shape` passes through to the config (head_dim, intermediate, vocab_size of the model,
+    `tokenizer_vocab` caps the BPE tokenizer trained on `corpus` (a small corpus stops short of
+    it). `shape` passes through to the config (head_dim, intermediate, vocab_size of the model,
     vision_hidden, vision_layers, kv_heads), for realistic shapes such as the benchmark's.
     """
     import transformers
@@ -179,8 +180,8 @@ def build_tiny_vlm(
         from rdpo.demo.tiny_families import build_tiny_family
 
         return build_tiny_family(out_dir, corpus, family=family, hidden=hidden, layers=layers,
-                                 image_pixels=image_pixels, vocab_size=vocab_size, seed=seed, **shape)
-    tokenizer = train_tokenizer(corpus, vocab_size=vocab_size)
+                                 image_pixels=image_pixels, tokenizer_vocab=tokenizer_vocab, seed=seed, **shape)
+    tokenizer = train_tokenizer(corpus, vocab_size=tokenizer_vocab)
     config = _model_config(family, tokenizer, hidden, layers, **shape)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config)

@@ -251,7 +251,7 @@ def build_tiny_family(
     hidden: int = 64,
     layers: int = 2,
     image_pixels: int = 112 * 56,
-    vocab_size: int = 512,
+    tokenizer_vocab: int = 512,
     seed: int = 0,
     head_dim: int = 16,
     **shape,
@@ -268,7 +268,7 @@ def build_tiny_family(
     if family not in _BUILDERS:
         raise ValueError(f"model family {family!r} is not one of {tuple(_BUILDERS)}")
     del image_pixels
-    tokenizer = train_tokenizer(corpus, family, vocab_size=vocab_size)
+    tokenizer = train_tokenizer(corpus, family, vocab_size=tokenizer_vocab)
     config, processor = _BUILDERS[family](tokenizer, hidden, layers, {"head_dim": head_dim, **shape})
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config)
