@@ -100,7 +100,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            vision_modules=("model.vision_tower", "model.multi_modal_projector"), positions=PLAIN),
     # Llama 3.2 Vision: text tokens read the image through cross-attention layers, gated by a
     # per-token cross_attention_mask whose rows are independent: a packed pair's answer tokens
-    # get the prompt's last row (rdpo.packing), its self-attention layers the 4-D mask.
+    # get the prompt's last row (rdpo.packing), its self-attention layers the 4-D mask. Rows
+    # blind to every image attend to their own prompt's image slots only (rdpo.image_slots).
     Family("mllama", ("mllama",), ("MllamaProcessor",), end_of_turn="<|eot_id|>",
            vision_tokens=("<|image|>",), language_model="language_model",
            vision_modules=("model.vision_model", "model.multi_modal_projector"), positions=PLAIN),

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from rdpo.image_slots import isolate_image_slots
 from rdpo.vision_cache import trunk_inputs
 
 
@@ -125,10 +126,12 @@ def sequence_logps(model: nn.Module, batch: dict, *, average: bool = False,
     Runs the multimodal trunk (``model.model`` of a transformers VLM, LoRA layers included) and
     projects only the completion positions, never the full logits. A batch that says which
     prompts it shows (``images``, `rdpo.vision_cache.BatchImages`) gets their cached image
-    features instead of running the vision tower.
+    features instead of running the vision tower. Mllama's log-probs do not depend on the image
+    slots the batch pads (`rdpo.image_slots`).
     """
     inputs = {k: v for k, v in batch.items() if k not in ("completion_mask",)}
     base = unwrap(model)
+    isolate_image_slots(model)
     hidden = base.model(**trunk_inputs(model, inputs), use_cache=False).last_hidden_state
     return completion_logps(hidden, base.get_output_embeddings(), batch["input_ids"],
                             batch["completion_mask"], average=average, chunk_size=chunk_size)

@@ -28,6 +28,7 @@ import torch
 
 from rdpo.collate import TOKEN_FIELDS, Completion, completion_ids, extend_token_field, stack_field
 from rdpo.families import PLAIN, ROPE_INDEX, family_of
+from rdpo.image_slots import isolate_image_slots
 from rdpo.logps import sequence_logps, token_logps, unwrap
 from rdpo.vision_cache import trunk_inputs
 
@@ -202,6 +203,7 @@ def packed_logps(model, batch: dict, *, average: bool = False,
     inputs = {k: v for k, v in batch.items() if k != "segments"}
     inputs["position_ids"] = pair_position_ids(model, batch)
     inputs["attention_mask"] = pair_mask(model, batch, inputs["position_ids"], dtype)
+    isolate_image_slots(model)  # Mllama: batch-invariant blind rows, as in sequence_logps
     hidden = base.model(**trunk_inputs(model, inputs), use_cache=False).last_hidden_state
 
     # Token t is predicted from position t - 1, except the first rejected token: its context is

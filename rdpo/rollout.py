@@ -16,6 +16,7 @@ import torch
 from rdpo.collate import PromptCache, end_of_turn_id, pad_batch
 from rdpo.config import RolloutConfig
 from rdpo.families import vision_token_ids
+from rdpo.image_slots import isolate_image_slots
 from rdpo.logps import unwrap
 from rdpo.pool import PromptRecord
 
@@ -120,6 +121,8 @@ def generate(model, processor, records: Sequence[PromptRecord], settings: Rollou
     stops = set(config.eos_token_id)
     prompts = prompts if prompts is not None else PromptCache(processor, max_mb=0)
     device = next(model.parameters()).device
+    # Mllama: a prompt samples from the distribution it has alone, whatever its batch pads.
+    isolate_image_slots(model)
     with sampling_context(model):
         for start in range(0, len(records), settings.batch_size):
             chunk = records[start:start + settings.batch_size]

@@ -19,9 +19,10 @@ the projected vision output precomputed as ``cross_attention_states`` ([rows × 
 patches, hidden]). The cache keeps each prompt's [images, tiles, patches, hidden] block and a
 step lays the blocks out as the batch's pixels are. An image slot a prompt lacks (a batch of
 prompts with different image counts) gets what the tower computes for an empty slot (zero
-pixels, aspect ratio id 0), encoded once: zeros would not do, as Mllama's cross-attention
-layers gate a text token blind to every image after its attention (``full_text_row_masked_out_mask``
-multiplies the MLP output only), so such tokens average over every slot, empty ones included.
+pixels, aspect ratio id 0), encoded once, so a cached batch holds what the uncached one does.
+No token reads that block: the processor's mask closes the slot to the tokens that see an image,
+and `rdpo.image_slots` closes it to the tokens blind to every image (which transformers would
+let average over every slot of their row, empty ones included).
 
 A model that cannot use precomputed features (no ``get_image_features``, a forward without
 ``mm_encoder_outputs`` or Mllama's ``cross_attention_states``, or a trainable weight outside the

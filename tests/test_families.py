@@ -1,19 +1,22 @@
 """Every VLM family on its tiny build: what `rdpo.families` says matches the model and the
 processor, and packed pairs give the log-probs and gradients of separate forwards."""
 
+import contextlib
 import re
 
 import pytest
 import torch
 
-from rdpo import packing
-from rdpo.collate import collate_sequences, encode_prompt
+from rdpo import image_slots, packing
+from rdpo.collate import collate_sequences, encode_prompt, pad_batch
+from rdpo.config import RolloutConfig
 from rdpo.demo import toy
 from rdpo.demo.tiny import FAMILIES, TOY_IMAGE_PIXELS, build_tiny_vlm
 from rdpo.families import end_of_turn_id, family_of, processor_family, vision_token_ids
-from rdpo.logps import sequence_logps
+from rdpo.logps import sequence_logps, unwrap
 from rdpo.packing import pack_pairs, packed_logps, packing_support
 from rdpo.pool import load_pool
+from rdpo.rollout import generate
 
 CHOSEN = ["There is a red circle on the left.", "Blue.", "Two shapes: a green square."]
 REJECTED = ["A purple triangle and a dog and a blue square on the right side.", "Red red red.", "No."]
@@ -105,13 +108,9 @@ def separate(model, processor, prompts, chosen, rejected):
 
 def test_batched_prompts_equal_each_alone(built, mixed_pools):
     """Two images, one image (a video for Qwen) in one batch: padding the per-image fields
-    (image counts differ) changes no log-prob."""
+    (image counts differ) changes no log-prob (Mllama: through `rdpo.image_slots`)."""
     name, model, processor = built
     prompts, chosen = mixed_prompts(processor, mixed_pools), CHOSEN
-    if name == "mllama":
-        # transformers' Mllama is not invariant to a padded (masked) image slot, with its own
-        # processor's padding too (~0.07 nats here): only prompts of one image count batch exactly.
-        prompts, chosen = prompts[1:], CHOSEN[1:]
     with torch.no_grad():
         batched = sequence_logps(model, collate_sequences(processor, prompts, chosen))
         alone = torch.cat([sequence_logps(model, collate_sequences(processor, [p], [c]))
@@ -177,8 +176,8 @@ def test_packed_image_blocks_matter_for_gemma3(built, mixed_pools):
 
 def test_packed_cross_attention_rows_for_mllama(built, mixed_pools):
     """Mllama's answer tokens read the image through cross_attention_mask rows (the prompt's
-    last row): packed = separate also on prompts of one image each (no padded image slot, the
-    batches Mllama is advised to get), and answer rows shut off from the image change the
+    last row): packed = separate also on prompts of one image each (no padded image slot),
+    and answer rows shut off from the image change the
     log-probs (~2 nats here), so the equality above is not an accident of the tiny model."""
     name, model, processor = built
     if name != "mllama":
@@ -199,3 +198,70 @@ def test_packed_cross_attention_rows_for_mllama(built, mixed_pools):
     for w, g, b in zip(want, got, blind, strict=True):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-5)
         assert (b - w).abs().max() > 0.1
+
+
+@contextlib.contextmanager
+def slot_hook_off(model):
+    """Mllama's own forward for the duration: `rdpo.image_slots`' hook removed, and none
+    installed meanwhile by the log-prob functions."""
+    language_model = unwrap(model).model.language_model
+    assert image_slots.isolate_image_slots(model)
+    getattr(language_model, image_slots.HOOK).remove()
+    setattr(language_model, image_slots.HOOK, "off")
+    try:
+        yield
+    finally:
+        setattr(language_model, image_slots.HOOK, None)
+        assert image_slots.isolate_image_slots(model)
+
+
+def test_mllama_log_probs_do_not_depend_on_the_batch(built, mixed_pools):
+    """Mllama's text rows blind to every image (the prompt's header) attend to their own image
+    slots only (`rdpo.image_slots`): a one-image prompt batched with a two-image one (its second
+    slot padded), plain and packed, has the log-probs it has alone; without the hook they move
+    (transformers lets those rows average over the padded slot too)."""
+    name, model, processor = built
+    if name != "mllama":
+        pytest.skip("Mllama only")
+    prompts = mixed_prompts(processor, mixed_pools)  # 2, 1, 1 images
+    with torch.no_grad():
+        alone = torch.tensor([[float(x[0]) for x in separate(model, processor, [p], [c], [r])]
+                              for p, c, r in zip(prompts, CHOSEN, REJECTED, strict=True)]).T
+        plain = torch.stack(separate(model, processor, prompts, CHOSEN, REJECTED))
+        packed = torch.stack(packed_logps(model, pack_pairs(processor, prompts, CHOSEN, REJECTED)))
+        seqs = collate_sequences(processor, prompts * 2, [*CHOSEN, *REJECTED])
+        assert seqs["cross_attention_mask"].shape[2] == 2  # the one-image prompts' padded slot
+        with slot_hook_off(model):
+            unhooked = torch.stack(sequence_logps(model, seqs).chunk(2))
+    print(f"mllama batched vs alone: plain {(plain - alone).abs().max():.2e}, packed "
+          f"{(packed - alone).abs().max():.2e}; without the hook "
+          f"{(unhooked - alone)[:, 1:].abs().min():.4f}-{(unhooked - alone).abs().max():.4f}")
+    torch.testing.assert_close(plain, alone, atol=2e-5, rtol=0)
+    torch.testing.assert_close(packed, alone, atol=2e-5, rtol=0)
+    torch.testing.assert_close(unhooked[:, 0], alone[:, 0], atol=2e-5, rtol=0)  # no padded slot
+    assert (unhooked - alone)[:, 1:].abs().max() > 0.05  # the one-image prompts' shift
+
+
+def test_mllama_sampling_does_not_depend_on_the_batch(built, mixed_pools):
+    """The rollout samples a one-image Mllama prompt from the distribution it has alone, when
+    its left-padded batch holds a two-image prompt: `rdpo.rollout.generate` installs the hook."""
+    name, model, processor = built
+    if name != "mllama":
+        pytest.skip("Mllama only")
+    records = mixed_pools[0][:2]  # 2 images, 1 image
+    settings = RolloutConfig(samples_per_prompt=1, max_new_tokens=4, temperature=0)
+    together = list(generate(model, processor, records, settings))
+    alone = [next(generate(model, processor, [r], settings)) for r in records]
+    assert getattr(model.model.language_model, image_slots.HOOK) is not None
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    # The next-token distributions of the prompts' last positions (what generate samples from).
+    prompts = [encode_prompt(processor, r) for r in records]
+    pad = processor.tokenizer.pad_token_id
+    with torch.no_grad():
+        batch = pad_batch(prompts, pad, side="left")
+        assert batch["cross_attention_mask"].shape[2] == 2
+        positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # as generate's
+        got = model(**batch, position_ids=positions).logits[:, -1].log_softmax(-1)
+        want = torch.cat([model(**p).logits[:, -1].log_softmax(-1) for p in prompts])
+    print(f"mllama next-token log-probs batched vs alone: {(got - want).abs().max():.2e}")
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # log-probs, packing, collation, batches, rollout, config, evaluation, preflight.
 PURE = ("pool", "scoring", "pairs", "judges", "judge_cache", "chat", "rounds", "loss", "logps",
         "packing", "collate", "batches", "rollout", "config", "settings", "evaluate", "preflight", "rubrics",
-        "rubric_build", "families", "vision_cache")
+        "rubric_build", "families", "vision_cache", "image_slots")
 LIGHTNING_PIECES = ("rdpo.module", "rdpo.data", "rdpo.callbacks", "rdpo.fit", "rdpo.strategy")
 
 

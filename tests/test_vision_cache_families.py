@@ -5,9 +5,11 @@ image splitting on (Idefics3's tiles, InternVL's patches, LLaVA-OneVision's anyr
 Gemma 3's pan-and-scan crops) and Mllama with several tiles per image."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
+from test_families import slot_hook_off
 from test_vision_cache import CHOSEN, REJECTED, logps_and_grads, lora_model, visual
 
 from rdpo.batches import PairCollator, TrainPair
@@ -78,7 +80,7 @@ def test_cached_features_equal_the_tower_on_every_family(family_lora, mixed_reco
 @pytest.mark.parametrize("family_lora", ["mllama"], indirect=True)
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "plain"])
 def test_mllama_one_image_count(family_lora, toy_pools, packed):
-    """Mllama's recommended pool (one image per prompt): no empty slot to fill."""
+    """A Mllama pool of one-image prompts: no empty slot to fill."""
     _, model, processor = family_lora
     cache = assert_cache_exact(model, processor, load_pool(toy_pools.train)[:3], packed)
     assert len(cache._empty) == 0
@@ -146,3 +148,46 @@ def test_mllama_tiles(tmp_path, mixed_records, packed):
     assert one["aspect_ratio_mask"].tolist() == [[[1, 1], [1, 1]]]
     cache = assert_cache_exact(model, processor, mixed_records, packed)
     assert len(cache._empty) == 1
+    # A square image takes one tile of two: the prompt's blind rows attend to its padded tile
+    # too (alone as batched), not to the batch's padded slot.
+    from PIL import Image
+
+    square = tmp_path / "square.png"
+    with Image.open(mixed_records[1].images[0]) as im:
+        im.convert("RGB").crop((0, 0, min(im.size), min(im.size))).save(square)
+    records = [mixed_records[0], dataclasses.replace(mixed_records[1], id="square",
+                                                     images=(square,)), mixed_records[2]]
+    assert encode_prompt(processor, records[1])["aspect_ratio_mask"].tolist() == [[[1, 0]]]
+    for cached in (VisionCache(max_mb=64), None):
+        diff = assert_batched_equal_alone(model, processor, records, packed, cached)
+        print(f"mllama 2 tiles packed={packed} cache={cached is not None}: batched vs alone {diff:.2e}")
+
+
+def assert_batched_equal_alone(model, processor, records, packed: bool, cache) -> float:
+    """Each pair's log-probs in one batch of `records` (image counts differ: padded slots) equal
+    its own batch's, as a round's reference pass and its steps batch a prompt differently
+    (`rdpo.image_slots`); returns the largest difference."""
+    pairs = [TrainPair(r, c, j, 0.0, 0.0) for r, c, j in zip(records, CHOSEN, REJECTED, strict=True)]
+    collator = PairCollator(processor, packed=packed, vision=cache)
+    with torch.no_grad():
+        batched = torch.stack(pair_logps(model, collator(pairs)))  # [chosen/rejected, pairs]
+        alone = torch.cat([torch.stack(pair_logps(model, collator([p]))) for p in pairs], 1)
+        with slot_hook_off(model):  # alone, the hook changes nothing: Mllama's own numbers
+            own = torch.cat([torch.stack(pair_logps(model, collator([p]))) for p in pairs], 1)
+    torch.testing.assert_close(alone, own, atol=0, rtol=0)
+    torch.testing.assert_close(batched, alone, atol=2e-5, rtol=0)
+    return float((batched - alone).abs().max())
+
+
+@pytest.mark.parametrize("family_lora", ["mllama"], indirect=True)
+@pytest.mark.parametrize("cached", [True, False], ids=["cache", "no_cache"])
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "plain"])
+def test_mllama_batched_equal_alone(family_lora, mixed_records, packed, cached):
+    """A Mllama pool mixing two- and one-image prompts: a pair's log-probs do not depend on its
+    batch, with and without the vision cache, packed and plain."""
+    _, model, processor = family_lora
+    cache = VisionCache(max_mb=64) if cached else None
+    diff = assert_batched_equal_alone(model, processor, mixed_records, packed, cache)
+    print(f"mllama LoRA packed={packed} cache={cached}: batched vs alone {diff:.2e}")
+    if cached:
+        assert len(cache._empty) == 1  # the batch padded the one-image prompts' second slot
