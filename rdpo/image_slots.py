@@ -9,7 +9,7 @@ tiles, ...] get zero slots for the prompts with fewer images. A text token that 
 mask by ``full_text_row_masked_out_mask``, which is 0 for the row. The token then attends evenly
 to every key of its batch row, the padded slots' too, and the layer zeroes only its MLP output,
 not its attention output. So the header's hidden states, and through self-attention every later
-token's, depend on how many slots the batch padded: 0.07-0.17 nats on an answer's log-prob on
+token's, depend on how many slots the batch padded: up to 0.09 nats on an answer's log-prob on
 the tiny build (a one-image prompt batched with a two-image one). rdpo batches a prompt
 differently in the rollout, the round's reference pass and the DPO steps, so a pool that mixes
 image counts would train on references that its steps do not reproduce.
@@ -21,9 +21,10 @@ the tokens after its ``<|image|>``); the blind rows then attend to every key of 
 slots, its images' padded tiles included, which is exactly what they attend to when the prompt
 is alone in its batch. A closed key gets the mask's minimum, whose softmax weight is exactly 0,
 so the attention output is the prompt-alone one up to the kernel's reduction order (measured
-within 2e-6 nats, fp32). Rows that see an image are left as they are (the processor's mask
-already closes every other slot to them), and so is a row whose prompt shows no image: alone,
-its cross-attention layers would be skipped, which no mask can imitate.
+within 1.6e-5 nats on the tiny build, fp32; a prompt alone is left bit for bit as it was).
+Rows that see an image are left as they are (the processor's mask already closes every other
+slot to them), and so is a row whose prompt shows no image: alone, its cross-attention layers
+would be skipped, which no mask can imitate.
 
 Why a hook rather than padding every batch to one slot count for the run: the prompt's numbers
 become those of the prompt alone (the model's own single-prompt forward), whatever the batch,
