@@ -30,6 +30,10 @@ SHAPES = {
     # CPU: hidden 256, 4 layers, 448×448 images (256 image tokens), Qwen's real vocabulary.
     "cpu": dict(hidden=256, layers=4, head_dim=64, intermediate=1024, vocab_size=151936,
                 vision_hidden=256, vision_layers=4),
+    # The CPU shape with the toy tokenizer's 475-token vocabulary: the output layer out of the
+    # picture (what the step costs without the vocabulary's share).
+    "cpu-small-vocab": dict(hidden=256, layers=4, head_dim=64, intermediate=1024,
+                            vision_hidden=256, vision_layers=4),
     # The test suite's smoke run (head_dim 32: the smallest vLLM's CPU attention serves).
     "tiny": dict(hidden=64, layers=2, head_dim=32, vocab_size=4096),
     # A Qwen2-VL-2B-class shape for a GPU (bf16).
