@@ -113,6 +113,11 @@ _TOKEN_ATTRS = ("image_token", "video_token", "boi_token", "eoi_token", "fake_im
                 "vision_eos_token")
 
 
+def unwrap(model):
+    """The transformers ``...ForConditionalGeneration`` under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def family_of(model_or_config) -> Family | None:
     """The family of a model (PEFT-wrapped or not) or config, by ``model_type``; None if unknown."""
     config = getattr(model_or_config, "config", model_or_config)

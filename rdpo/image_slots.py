@@ -38,21 +38,16 @@ from __future__ import annotations
 
 import torch
 
-from rdpo.families import family_of
+from rdpo.families import family_of, unwrap
 
 HOOK = "_rdpo_isolate_image_slots"
 """Attribute of Mllama's language model holding the hook's handle (installed once)."""
 
 
-def _unwrap(model):
-    # As `rdpo.logps.unwrap` (which imports this module): the transformers model under PEFT.
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def isolate_image_slots(model) -> bool:
     """Install the blind-row hook on `model` (PEFT-wrapped or not) if it is an Mllama model and
     has none yet; True when `model` has it (False for every other family, which needs none)."""
-    base = _unwrap(model)
+    base = unwrap(model)
     family = family_of(base)
     if family is None or family.name != "mllama":
         return False

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from rdpo.families import unwrap  # noqa: F401  (public here: callers import it from rdpo.logps)
 from rdpo.image_slots import isolate_image_slots
 from rdpo.vision_cache import trunk_inputs
 
@@ -112,11 +113,6 @@ def completion_logps(
     if average:
         per_seq = per_seq / mask.sum(1).clamp(min=1)
     return per_seq
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers ``...ForConditionalGeneration`` under a PEFT wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def sequence_logps(model: nn.Module, batch: dict, *, average: bool = False,

@@ -39,12 +39,11 @@ from collections.abc import Sequence
 
 import torch
 
+from rdpo.families import unwrap
+
 log = logging.getLogger(__name__)
 
 
-def _unwrap(model):
-    # As `rdpo.logps.unwrap` (which imports this module): the transformers model under PEFT.
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 # Fields of a vision output no language model reads back from precomputed features here (the
 # tower's per-layer states and its pre-projection output): not kept.
@@ -61,7 +60,7 @@ def _cross_attention(trunk) -> bool:
 
 def vision_cache_support(model) -> str | None:
     """None when `model` can take precomputed image features, else the reason it cannot."""
-    base = _unwrap(model)
+    base = unwrap(model)
     trunk = getattr(base, "model", None)
     if trunk is None:
         return f"{type(base).__name__} has no model trunk"
@@ -244,7 +243,7 @@ def trunk_inputs(model, inputs: dict) -> dict:
         # Qwen-VL takes precomputed features or pixels, not both: a batch with a video prompt
         # (rdpo.pool's "video" records) runs the vision tower.
         return inputs
-    trunk = _unwrap(model).model
+    trunk = unwrap(model).model
     pixels = inputs["pixel_values"]
     if _cross_attention(trunk):
         return _cross_attention_inputs(trunk, images, inputs)
