@@ -107,3 +107,39 @@ def test_language_model_checkpointing_same_gradients_fewer_saved_bytes(tiny_dir,
     # The language model checkpoints its layers; the vision tower does not.
     assert flags["Qwen2VLTextModel"] is True
     assert not any(v for k, v in flags.items() if "Vision" in k)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_selective_recomputes_dropout_and_autocast_exactly(tiny_dir, toy_pools, autocast):
+    """The real recipe's step: LoRA dropout kept on (model.disable_dropout=false) and bf16
+    autocast; selective checkpointing recomputes the same dropout masks and casts."""
+    records = load_pool(toy_pools.train)[:2]
+    pairs = [TrainPair(r, "A red circle.", "Two blue squares on the right.", 0.0, 0.0) for r in records]
+    out = {}
+    for gc in (False, "selective"):
+        torch.manual_seed(0)
+        model, processor = load_policy(ModelConfig(
+            path=str(tiny_dir), lora=LoraConfig(r=4, alpha=8, dropout=0.3),
+            gradient_checkpointing=gc, disable_dropout=False))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+        batch = PairCollator(processor)(pairs)
+        logps = []
+        for seed in (1, 2):
+            model.zero_grad()
+            torch.manual_seed(seed)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                chosen, rejected = pair_logps(model, batch)
+            (chosen - rejected).sum().backward()
+            logps.append(torch.cat([chosen, rejected]).detach())
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        out[gc] = (logps, grads)
+    (want, want_grads), (got, got_grads) = out[False], out["selective"]
+    assert not torch.equal(want[0], want[1])  # dropout acts: another seed, other log-probs
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    assert want_grads.keys() == got_grads.keys() and want_grads
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, atol=1e-6, rtol=1e-4, msg=name)
