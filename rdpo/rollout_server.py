@@ -7,6 +7,14 @@ saves the adapter in PEFT format under ``run.dir/adapters/`` (storage the server
 loads it with ``POST /v1/load_lora_adapter``, every rank waits at a barrier, then every rank
 samples its prompts with ``n = K`` under the adapter's name; the previous adapter is unloaded.
 
+Several runs may share one server: adapter names carry the run's id (`run_id`: the run
+directory's name and a hash of its absolute path, the same on every rank and across resumes),
+every load is checked against ``/v1/models`` (the server must list the name with ``root`` = the
+path rdpo saved), an adapter of that name served from another path is an error, never
+replaced, and `VLLMRollout.close` unloads the run's last adapter when the run ends or fails. A
+run's first load also unloads what an earlier process of the same run (killed, then resumed)
+left on the server: every adapter whose root is in this run's adapters folder.
+
 The trained sequence is the prompt ids rdpo encodes (`rdpo.collate.encode_prompt`) followed by
 the server's completion ids (``return_token_ids``), so each answer's prompt ids are checked
 against rdpo's encoding: a chat template or image processing that differs is an error, never a
@@ -23,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import threading
 from collections.abc import Callable, Sequence
@@ -48,6 +57,17 @@ def adapter_name(step: int, every_n_steps: int) -> str:
     if step % every_n_steps == 0:
         return f"round_{step // every_n_steps:04d}"
     return f"step_{step:06d}"
+
+
+def run_id(adapters_dir: str | Path) -> str:
+    """This run's prefix of adapter names on a shared server: the run directory's name and a
+    hash of the adapters folder's absolute path. Every rank and every resume of a run computes
+    the same id (ranks need no exchange; a resumed run finds and replaces what it left); two
+    runs differ because their folders do (two runs cannot save into one folder anyway)."""
+    path = Path(adapters_dir).resolve()
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:10]
+    readable = re.sub(r"[^A-Za-z0-9._]+", "-", path.parent.name).strip("-")[:40] or "run"
+    return f"{readable}-{digest}"
 
 
 def request_seed(seed: int, record_id: str) -> int:
@@ -78,8 +98,13 @@ class VLLMRollout:
         self.settings = settings
         self.base_url = settings.base_url
         self.adapters_dir = Path(adapters_dir).resolve()
+        self.run_id = run_id(self.adapters_dir)
         self.current: tuple[int, str, Path] | None = None
         """(step, name, path) of the adapter in use."""
+        self._loaded_here = False
+        """Whether this process loaded the current adapter (rank 0, or a reload): it unloads it
+        at `close`."""
+        self._cleaned = False
         self._reload_lock = threading.Lock()
         self._client = openai.OpenAI(
             base_url=settings.base_url, api_key=api_key, timeout=settings.timeout,
@@ -108,6 +133,10 @@ class VLLMRollout:
             raise RolloutServerError(f"{self.base_url} serves {bases}: set rollout.model")
         return bases[0]
 
+    def adapter_name(self, step: int) -> str:
+        """The server-side name of this run's adapter at `step` (`run_id` + `adapter_name`)."""
+        return f"{self.run_id}-{adapter_name(step, self.settings.every_n_steps)}"
+
     def publish(self, model, step: int, *, is_main: bool, barrier: Callable[[], None]) -> str:
         """Make the policy at `step` the server's current adapter (no-op if it already is).
 
@@ -118,44 +147,80 @@ class VLLMRollout:
         """
         if self.current is not None and self.current[0] == step:
             return self.current[1]
-        name = adapter_name(step, self.settings.every_n_steps)
-        path = self.adapters_dir / name
+        name = self.adapter_name(step)
+        path = self.adapters_dir / adapter_name(step, self.settings.every_n_steps)
         if is_main:
             model.save_pretrained(str(path))
-            self._load(name, path)
+            if not self._cleaned:
+                self._unload_leftovers(keep=name)
+            self._load(name, path, replace=True)
         barrier()
         previous, self.current = self.current, (step, name, path)
+        self._loaded_here = is_main
         if is_main and previous is not None and previous[1] != name:
             self._unload(previous[1])
             shutil.rmtree(previous[2], ignore_errors=True)  # run.dir/adapter keeps the final one
         return name
 
-    def _load(self, name: str, path: Path) -> None:
+    def _served(self) -> dict[str, str | None]:
+        """Adapter name -> the path the server loaded it from (``root`` in /v1/models)."""
+        return {m["id"]: m.get("root") for m in self.served_models() if m.get("parent")}
+
+    def _unload_leftovers(self, keep: str) -> None:
+        """Unload what an earlier process of this run left loaded (killed before `close`)."""
+        self._cleaned = True
+        for name, root in self._served().items():
+            if name != keep and root and Path(root).parent == self.adapters_dir:
+                log.info("rollout server %s: unloading %s, left by an earlier process of this run",
+                         self.base_url, name)
+                self._unload(name)
+
+    def _load(self, name: str, path: Path, *, replace: bool) -> None:
+        """Load `path` as `name` and check the server serves it from there. Already loaded
+        from `path`: replaced when `replace` (an earlier process of this run saved older
+        weights there), else kept (another rank reloaded it first). Loaded from another path:
+        an error, never replaced (it is not this run's)."""
         body = {"lora_name": name, "lora_path": str(path)}
+
+        def post():
+            self._call(lambda: self._client.post("/load_lora_adapter", body=body, cast_to=str))
+
         try:
-            self._call(lambda: self._client.post("/load_lora_adapter", body=body, cast_to=str))
+            post()
         except _AlreadyLoaded:
-            # Loaded by an earlier process of this run (resume) or by another rank's reload:
-            # replace it, its weights may be an older save.
-            self._unload(name)
-            self._call(lambda: self._client.post("/load_lora_adapter", body=body, cast_to=str))
+            root = self._served().get(name)
+            if root != str(path):
+                raise RolloutServerError(self._elsewhere(name, path, root)) from None
+            if replace:
+                self._unload(name)
+                post()
+        root = self._served().get(name, "(not listed)")
+        if root != str(path):
+            raise RolloutServerError(self._elsewhere(name, path, root))
         log.info("rollout server %s: adapter %s loaded from %s", self.base_url, name, path)
+
+    def _elsewhere(self, name: str, path: Path, root) -> str:
+        return (f"rollout server {self.base_url} serves adapter {name} from {root}, not from "
+                f"{path}: another process uses this run's adapter names (two runs with one "
+                "run.dir?); give each run its own run.dir")
 
     def _unload(self, name: str) -> None:
         try:
             self._call(lambda: self._client.post("/unload_lora_adapter", body={"lora_name": name},
                                                  cast_to=str))
-        except (RolloutServerError, _NotFound) as err:  # a restarted server has nothing to unload
+        except _NotFound:  # a restarted server has nothing to unload
+            log.debug("rollout server %s: adapter %s was not loaded", self.base_url, name)
+        except RolloutServerError as err:
             log.warning("rollout server %s: unloading adapter %s failed: %s", self.base_url, name, err)
 
     def _reload(self, name: str) -> None:
         with self._reload_lock:  # one reload for all threads that saw the adapter missing
             log.warning("rollout server %s lost adapter %s (restarted?): loading it again",
                         self.base_url, name)
-            try:
-                self._load(name, self.current[2])
-            except _AlreadyLoaded:
-                pass
+            # Another rank (or thread) that saw it missing may have loaded it first: that is
+            # success; replacing it would break that rank's requests in flight.
+            self._load(name, self.current[2], replace=False)
+            self._loaded_here = True
 
     def _call(self, fn):
         """`fn()` with the client's errors as rdpo's: the client has already retried."""
@@ -256,6 +321,12 @@ class VLLMRollout:
         raise AssertionError("unreachable")
 
     def close(self) -> None:
+        """Unload the run's current adapter if this process loaded it (the run ended or
+        failed: nothing samples from it any more), then close the connections. Every rank
+        calls it; failures are logged, never raised over the run's own error."""
+        if self.current is not None and self._loaded_here:
+            self._loaded_here = False
+            self._unload(self.current[1])
         self._client.close()
 
 
@@ -295,4 +366,4 @@ def _completion(choice, stops: set[int]) -> tuple[tuple[int, ...], str]:
     return ids, STOP
 
 
-__all__ = ["RolloutServerError", "VLLMRollout", "adapter_name", "request_seed"]
+__all__ = ["RolloutServerError", "VLLMRollout", "adapter_name", "request_seed", "run_id"]

@@ -1,9 +1,11 @@
-"""The vLLM rollout client against a scripted in-process server (no vLLM, no model): adapter
-publishing, token ids and finish reasons, the prompt-id check, lost adapters, a dead server."""
+"""The vLLM rollout client against a scripted in-process server (no vLLM, no model) that answers
+adapter loads, unloads and /v1/models as vLLM 0.32 does: adapter publishing, two runs on one
+server, token ids and finish reasons, the prompt-id check, lost adapters, a dead server."""
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -13,7 +15,7 @@ import torch
 from rdpo.config import ConfigError, RolloutConfig, load_config
 from rdpo.pool import PromptRecord, Rubric
 from rdpo.rollout import LENGTH, STOP
-from rdpo.rollout_server import RolloutServerError, VLLMRollout, adapter_name
+from rdpo.rollout_server import RolloutServerError, VLLMRollout, adapter_name, run_id
 
 PROMPT = [1, 2, 3]
 EOT = 9
@@ -34,27 +36,38 @@ class FakeVLLM(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self):
-        models = [{"id": "base", "object": "model"}]
-        models += [{"id": n, "object": "model", "parent": "base"} for n in self.state["loaded"]]
+        # As vLLM lists them: the base, then each adapter with root = the path it was loaded from.
+        models = [{"id": "base", "object": "model", "root": "base", "parent": None}]
+        models += [{"id": n, "object": "model", "root": root, "parent": "base"}
+                   for n, root in self.state["loaded"].items()]
         self._send(200, {"object": "list", "data": models})
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         s = self.state
         s["requests"].append((self.path, body))
+        # vLLM 0.32's answers (vllm/entrypoints/openai/models/serving.py).
         if self.path.endswith("/load_lora_adapter"):
-            if body["lora_name"] in s["loaded"]:
-                return self._send(400, {"error": {"message": "The lora adapter has already been loaded."}})
-            s["loaded"][body["lora_name"]] = body["lora_path"]
-            return self._send(200, "Success")
+            name = body["lora_name"]
+            if name in s["loaded"]:
+                return self._send(400, {"error": {"message": f"The lora adapter '{name}' has "
+                                                  "already been loaded.", "code": 400}})
+            s["loaded"][name] = s.get("serve_from", {}).get(name, body["lora_path"])
+            return self._send(200, f"Success: LoRA adapter '{name}' added successfully.")
         if self.path.endswith("/unload_lora_adapter"):
-            s["loaded"].pop(body["lora_name"], None)
-            return self._send(200, "Success")
+            name = body["lora_name"]
+            if name not in s["loaded"]:
+                return self._send(404, {"error": {"message": f"The lora adapter '{name}' cannot "
+                                                  "be found.", "code": 404}})
+            del s["loaded"][name]
+            return self._send(200, f"Success: LoRA adapter '{name}' removed successfully.")
         if s.get("forget_once"):  # a restarted server: the adapter is gone
             s["forget_once"] = False
             s["loaded"].clear()
         if body["model"] not in s["loaded"]:
             return self._send(404, {"error": {"message": f"The model `{body['model']}` does not exist."}})
+        # Which adapter weights answered: what a run samples from.
+        s.setdefault("served", []).append((body["model"], s["loaded"][body["model"]]))
         choices = [
             {"index": 0, "message": {"role": "assistant", "content": "a"}, "finish_reason": "stop",
              "token_ids": [4, 5, EOT], "stop_reason": None},
@@ -114,19 +127,24 @@ def _sample(client, settings, records=RECORDS):
                          prompts=Prompts())
 
 
-def test_adapter_names():
+def test_adapter_names(tmp_path):
     assert adapter_name(0, 5) == "round_0000"
     assert adapter_name(10, 5) == "round_0002"
     assert adapter_name(12, 5) == "step_000012"
+    # On the server, names carry the run: its folder's name and a hash of its absolute path.
+    one, other = run_id(tmp_path / "my run" / "adapters"), run_id(tmp_path / "b/my run/adapters")
+    assert re.fullmatch(r"my-run-[0-9a-f]{10}", one) and one != other
+    assert run_id(tmp_path / "my run" / "adapters") == one  # every rank, every resume
 
 
 def test_publish_sample_and_unload(fake, tmp_path):
     _, state = fake
     client, settings = _client(fake, tmp_path)
+    name = f"{client.run_id}-round_0000"
     assert client.base_model() == "base"
     waited = []
-    client.publish(Adapter(), 0, is_main=True, barrier=lambda: waited.append(1))
-    assert client.publish(Adapter(), 0, is_main=True, barrier=lambda: waited.append(1)) == "round_0000"
+    assert client.publish(Adapter(), 0, is_main=True, barrier=lambda: waited.append(1)) == name
+    assert client.publish(Adapter(), 0, is_main=True, barrier=lambda: waited.append(1)) == name
     assert waited == [1]  # the same step is published once
     out = _sample(client, settings)
     assert [r.record.id for r in out] == ["p0", "p1", "p2"]
@@ -134,28 +152,99 @@ def test_publish_sample_and_unload(fake, tmp_path):
     assert out[0].finish_reasons == [STOP, STOP, LENGTH]
     assert out[0].responses == ["4 5", "6", "7 7 7"]
     chat = [b for p, b in state["requests"] if p.endswith("/chat/completions")][0]
-    assert chat["model"] == "round_0000" and chat["n"] == 3 and chat["return_token_ids"]
+    assert chat["model"] == name and chat["n"] == 3 and chat["return_token_ids"]
     assert chat["stop_token_ids"] == [EOT] and chat["logit_bias"] == {"42": -100}
     assert chat["top_k"] == -1 and chat["max_tokens"] == settings.max_new_tokens
     client.publish(Adapter(), 5, is_main=True, barrier=lambda: None)
-    assert list(state["loaded"]) == ["round_0001"]
+    assert state["loaded"] == {f"{client.run_id}-round_0001":
+                               str(tmp_path / "adapters" / "round_0001")}
     assert not (tmp_path / "adapters" / "round_0000").exists()
+    client.close()  # the run ended: its last adapter is unloaded, its files stay
+    assert state["loaded"] == {} and (tmp_path / "adapters" / "round_0001").is_dir()
 
 
 def test_other_ranks_only_wait(fake, tmp_path):
     _, state = fake
     client, _ = _client(fake, tmp_path)
     client.publish(Adapter(), 0, is_main=False, barrier=lambda: None)
-    assert state["requests"] == [] and client.current[1] == "round_0000"
+    assert state["requests"] == [] and client.current[1] == f"{client.run_id}-round_0000"
+    client.close()  # it loaded nothing: it unloads nothing
+    assert state["requests"] == []
 
 
-def test_adapter_already_loaded_is_replaced(fake, tmp_path):
-    """A resumed run loads a name an earlier process of the run left on the server."""
+def test_two_runs_share_one_server(fake, tmp_path):
+    """Runs A and B publish the same rounds on one server: each samples its own adapter, and
+    once both ended the server holds neither's."""
     _, state = fake
-    state["loaded"]["round_0000"] = "old"
+    a, settings = _client(fake, tmp_path / "a")
+    b, _ = _client(fake, tmp_path / "b")
+    for step in (0, 5, 7):
+        for run in (a, b):
+            run.publish(Adapter(), step, is_main=True, barrier=lambda: None)
+        for run, folder in ((a, "a"), (b, "b")):
+            del state.setdefault("served", [])[:]
+            _sample(run, settings)
+            roots = {root for _, root in state["served"]}
+            assert roots == {str(tmp_path / folder / "adapters" / adapter_name(step, 5))}
+    assert len(state["loaded"]) == 2
+    a.close()
+    b.close()
+    assert state["loaded"] == {}
+
+
+def test_an_adapter_served_from_another_path_is_refused(fake, tmp_path):
+    """A name this run uses, loaded from another folder (another process with this run's
+    names), is never replaced; a server that lists the name from another path after the load
+    is an error too."""
+    _, state = fake
     client, _ = _client(fake, tmp_path)
+    name = client.adapter_name(0)
+    state["loaded"][name] = "/elsewhere/adapters/round_0000"
+    with pytest.raises(RolloutServerError, match=f"serves adapter {name} from /elsewhere/adapters"
+                                                 f"/round_0000, not from {tmp_path}"):
+        client.publish(Adapter(), 0, is_main=True, barrier=lambda: None)
+    assert state["loaded"][name] == "/elsewhere/adapters/round_0000"
+    state["serve_from"] = {client.adapter_name(5): "/elsewhere/adapters/round_0001"}
+    with pytest.raises(RolloutServerError, match="from /elsewhere/adapters/round_0001, not from"):
+        client.publish(Adapter(), 5, is_main=True, barrier=lambda: None)
+
+
+def test_resume_replaces_what_the_killed_process_left(fake, tmp_path):
+    """A killed process of this run left two adapters (older weights at the same paths): the
+    resumed run's first load replaces them and unloads the other; another run's stays."""
+    _, state = fake
+    client, _ = _client(fake, tmp_path)
+    folder = tmp_path / "adapters"
+    state["loaded"].update({client.adapter_name(0): str(folder / "round_0000"),
+                            client.adapter_name(7): str(folder / "step_000007"),
+                            "other-0123456789-round_0000": "/other/adapters/round_0000"})
     client.publish(Adapter(), 0, is_main=True, barrier=lambda: None)
-    assert state["loaded"]["round_0000"] == str(tmp_path / "adapters" / "round_0000")
+    assert state["loaded"] == {client.adapter_name(0): str(folder / "round_0000"),
+                               "other-0123456789-round_0000": "/other/adapters/round_0000"}
+    calls = [(p.rsplit("/", 1)[1], b["lora_name"]) for p, b in state["requests"] if "lora" in p]
+    assert calls == [("unload_lora_adapter", client.adapter_name(7)),
+                     ("load_lora_adapter", client.adapter_name(0)),  # already loaded: replaced
+                     ("unload_lora_adapter", client.adapter_name(0)),
+                     ("load_lora_adapter", client.adapter_name(0))]
+
+
+def test_ranks_reloading_after_a_restart_keep_each_others_load(fake, tmp_path):
+    """Two ranks both saw the adapter missing (server restarted): the second reload finds it
+    loaded from the same path and keeps it; unloading it would fail the first rank's requests."""
+    _, state = fake
+    rank0, settings = _client(fake, tmp_path)
+    rank1, _ = _client(fake, tmp_path)
+    rank0.publish(Adapter(), 0, is_main=True, barrier=lambda: None)
+    rank1.publish(Adapter(), 0, is_main=False, barrier=lambda: None)
+    state["loaded"].clear()
+    del state["requests"][:]
+    name = rank0.current[1]
+    rank0._reload(name)
+    rank1._reload(name)
+    assert [p.rsplit("/", 1)[1] for p, _ in state["requests"] if "lora" in p] == [
+        "load_lora_adapter", "load_lora_adapter"]
+    assert state["loaded"] == {name: str(tmp_path / "adapters" / "round_0000")}
+    assert _sample(rank1, settings, RECORDS[:1])[0].token_ids[0] == (4, 5, EOT)
 
 
 def test_lost_adapter_is_loaded_again(fake, tmp_path):
