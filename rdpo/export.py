@@ -14,6 +14,12 @@ processor): transformers loads it onto its base through PEFT, and a vLLM server 
 Every export gets a README.md model card: base, method, rounds, held-out scores (eval.json).
 The base is loaded without quantisation: a QLoRA adapter is merged into the full-precision
 base weights, so the merged model is close to, not bit-equal with, the 4-bit policy trained.
+
+``--out`` must be new or empty (``--force`` empties it first), and never the run directory or
+the base model's folder, nor inside them. A run's adapter records its base (``rdpo_adapter.json``
+beside adapter_config.json: the base's path and a fingerprint of its weights, written when the
+run saves the adapter); ``--merge`` and `rdpo.generate` refuse a base whose weights differ
+(a model.path that now holds another model), unless ``--allow-base-mismatch``.
 """
 
 from __future__ import annotations
@@ -32,10 +38,17 @@ from rdpo.config import Config, ConfigError, load_config
 log = logging.getLogger("rdpo")
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_INFO = "rdpo_adapter.json"
+"""Beside a LoRA adapter's files: the base it was trained on (`base_record`)."""
+ALLOW_MISMATCH = "--allow-base-mismatch"
 
 
 class ExportError(ValueError):
     """RUN_DIR cannot be exported (not a run, or a run that saved no weights yet)."""
+
+
+class BaseMismatch(ExportError):
+    """The base loaded is not the model the adapter was trained on."""
 
 
 @dataclass(frozen=True)
@@ -75,9 +88,11 @@ def find_weights(run_dir: str | Path) -> RunWeights:
 
 
 def export(run_dir: str | Path, out: str | Path, *, merge: bool = False,
-           dtype: str | None = None) -> Path:
+           dtype: str | None = None, force: bool = False,
+           allow_base_mismatch: bool = False) -> Path:
     """Write RUN_DIR's policy to `out` (see the module docstring); returns `out`.
-    `dtype`: float32, bfloat16 or float16 (default: the run's model.dtype)."""
+    `dtype`: float32, bfloat16 or float16 (default: the run's model.dtype). `force`: empty a
+    non-empty `out` first. `allow_base_mismatch`: merge onto a base other than the adapter's."""
     from transformers import AutoModelForImageTextToText
 
     from rdpo.model import DTYPES, load_processor
@@ -86,22 +101,22 @@ def export(run_dir: str | Path, out: str | Path, *, merge: bool = False,
     dtype = dtype or run.cfg.model.dtype
     if dtype not in DTYPES:
         raise ExportError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
-    out = Path(out)
-    if out.resolve() == run.weights.resolve() or out.resolve() == run.run_dir.resolve():
-        raise ExportError(f"--out {out}: choose a folder outside the run's own files")
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_out(Path(out), run, force=force)
     processor = load_processor(str(run.weights))
+    model = None
     if run.kind == "model":
         if merge:
             log.info("full fine-tuning run: the saved model is the whole policy, nothing to merge")
         model = AutoModelForImageTextToText.from_pretrained(run.weights, dtype=DTYPES[dtype])
-        model.save_pretrained(out)
     elif merge:
         from peft import PeftModel
 
         base = AutoModelForImageTextToText.from_pretrained(run.cfg.model.path,
                                                            dtype=DTYPES[dtype])
+        check_base(run.weights, base, run.cfg.model.path, allow=allow_base_mismatch)
         model = PeftModel.from_pretrained(base, run.weights).merge_and_unload()
+    _empty(out)  # only now: a refused export leaves the folder as it was
+    if model is not None:
         model.save_pretrained(out)
     else:
         _copy_adapter(run.weights, out, DTYPES[dtype] if dtype != run.cfg.model.dtype else None)
@@ -111,8 +126,114 @@ def export(run_dir: str | Path, out: str | Path, *, merge: bool = False,
     return out
 
 
+def check_out(out: Path, run: RunWeights, *, force: bool) -> Path:
+    """`out` resolved, if an export may write there: a new or empty folder (any folder with
+    `force`), never the run directory or the base model's folder, nor inside them."""
+    target = out.resolve()
+    guarded = [(run.run_dir.resolve(), "the run directory")]
+    base = Path(run.cfg.model.path)
+    if base.exists():
+        guarded.append((base.resolve(), "the base model's folder (model.path)"))
+    for path, what in guarded:
+        if target == path or path in target.parents:
+            raise ExportError(f"--out {out}: inside {what} {path}; choose a folder outside the "
+                              "run directory and the base model's folder")
+        if force and target in path.parents:
+            raise ExportError(f"--out {out} --force: emptying it would delete {what} {path}; "
+                              "choose another folder")
+    if target.exists() and not target.is_dir():
+        raise ExportError(f"--out {out}: a file, not a folder; choose a new or empty folder")
+    entries = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
+    if entries and not force:
+        raise ExportError(f"--out {out} is not empty ({len(entries)} entries, e.g. {entries[0]}): "
+                          "export into a new or empty folder, or pass --force to empty it first")
+    return target
+
+
+def _empty(out: Path) -> None:
+    """Make `out` an empty folder (`check_out` has allowed it)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for child in out.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def _base_weights(model) -> dict:
+    """The base's own floating-point weights, by their name in the base checkpoint: PEFT's
+    wrapper names undone, LoRA weights and 4-bit (bitsandbytes) weights left out, so a policy
+    in training, a PEFT model loaded for inference and the plain base name them alike."""
+    weights = {}
+    for name, p in model.named_parameters():
+        if "lora_" in name or not p.is_floating_point() or hasattr(p, "quant_state"):
+            continue
+        weights[name.removeprefix("base_model.model.").replace(".base_layer.", ".")] = p
+    return weights
+
+
+class _Named:
+    """Named tensors as `base_fingerprint` reads a model (``named_parameters``); detached, so
+    it takes them all as frozen."""
+
+    def __init__(self, weights: dict, names: list[str]):
+        self.pairs = [(n, weights[n].detach()) for n in names]
+
+    def named_parameters(self):
+        return iter(self.pairs)
+
+
+def base_record(model, base_path: str) -> dict:
+    """What ``rdpo_adapter.json`` says of `model`'s base: its path and
+    `rdpo.callbacks.checkpoint.base_fingerprint` of up to 8 of its weights, first and last by
+    name, with their names. A check hashes the same weights, so the record holds whatever the
+    check loads the base as (4-bit in training, full precision for a merge, another dtype)."""
+    from rdpo.callbacks.checkpoint import base_fingerprint
+
+    weights = _base_weights(model)
+    names = sorted(weights)
+    picked = names[:4] + names[-4:] if len(names) > 8 else names
+    return {"base": str(base_path), "base_fingerprint": base_fingerprint(_Named(weights, picked)),
+            "base_weights": picked}
+
+
+def write_adapter_info(adapter_dir: str | Path, record: dict) -> None:
+    """Write `record` (`base_record`) beside a saved adapter."""
+    (Path(adapter_dir) / ADAPTER_INFO).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def check_base(adapter_dir: str | Path, model, base_path: str, *, allow: bool = False) -> None:
+    """Refuse (`BaseMismatch`) `model` as the base of the adapter in `adapter_dir` when its
+    weights are not those the adapter was trained on (``rdpo_adapter.json``); `allow`: warn."""
+    from rdpo.callbacks.checkpoint import base_fingerprint
+
+    info_file = Path(adapter_dir) / ADAPTER_INFO
+    if not info_file.is_file():
+        log.warning("%s: no %s (saved before rdpo recorded bases): the base %s is not checked",
+                    adapter_dir, ADAPTER_INFO, base_path)
+        return
+    info = json.loads(info_file.read_text())
+    weights = _base_weights(model)
+    missing = [n for n in info["base_weights"] if n not in weights]
+    if missing:
+        detail = f"it has no weight {missing[0]}"
+    else:
+        now = base_fingerprint(_Named(weights, info["base_weights"]))
+        if now == info["base_fingerprint"]:
+            return
+        detail = f"base fingerprint {now}, the adapter's is {info['base_fingerprint']}"
+    what = (f"{adapter_dir} was trained on the base {info['base']}, but the base loaded from "
+            f"{base_path} is another model ({detail})")
+    if not allow:
+        raise BaseMismatch(f"{what}: put the adapter's base back at {base_path}, or pass "
+                           f"{ALLOW_MISMATCH} to use this base anyway")
+    log.warning("%s; used anyway (%s)", what, ALLOW_MISMATCH)
+
+
 def _copy_adapter(src: Path, out: Path, dtype) -> None:
     shutil.copy2(src / "adapter_config.json", out / "adapter_config.json")
+    if (src / ADAPTER_INFO).is_file():
+        shutil.copy2(src / ADAPTER_INFO, out / ADAPTER_INFO)
     if dtype is None:
         shutil.copy2(src / "adapter_model.safetensors", out / "adapter_model.safetensors")
         return
@@ -174,7 +295,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rdpo.export",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished run's run.dir")
-    parser.add_argument("--out", required=True, help="folder to write (made if needed)")
+    parser.add_argument("--out", required=True,
+                        help="folder to write: new or empty (made if needed); never the run "
+                             "directory or the base model's folder")
+    parser.add_argument("--force", action="store_true",
+                        help="empty --out first when it holds files")
+    parser.add_argument(ALLOW_MISMATCH, action="store_true",
+                        help="--merge onto model.path even if its weights are not the base the "
+                             "adapter was trained on (rdpo_adapter.json)")
     parser.add_argument("--merge", action="store_true",
                         help="merge the LoRA adapter into the base (a plain checkpoint)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
@@ -183,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     console.setup(console.verbosity(args))
     try:
-        out = export(args.run_dir, args.out, merge=args.merge, dtype=args.dtype)
+        out = export(args.run_dir, args.out, merge=args.merge, dtype=args.dtype,
+                     force=args.force, allow_base_mismatch=args.allow_base_mismatch)
     except ExportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

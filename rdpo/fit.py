@@ -159,6 +159,9 @@ class Run:
     scoring: object
     heldout: object
     checkpointer: object
+    adapter_base: dict | None = None
+    """LoRA: the base the adapter trains on, for rdpo_adapter.json (`rdpo.export.base_record`),
+    taken before training shards the weights."""
 
 
 def fit(cfg: Config) -> FitResult:
@@ -273,8 +276,11 @@ def build(cfg: Config) -> Run:
         plugins=cluster_plugins(),
         enable_progress_bar=cfg.run.progress_bar, enable_checkpointing=False,
         enable_model_summary=False, default_root_dir=run_dir, use_distributed_sampler=False)
+    from rdpo.export import base_record
+
     return Run(cfg, run_dir, ckpt, model, processor, module, datamodule, trainer, scoring,
-               heldout, checkpointer)
+               heldout, checkpointer, adapter_base=base_record(model, cfg.model.path)
+               if cfg.model.finetune == "lora" else None)
 
 
 def train(run: Run) -> None:
@@ -295,6 +301,9 @@ def train(run: Run) -> None:
         raise RolloutServerError(
             f"rollout server failed at step {run.trainer.global_step}: {err}. Last checkpoint: "
             f"{last or 'none'}; once the server is back, rerun with run.resume=auto") from err
+    finally:
+        if run.scoring.server is not None:  # ended or failed: unload the run's last adapter
+            run.scoring.server.close()
 
 
 def finish(run: Run, start: float) -> FitResult:
@@ -312,6 +321,10 @@ def finish(run: Run, start: float) -> FitResult:
     if trainer.is_global_zero:
         run.model.save_pretrained(adapter_dir)
         run.processor.save_pretrained(adapter_dir)
+        if run.adapter_base is not None:  # export and generate check the base against it
+            from rdpo.export import write_adapter_info
+
+            write_adapter_info(adapter_dir, run.adapter_base)
         if "after" in results:
             (run_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
             log.info("held-out: rubric score %.3f -> %.3f (gain %+.3f)",

@@ -10,7 +10,9 @@ or the full fine-tuned model) and samples with the run's rollout settings throug
 rollouts' own code (`rdpo.rollout.generate`). With a rubric (``--rubric`` and ``--id``), each
 answer is judged as the run judged (judge.*; a rule judge exactly, without simulated noise)
 and printed with its per-criterion verdicts and score. ``--model DIR`` samples with the default
-rollout settings and judges with the rubric's own checks (RuleJudge).
+rollout settings and judges with the rubric's own checks (RuleJudge). A LoRA adapter is
+loaded only on the base it was trained on (its rdpo_adapter.json; ``--allow-base-mismatch``
+loads it anyway).
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ log = logging.getLogger("rdpo")
 VERDICT = {True: "met", False: "NOT met", None: "unknown"}
 
 
-def load_run_policy(run_dir: str | Path, device: str = "cpu"):
-    """(policy, processor, config) of a finished run, loaded as it trained."""
-    from rdpo.export import find_weights
+def load_run_policy(run_dir: str | Path, device: str = "cpu", *,
+                    allow_base_mismatch: bool = False):
+    """(policy, processor, config) of a finished run, loaded as it trained; a LoRA run's base
+    must be the one its adapter was trained on (`rdpo.export.check_base`)."""
+    from rdpo.export import check_base, find_weights
     from rdpo.model import load_base, load_processor
 
     run = find_weights(run_dir)
@@ -43,21 +47,29 @@ def load_run_policy(run_dir: str | Path, device: str = "cpu"):
     else:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(load_base(run.cfg.model), run.weights)
+        base = load_base(run.cfg.model)
+        check_base(run.weights, base, run.cfg.model.path, allow=allow_base_mismatch)
+        model = PeftModel.from_pretrained(base, run.weights)
     if device != "cpu":  # a 4-bit (nf4) base is placed by bitsandbytes on load; it cannot move
         model = model.to(device)
     return model.eval(), load_processor(str(run.weights)), run.cfg
 
 
-def load_model(path: str | Path, device: str = "cpu"):
+def load_model(path: str | Path, device: str = "cpu", *, allow_base_mismatch: bool = False):
     """(model, processor) of a transformers VLM folder (an export, or an adapter folder with
-    adapter_config.json naming its base)."""
+    adapter_config.json naming its base, checked against its rdpo_adapter.json if any)."""
+    import json
+
     import torch
     from transformers import AutoModelForImageTextToText
 
+    from rdpo.export import ADAPTER_INFO, check_base
     from rdpo.model import load_processor
 
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    if (Path(path) / ADAPTER_INFO).is_file():
+        base = json.loads((Path(path) / "adapter_config.json").read_text())
+        check_base(path, model, base.get("base_model_name_or_path"), allow=allow_base_mismatch)
     return model.to(device).eval(), load_processor(str(path))
 
 
@@ -146,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, help="override the longest answer")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--allow-base-mismatch", action="store_true",
+                        help="load the adapter even on a base other than the one it was trained "
+                             "on (rdpo_adapter.json)")
     console.add_arguments(parser)
     args = parser.parse_args(argv)
     console.setup(console.verbosity(args))
@@ -158,11 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         record = prompt_record(args.image, args.prompt, args.rubric, args.id)
         if args.run:
-            model, processor, cfg = load_run_policy(args.run, args.device)
+            model, processor, cfg = load_run_policy(args.run, args.device,
+                                                    allow_base_mismatch=args.allow_base_mismatch)
             settings, aggregation = cfg.rollout, cfg.pairs.aggregation
             judge = _judge(cfg, False) if args.rubric else None
         else:
-            model, processor = load_model(args.model, args.device)
+            model, processor = load_model(args.model, args.device,
+                                          allow_base_mismatch=args.allow_base_mismatch)
             settings, aggregation = RolloutConfig(samples_per_prompt=4), "lexicographic"
             judge = _judge(None, True) if args.rubric else None
     except (ExportError, ConfigError, PoolError, ValueError, OSError) as err:

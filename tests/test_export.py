@@ -11,7 +11,17 @@ import torch
 from small_toy import QUICKSTART
 
 from rdpo.config import RolloutConfig, load_config, save_config
-from rdpo.export import ExportError, export, find_weights
+from rdpo.export import (
+    ADAPTER_INFO,
+    BaseMismatch,
+    ExportError,
+    base_record,
+    check_base,
+    export,
+    find_weights,
+    write_adapter_info,
+)
+from rdpo.export import main as export_main
 from rdpo.generate import main as generate_main
 from rdpo.judges import RuleJudge
 from rdpo.pool import load_pool
@@ -48,6 +58,7 @@ def lora_run(tmp_path_factory, tiny_dir, toy_pools):
                 p.normal_(0, 0.5)
     model.save_pretrained(run_dir / "adapter")
     processor.save_pretrained(run_dir / "adapter")
+    write_adapter_info(run_dir / "adapter", base_record(model, cfg.model.path))  # as fit does
     (run_dir / "eval.json").write_text(json.dumps(EVAL))
     for i in range(3):
         (run_dir / "rounds" / f"{i:04d}").mkdir(parents=True)
@@ -120,6 +131,109 @@ def test_export_errors_name_what_is_missing(lora_run, tmp_path):
         export(unfinished, tmp_path / "out")
     with pytest.raises(ExportError, match="outside the run"):
         export(run_dir, run_dir / "adapter")
+
+
+def test_export_writes_only_into_a_new_or_empty_folder(lora_run, tiny_dir, tmp_path, capsys):
+    """--out holding files is refused (--force empties it first); the run directory and the base
+    model's folder are refused whatever the flags, and so is a folder --force would empty them
+    with."""
+    run_dir, _, _ = lora_run
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert export_main([str(run_dir), "--out", str(out), "-q"]) == 2
+    assert (f"--out {out} is not empty (1 entries, e.g. notes.txt): export into a new or empty "
+            "folder, or pass --force to empty it first") in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # untouched
+    assert export_main([str(run_dir), "--out", str(out), "--force", "-q"]) == 0
+    assert "notes.txt" not in {p.name for p in out.iterdir()}
+    assert (out / "adapter_model.safetensors").is_file() and (out / ADAPTER_INFO).is_file()
+    export(run_dir, tmp_path / "empty")  # new: made
+    (tmp_path / "empty2").mkdir()
+    export(run_dir, tmp_path / "empty2")  # empty: fine
+    for bad, force, why in [
+            (tiny_dir, True, "inside the base model's folder"),
+            (tiny_dir / "sub", False, "inside the base model's folder"),
+            (run_dir, True, "inside the run directory"),
+            (run_dir / "export", False, "inside the run directory"),
+            (tiny_dir.parent, True, "emptying it would delete the (run directory|base model)"),
+            (run_dir.parent, True, "emptying it would delete the run directory"),
+            (out / "README.md", True, "a file, not a folder")]:
+        with pytest.raises(ExportError, match=why):
+            export(run_dir, bad, force=force)
+    assert (tiny_dir / "config.json").is_file() and (run_dir / "adapter").is_dir()
+
+
+@pytest.fixture
+def other_base(tiny_dir, tmp_path):
+    """A folder like tiny_dir whose weights are another model's (every weight moved a little:
+    a re-downloaded or replaced model.path)."""
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other_base"
+    shutil.copytree(tiny_dir, other)
+    torch.manual_seed(1)
+    for file in other.glob("*.safetensors"):
+        tensors = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
+                   for k, v in load_file(file).items()}
+        save_file(tensors, file, metadata={"format": "pt"})
+    return other
+
+
+def test_export_and_generate_refuse_another_base(lora_run, tiny_dir, toy_pools, other_base,
+                                                 tmp_path, capsys):
+    """The run's model.path now holds another model: --merge and generate refuse it, naming
+    both paths and the flag; the same base in another dtype passes."""
+    run_dir, _, _ = lora_run
+    moved = tmp_path / "run"
+    shutil.copytree(run_dir, moved)
+    save_config(_config(moved, other_base, toy_pools), moved / "config.yaml")
+    with pytest.raises(BaseMismatch, match=rf"{moved}/adapter was trained on the base {tiny_dir}, "
+                                           rf"but the base loaded from {other_base} is another "
+                                           r"model \(base fingerprint [0-9a-f]{16}, the "
+                                           r"adapter's is [0-9a-f]{16}\): put the adapter's "
+                                           rf"base back at {other_base}, or pass "
+                                           "--allow-base-mismatch"):
+        export(moved, tmp_path / "merged", merge=True)
+    assert not (tmp_path / "merged").exists()
+    assert export_main([str(moved), "--out", str(tmp_path / "merged"), "--merge",
+                        "--allow-base-mismatch", "-q"]) == 0
+    record = load_pool(toy_pools.heldout)[0]
+    args = ["--rubric", str(toy_pools.heldout), "--id", record.id, "--samples", "1", "-q"]
+    assert generate_main(["--run", str(moved), *args]) == 2
+    assert "is another model" in capsys.readouterr().err
+    assert generate_main(["--run", str(moved), *args, "--allow-base-mismatch"]) == 0
+    # An exported adapter carries the record: transformers loads it onto the base its
+    # adapter_config.json names, and generate checks that base.
+    adapter = export(run_dir, tmp_path / "adapter")
+    assert generate_main(["--model", str(adapter), *args]) == 0
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(other_base)
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    assert generate_main(["--model", str(adapter), *args]) == 2
+    assert f"the base loaded from {other_base} is another model" in capsys.readouterr().err
+
+
+def test_base_record_holds_across_quantisation_and_dtype(tiny_dir, tmp_path):
+    """Recorded on the 4-bit policy in training, the base checks out against the full-precision
+    base export merges onto, in float32 and bfloat16: the record names the weights it hashed
+    (none of them 4-bit)."""
+    from transformers import AutoModelForImageTextToText
+
+    from rdpo.config import ModelConfig
+    from rdpo.model import load_policy
+
+    pytest.importorskip("bitsandbytes")
+    nf4, _ = load_policy(ModelConfig(path=str(tiny_dir), quantization="nf4"))
+    fp32, _ = load_policy(ModelConfig(path=str(tiny_dir)))
+    record = base_record(nf4, str(tiny_dir))
+    assert record["base_weights"] != base_record(fp32, str(tiny_dir))["base_weights"]
+    assert not any("lora_" in n or "base_layer" in n for n in record["base_weights"])
+    write_adapter_info(tmp_path, record)
+    for dtype in (torch.float32, torch.bfloat16):
+        plain = AutoModelForImageTextToText.from_pretrained(tiny_dir, dtype=dtype)
+        check_base(tmp_path, plain, str(tiny_dir))
+    check_base(tmp_path, fp32, str(tiny_dir))  # and the PEFT-wrapped policy
 
 
 def test_full_finetune_run_exports_its_model(tiny_dir, toy_pools, tmp_path):
