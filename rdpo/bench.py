@@ -135,10 +135,30 @@ def dpo(args) -> dict:
                        for r in best]}
     if args.levers:
         return result
-    return {**result, **_compare(best, args.device, args.peak_tflops)}
+    cpu_peak = (cpu_peak_flops(int(os.environ.get("RDPO_BENCH_THREADS", "2")))
+                if args.device == "cpu" else None)
+    return {**result, **_compare(best, args.device, args.peak_tflops, cpu_peak)}
 
 
-def _compare(best: list[dict], device: str, peak_tflops: float) -> dict:
+def cpu_peak_flops(threads: int, side: int = 2048, repeats: int = 5) -> float:
+    """This machine's fp32 matrix-product rate (FLOP/s) with `threads` threads: the best of
+    `repeats` products of two `side`×`side` matrices, after one warm-up."""
+    import time
+
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(side, side), torch.randn(side, side)
+    a @ b
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        seconds.append(time.perf_counter() - start)
+    return 2 * side**3 / min(seconds)
+
+
+def _compare(best: list[dict], device: str, peak_tflops: float, cpu_peak: float | None = None) -> dict:
     """The headline figures from the best run of each setting."""
     side = {impl: [r for r in best if r["impl"] == impl] for impl in ("rdpo", "trl")}
     top = {impl: max(rs, key=lambda r: r["pairs_per_s"]) for impl, rs in side.items()}
@@ -152,22 +172,39 @@ def _compare(best: list[dict], device: str, peak_tflops: float) -> dict:
     memory["selective"] = at[("rdpo", "selective")]["activation_mb"] / at[("trl", False)]["activation_mb"]
     diffs = [abs(a - b) for x in side["rdpo"] for y in side["trl"]
              for a, b in zip(x["losses"], y["losses"], strict=False)]
-    # Model FLOPs of a pair: the run without checkpointing's count (no recomputation in it).
-    model_flops = at[("rdpo", False)]["flops_per_pair"]
+    # Model FLOPs of a pair: the runs without checkpointing (no recomputation in them).
+    rdpo_off, trl_off = at[("rdpo", False)], at[("trl", False)]
+    model_flops = rdpo_off["flops_per_pair"]
     achieved = model_flops * r["pairs_per_s"]
+    # TRL on a GPU projects only completion rows through the output layer, as rdpo does; on CPU
+    # (no Triton) it projects every position. Its GPU FLOPs: its CPU count with the output
+    # layer's share replaced by rdpo's (the same completion rows, policy and reference).
+    trl_gpu_flops = trl_off["flops_per_pair"] - trl_off["output_layer_flops_per_pair"] + rdpo_off["output_layer_flops_per_pair"]
     return {
         "rdpo_model_flops_per_pair": model_flops, "rdpo_model_tflops_per_s": achieved / 1e12,
         # Model FLOPs utilisation against the GPU's dense bf16 peak (`--peak-tflops`).
         "rdpo_mfu": achieved / (peak_tflops * 1e12) if device == "cuda" else None,
+        # On CPU: against this machine's fp32 matmul rate (a large GEMM, same threads).
+        "cpu_peak_tflops_measured": cpu_peak / 1e12 if cpu_peak else None,
+        "rdpo_fraction_of_peak": achieved / cpu_peak if cpu_peak else None,
+        "rdpo_output_layer_flops_per_pair": rdpo_off["output_layer_flops_per_pair"],
+        "trl_model_flops_per_pair": trl_off["flops_per_pair"],
+        "trl_output_layer_flops_per_pair": trl_off["output_layer_flops_per_pair"],
+        "trl_gpu_model_flops_per_pair_estimate": trl_gpu_flops,
+        # What the like-for-like ratio would be where both sides run at the same FLOP/s and TRL
+        # takes its completion-only output layer (a GPU): the FLOP count's ratio, an estimate.
+        "expected_gpu_throughput_ratio_from_flops": trl_gpu_flops / model_flops,
+        "throughput_ratio_cpu_only": device == "cpu" and trl_off["output_layer_flops_per_pair"] > 2 * rdpo_off["output_layer_flops_per_pair"],
         "rdpo_pairs_per_s": r["pairs_per_s"], "trl_pairs_per_s": t["pairs_per_s"],
         "rdpo_best_setting": _label(r), "trl_best_setting": _label(t),
         "throughput_ratio_like_for_like": r["pairs_per_s"] / t["pairs_per_s"],
         "trl_default_pairs_per_s": trl_default["pairs_per_s"],
         "throughput_ratio_vs_trl_default": r["pairs_per_s"] / trl_default["pairs_per_s"],
-        # Bytes saved for backward in one step. The headline: neither side recomputes a matrix
-        # product (rdpo selective ÷ TRL off); beside it each shared setting (off ÷ off, on ÷ on).
-        "activation_memory_ratio": memory["selective"],
-        "activation_memory_ratio_gc_off": memory[False], "activation_memory_ratio_gc_on": memory[True],
+        # Bytes saved for backward in one step, two settings named in each key: neither side
+        # recomputing a matrix product (rdpo selective ÷ TRL off), and each shared setting.
+        "activation_memory_ratio_rdpo_selective_vs_trl_off": memory["selective"],
+        "activation_memory_ratio_off_vs_off": memory[False],
+        "activation_memory_ratio_on_vs_on": memory[True],
         "rdpo_selective_pairs_per_s": at[("rdpo", "selective")]["pairs_per_s"],
         "throughput_ratio_selective_vs_trl_best": at[("rdpo", "selective")]["pairs_per_s"] / t["pairs_per_s"],
         "rdpo_peak_mb": r["peak_mb"], "trl_peak_mb": t["peak_mb"],
@@ -194,9 +231,14 @@ def report(result: dict, args) -> None:
         return
     print(f"  like-for-like throughput ratio (best ÷ best) {result['throughput_ratio_like_for_like']:.2f}; "
           f"vs TRL's default (checkpointing on) {result['throughput_ratio_vs_trl_default']:.2f}")
-    print(f"  activation memory ratio {result['activation_memory_ratio']:.2f} (rdpo selective ÷ TRL off, "
-          f"at {result['throughput_ratio_selective_vs_trl_best']:.2f}× TRL's best throughput; off ÷ off "
-          f"{result['activation_memory_ratio_gc_off']:.2f}, on ÷ on {result['activation_memory_ratio_gc_on']:.2f}); "
+    if result["throughput_ratio_cpu_only"]:
+        print(f"  (CPU-only figure: TRL projects every position through the output layer here, only "
+              f"completion rows on a GPU; from the FLOP count a GPU ratio of about "
+              f"{result['expected_gpu_throughput_ratio_from_flops']:.2f})")
+    print(f"  activation memory ratio, rdpo selective ÷ TRL off "
+          f"{result['activation_memory_ratio_rdpo_selective_vs_trl_off']:.2f} "
+          f"(at {result['throughput_ratio_selective_vs_trl_best']:.2f}× TRL's best throughput); off ÷ off "
+          f"{result['activation_memory_ratio_off_vs_off']:.2f}, on ÷ on {result['activation_memory_ratio_on_vs_on']:.2f}; "
           f"peak memory ratio {result['peak_memory_ratio']:.2f}"
           + (f", training memory ratio {result['training_memory_ratio']:.2f}"
              if result["training_memory_ratio"] else ""))
@@ -204,7 +246,15 @@ def report(result: dict, args) -> None:
     print(f"  rdpo model FLOPs {result['rdpo_model_flops_per_pair'] / 1e9:.1f} GFLOP per pair, "
           f"{result['rdpo_model_tflops_per_s']:.3f} TFLOP/s at its best"
           + (f", MFU {100 * result['rdpo_mfu']:.1f} % of {args.peak_tflops:g} TFLOP/s"
-             if result["rdpo_mfu"] is not None else ""))
+             if result["rdpo_mfu"] is not None else "")
+          + (f", {100 * result['rdpo_fraction_of_peak']:.1f} % of this CPU's measured fp32 matmul "
+             f"rate ({result['cpu_peak_tflops_measured'] * 1e3:.0f} GFLOP/s)"
+             if result["rdpo_fraction_of_peak"] is not None else ""))
+    print(f"  FLOPs per pair: TRL {result['trl_model_flops_per_pair'] / 1e9:.1f} GFLOP (output layer "
+          f"{result['trl_output_layer_flops_per_pair'] / 1e9:.1f}), rdpo output layer "
+          f"{result['rdpo_output_layer_flops_per_pair'] / 1e9:.1f}; expected ratio where both run at the "
+          f"same FLOP/s with TRL's completion-only output layer: "
+          f"{result['expected_gpu_throughput_ratio_from_flops']:.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,6 +64,53 @@ def _model_config(work: Path, precision: str, gc: bool | str):
                        gradient_checkpointing=gc)
 
 
+class VocabFlops:
+    """Matrix-product FLOPs with the vocabulary as one of their dimensions: the output layer's
+    share of a step, forward and backward (a dispatch mode, nested inside torch's FlopCounterMode).
+    On CPU TRL 1.16 projects every position through the output layer (its fused, completion-only
+    path needs Triton); this count is what lets the bench say what a GPU run would not pay."""
+
+    def __init__(self, vocab: int):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counter.add(func, args)
+                return func(*args, **(kwargs or {}))
+
+        self.vocab, self.flops, self.mode = vocab, 0, Mode()
+
+    def add(self, func, args) -> None:
+        import torch
+
+        aten = torch.ops.aten
+        packet = func.overloadpacket  # every overload: TRL's chunked output layer calls mm.out
+        if packet in (aten.mm, aten.bmm):
+            a, b = args[0], args[1]
+        elif packet in (aten.addmm, aten.baddbmm):
+            a, b = args[1], args[2]
+        else:
+            return
+        m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+        if self.vocab in (m, k, n):
+            self.flops += 2 * m * k * n * (a.shape[0] if a.dim() == 3 else 1)
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def _vocab_size(model) -> int:
+    from rdpo.logps import unwrap
+
+    return unwrap(model).get_output_embeddings().weight.shape[0]
+
+
 def _vision_module(model):
     from rdpo.logps import unwrap
 
@@ -114,6 +161,7 @@ def _run_rdpo(spec: dict, work: Path) -> dict:
     # backward, and of the whole reference pass: the model FLOPs a pair costs (with
     # checkpointing, the step's count also holds what it recomputes).
     step_counter, flops = FlopCounterMode(display=False), {}
+    vocab_step, vocab_reference = VocabFlops(_vocab_size(model)), VocabFlops(_vocab_size(model))
     vision_calls = []
     hook = _vision_module(model).register_forward_hook(lambda *a: vision_calls.append(1))
 
@@ -121,6 +169,7 @@ def _run_rdpo(spec: dict, work: Path) -> dict:
         def on_train_batch_start(self, trainer, module, b, i):
             if i == METER_STEP:
                 step_counter.__enter__()
+                vocab_step.__enter__()
                 meter.__enter__()
 
         def on_before_backward(self, trainer, module, loss):
@@ -130,6 +179,7 @@ def _run_rdpo(spec: dict, work: Path) -> dict:
         def on_train_batch_end(self, trainer, module, outputs, b, i):
             losses.append(float(outputs["loss"]))
             if i == METER_STEP:
+                vocab_step.__exit__(None, None, None)
                 step_counter.__exit__(None, None, None)
                 flops["step"] = step_counter.get_total_flops()
 
@@ -141,7 +191,7 @@ def _run_rdpo(spec: dict, work: Path) -> dict:
     start = time.perf_counter()
     # Reference log-probs once per pair (adapters off), as a round computes them; with the
     # vision cache this pass also encodes each image, once.
-    with FlopCounterMode(display=False) as reference_counter:
+    with FlopCounterMode(display=False) as reference_counter, vocab_reference:
         pairs = with_reference_logps(
             model, collator, [TrainPair(*x, 0.0, 0.0) for x in zip(records, chosen, rejected, strict=True)],
             batch, precision=trainer.precision_plugin)
@@ -153,7 +203,8 @@ def _run_rdpo(spec: dict, work: Path) -> dict:
     hook.remove()
     return _result(seconds, steps, batch, losses, meter, device, base_rss,
                    vision_calls_in_steps=len(vision_calls) - reference_vision_calls,
-                   flops_per_pair=reference_counter.get_total_flops() / len(pairs) + flops["step"] / batch)
+                   flops_per_pair=reference_counter.get_total_flops() / len(pairs) + flops["step"] / batch,
+                   output_layer_flops_per_pair=vocab_reference.flops / len(pairs) + vocab_step.flops / batch)
 
 
 def _sync(device: str) -> None:
@@ -167,6 +218,7 @@ def _run_trl(spec: dict, work: Path) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from torch.utils.data import SequentialSampler
+    from torch.utils.flop_counter import FlopCounterMode
     from trl import DPOConfig, DPOTrainer
 
     from rdpo.collate import chat_text
@@ -185,8 +237,19 @@ def _run_trl(spec: dict, work: Path) -> dict:
                               for r, c, j in zip(records, chosen, rejected, strict=True)])
     losses: list[float] = []
     meter: list[SavedTensorMeter] = []
+    flops: dict[str, float] = {}
 
     class Trainer(DPOTrainer):
+        def training_step(self, *args, **kwargs):
+            # One whole step (policy and reference forwards, backward): TRL's FLOPs per pair.
+            if self.state.global_step != METER_STEP or flops or spec["gc"]:
+                return super().training_step(*args, **kwargs)
+            vocab = VocabFlops(_vocab_size(self.model))
+            with FlopCounterMode(display=False) as counter, vocab:
+                loss = super().training_step(*args, **kwargs)
+            flops.update(step=counter.get_total_flops(), vocab=vocab.flops)
+            return loss
+
         def _get_train_sampler(self, *args, **kwargs):
             return SequentialSampler(self.train_dataset)  # rdpo's order
 
@@ -215,4 +278,6 @@ def _run_trl(spec: dict, work: Path) -> dict:
     trainer.train()
     _sync(device)
     seconds = time.perf_counter() - start
-    return _result(seconds, steps, batch, losses, meter[0], device, base_rss)
+    extra = ({"flops_per_pair": flops["step"] / batch, "output_layer_flops_per_pair": flops["vocab"] / batch}
+             if flops else {})
+    return _result(seconds, steps, batch, losses, meter[0], device, base_rss, **extra)
