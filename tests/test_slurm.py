@@ -181,3 +181,131 @@ def test_killed_task_fails_the_job_fast_and_resubmitting_resumes(cluster, small_
     assert f"rdpo-fit: job {again.id}, start 0, 2 node(s) x 2 task(s)" in log
     assert log.count(f"resuming from {run}/checkpoints/last.ckpt") == 4, log
     _same_run(run, reference)
+
+
+FAKE_VLLM = '''#!{python}
+"""`vllm serve MODEL --host H --port P ...`: records its command line and VLLM_API_KEY, answers
+GET /v1/models only with that key (as vLLM does)."""
+import json, os, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+args = sys.argv[1:]
+with open(os.environ["FAKE_VLLM_LOG"], "w") as f:
+    json.dump({{"argv": args, "key": os.environ.get("VLLM_API_KEY")}}, f)
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        ok = self.headers.get("Authorization") == "Bearer " + os.environ["VLLM_API_KEY"]
+        self.send_response(200 if ok else 401)
+        self.end_headers()
+        self.wfile.write(b'{{"data": []}}')
+
+    def log_message(self, *args):
+        pass
+
+
+HTTPServer((args[args.index("--host") + 1], int(args[args.index("--port") + 1])),
+           Handler).serve_forever()
+'''
+
+
+def _fake_bin(folder: Path, env: dict, **scripts: str) -> dict:
+    """`env` without API keys, with PATH starting at `folder`, which holds `scripts`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in scripts.items():
+        (folder / name).write_text(text)
+        (folder / name).chmod(0o755)
+    env = {k: v for k, v in env.items() if k not in ("RDPO_JUDGE_API_KEY", "OPENAI_API_KEY")}
+    return {**env, "PATH": f"{folder}:{env['PATH']}"}
+
+
+def test_judge_server_refuses_an_open_or_unreachable_address(tmp_path):
+    """--host/--api-key in the vllm options are refused (the script sets both); a node whose
+    name resolves to loopback only is refused unless RDPO_JUDGE_HOST names the address."""
+    script = str(ROOT / "slurm/judge_server.sbatch")
+    env = _fake_bin(tmp_path / "bin", dict(os.environ), hostname="#!/bin/sh\necho node1\n",
+                    getent="#!/bin/sh\necho '127.0.1.1       STREAM node1'\n")
+    for option in (["--host", "0.0.0.0"], ["--api-key=abc"]):
+        out = subprocess.run(["bash", script, "m", str(tmp_path / "url"), *option], env=env,
+                             capture_output=True, text=True)
+        assert out.returncode == 2, out
+        assert "use RDPO_JUDGE_HOST for the address, RDPO_JUDGE_API_KEY for the key" in out.stderr
+    out = subprocess.run(["bash", script, "m", str(tmp_path / "url")], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert ("node1 resolves to no address but loopback: other nodes could not reach the server; "
+            "set RDPO_JUDGE_HOST to this node's internal address") in out.stderr
+    assert not (tmp_path / "url.key").exists()
+
+
+def test_judge_server_key_reaches_the_fit_job(cluster, tmp_path):
+    """judge_server.sbatch serves on the address asked (not 0.0.0.0) with a generated key
+    (URL_FILE.key, mode 0600, given to vLLM through VLLM_API_KEY, never on its command line);
+    fit.sbatch's tasks get the URL and the key (judge.api_key_env); both files go when the
+    server stops."""
+    import json
+    import socket
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url_file, marks = tmp_path / "judge.url", tmp_path / "marks"
+    marks.mkdir()
+    python = (f'#!/bin/sh\ncase " $* " in *" --print-run-dir "*) echo {tmp_path}/run; exit 0;; '
+              f'esac\necho "$@" >{marks}/args\nprintf %s "$RDPO_JUDGE_API_KEY" >{marks}/key\n')
+    env = {**_fake_bin(tmp_path / "bin", cluster, python=python,
+                       vllm=FAKE_VLLM.format(python=sys.executable)),
+           "FAKE_VLLM_LOG": str(tmp_path / "vllm.json"), "RDPO_JUDGE_HOST": "127.0.0.1",
+           "RDPO_JUDGE_PORT": str(port), "RDPO_PYTHON": str(tmp_path / "bin/python"),
+           "RDPO_JUDGE_URL_FILE": str(url_file)}
+    sbatch = ["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1",
+              "--time=5", f"--chdir={ROOT}"]
+    judge = subprocess.run([*sbatch, "--ntasks=1", f"--output={tmp_path}/judge-%j.out",
+                            str(ROOT / "slurm/judge_server.sbatch"), "judge-model", str(url_file),
+                            "--max-model-len", "64"], env=env, check=True, capture_output=True,
+                           text=True).stdout.strip()
+
+    def log() -> str:
+        return "\n".join(p.read_text() for p in tmp_path.glob("*-*.out"))
+
+    def queued(job: str) -> bool:
+        return bool(subprocess.run(["squeue", "-h", "-j", job], env=env, capture_output=True,
+                                   text=True).stdout.strip())
+
+    deadline = time.monotonic() + 120
+    while not url_file.exists():
+        assert queued(judge) and time.monotonic() < deadline, f"no URL file:\n{log()}"
+        time.sleep(0.2)
+    url = url_file.read_text().strip()
+    key_file = Path(f"{url_file}.key")
+    key = key_file.read_text().strip()
+    assert url == f"http://127.0.0.1:{port}/v1"
+    assert re.fullmatch(r"[0-9a-f]{64}", key) and key_file.stat().st_mode & 0o777 == 0o600
+    seen = json.loads((tmp_path / "vllm.json").read_text())
+    assert seen["key"] == key and key not in " ".join(seen["argv"])
+    assert seen["argv"][:6] == ["serve", "judge-model", "--host", "127.0.0.1", "--port", str(port)]
+    assert "0.0.0.0" not in seen["argv"] and "--api-key" not in seen["argv"]
+    with pytest.raises(urllib.error.HTTPError, match="401"):
+        urllib.request.urlopen(f"{url}/models", timeout=10)
+    request = urllib.request.Request(f"{url}/models", headers={"Authorization": f"Bearer {key}"})
+    assert urllib.request.urlopen(request, timeout=10).status == 200
+
+    fit = subprocess.run([*sbatch, "--ntasks-per-node=1", f"--output={tmp_path}/fit-%j.out",
+                          str(ROOT / "slurm/fit.sbatch"), "configs/quickstart.yaml"], env=env,
+                         check=True, capture_output=True, text=True).stdout.strip()
+    deadline = time.monotonic() + 120
+    while queued(fit):
+        assert time.monotonic() < deadline, log()
+        time.sleep(0.2)
+    args = (marks / "args").read_text().split()
+    assert f"judge.base_url={url}" in args and "judge.api_key_env=RDPO_JUDGE_API_KEY" in args
+    assert (marks / "key").read_text() == key
+
+    subprocess.run(["scancel", judge], env=env, check=True)
+    deadline = time.monotonic() + 60
+    while url_file.exists() or key_file.exists():
+        assert time.monotonic() < deadline, f"URL or key file left:\n{log()}"
+        time.sleep(0.2)
