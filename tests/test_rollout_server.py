@@ -283,3 +283,28 @@ def test_config_rules(tmp_path):
                            "model.finetune=full"])
     assert "rollout.base_url: the vllm engine needs the server's URL" in str(err.value)
     assert "model.finetune=full needs rollout.engine=transformers" in str(err.value)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_fit_unloads_the_last_adapter_when_training_ends_or_fails(fake, tmp_path, fails):
+    from types import SimpleNamespace
+
+    from rdpo.fit import train
+
+    _, state = fake
+    client, _ = _client(fake, tmp_path)
+
+    def fit(*args, **kwargs):
+        client.publish(Adapter(), 5, is_main=True, barrier=lambda: None)
+        if fails:
+            raise RuntimeError("a step failed")
+
+    run = SimpleNamespace(trainer=SimpleNamespace(fit=fit, global_step=5), module=None,
+                          datamodule=None, checkpoint=None, run_dir=tmp_path,
+                          scoring=SimpleNamespace(server=client))
+    if fails:
+        with pytest.raises(RuntimeError, match="a step failed"):
+            train(run)
+    else:
+        train(run)
+    assert state["loaded"] == {}
