@@ -13,7 +13,10 @@ every load is checked against ``/v1/models`` (the server must list the name with
 path rdpo saved), an adapter of that name served from another path is an error, never
 replaced, and `VLLMRollout.close` unloads the run's last adapter when the run ends or fails. A
 run's first load also unloads what an earlier process of the same run (killed, then resumed)
-left on the server: every adapter whose root is in this run's adapters folder.
+left on the server: every adapter whose root is in this run's adapters folder. Each process
+saves into folders of its own (``round_0001-<start>``): vLLM keys cached prompt blocks by the
+adapter's name and path, so weights saved again under a name used before (a resume, a re-run
+in the same run.dir) must come from a new path, or prompts would reuse the old weights' blocks.
 
 The trained sequence is the prompt ids rdpo encodes (`rdpo.collate.encode_prompt`) followed by
 the server's completion ids (``return_token_ids``), so each answer's prompt ids are checked
@@ -32,6 +35,7 @@ import hashlib
 import logging
 import os
 import re
+import secrets
 import shutil
 import threading
 from collections.abc import Callable, Sequence
@@ -62,7 +66,7 @@ def adapter_name(step: int, every_n_steps: int) -> str:
 def run_id(adapters_dir: str | Path) -> str:
     """This run's prefix of adapter names on a shared server: the run directory's name and a
     hash of the adapters folder's absolute path. Every rank and every resume of a run computes
-    the same id (ranks need no exchange; a resumed run finds and replaces what it left); two
+    the same id (ranks need no exchange; a resumed run finds and unloads what it left); two
     runs differ because their folders do (two runs cannot save into one folder anyway)."""
     path = Path(adapters_dir).resolve()
     digest = hashlib.sha256(str(path).encode()).hexdigest()[:10]
@@ -99,12 +103,13 @@ class VLLMRollout:
         self.base_url = settings.base_url
         self.adapters_dir = Path(adapters_dir).resolve()
         self.run_id = run_id(self.adapters_dir)
-        self.current: tuple[int, str, Path] | None = None
-        """(step, name, path) of the adapter in use."""
+        self.current: tuple[int, str, Path | None] | None = None
+        """(step, name, path) of the adapter in use; the path is rank 0's (None elsewhere)."""
         self._loaded_here = False
         """Whether this process loaded the current adapter (rank 0, or a reload): it unloads it
         at `close`."""
         self._cleaned = False
+        self._start = secrets.token_hex(4)
         self._reload_lock = threading.Lock()
         self._client = openai.OpenAI(
             base_url=settings.base_url, api_key=api_key, timeout=settings.timeout,
@@ -147,13 +152,17 @@ class VLLMRollout:
         """
         if self.current is not None and self.current[0] == step:
             return self.current[1]
-        name = self.adapter_name(step)
-        path = self.adapters_dir / adapter_name(step, self.settings.every_n_steps)
+        name, path = self.adapter_name(step), None
         if is_main:
+            path = self.adapters_dir / f"{adapter_name(step, self.settings.every_n_steps)}-{self._start}"
             model.save_pretrained(str(path))
+            # Where the other ranks find it if the server loses it (`_reload`).
+            tmp = self.adapters_dir / f"{POINTER}.tmp"
+            tmp.write_text(f"{name}\n{path}\n")
+            os.replace(tmp, self.adapters_dir / POINTER)
             if not self._cleaned:
-                self._unload_leftovers(keep=name)
-            self._load(name, path, replace=True)
+                self._clean_leftovers(path)
+            self._load(name, path)
         barrier()
         previous, self.current = self.current, (step, name, path)
         self._loaded_here = is_main
@@ -166,34 +175,28 @@ class VLLMRollout:
         """Adapter name -> the path the server loaded it from (``root`` in /v1/models)."""
         return {m["id"]: m.get("root") for m in self.served_models() if m.get("parent")}
 
-    def _unload_leftovers(self, keep: str) -> None:
-        """Unload what an earlier process of this run left loaded (killed before `close`)."""
+    def _clean_leftovers(self, keep_path: Path) -> None:
+        """Unload what earlier processes of this run left loaded (killed before `close`): any
+        adapter loaded from this run's adapters folder; delete the folders they saved."""
         self._cleaned = True
         for name, root in self._served().items():
-            if name != keep and root and Path(root).parent == self.adapters_dir:
+            if root and root != str(keep_path) and Path(root).parent == self.adapters_dir:
                 log.info("rollout server %s: unloading %s, left by an earlier process of this run",
                          self.base_url, name)
                 self._unload(name)
+        for folder in self.adapters_dir.iterdir():
+            if folder.is_dir() and folder != keep_path:
+                shutil.rmtree(folder, ignore_errors=True)
 
-    def _load(self, name: str, path: Path, *, replace: bool) -> None:
-        """Load `path` as `name` and check the server serves it from there. Already loaded
-        from `path`: replaced when `replace` (an earlier process of this run saved older
-        weights there), else kept (another rank reloaded it first). Loaded from another path:
-        an error, never replaced (it is not this run's)."""
+    def _load(self, name: str, path: Path) -> None:
+        """Load `path` as `name` and check the server serves it from there. Already loaded from
+        `path` (another rank reloaded it first) is success; from another path, an error: it is
+        not this process's adapter, and replacing it would pull it from under its user."""
         body = {"lora_name": name, "lora_path": str(path)}
-
-        def post():
-            self._call(lambda: self._client.post("/load_lora_adapter", body=body, cast_to=str))
-
         try:
-            post()
+            self._call(lambda: self._client.post("/load_lora_adapter", body=body, cast_to=str))
         except _AlreadyLoaded:
-            root = self._served().get(name)
-            if root != str(path):
-                raise RolloutServerError(self._elsewhere(name, path, root)) from None
-            if replace:
-                self._unload(name)
-                post()
+            pass
         root = self._served().get(name, "(not listed)")
         if root != str(path):
             raise RolloutServerError(self._elsewhere(name, path, root))
@@ -217,9 +220,16 @@ class VLLMRollout:
         with self._reload_lock:  # one reload for all threads that saw the adapter missing
             log.warning("rollout server %s lost adapter %s (restarted?): loading it again",
                         self.base_url, name)
+            path = self.current[2]
+            if path is None:  # rank 0 saved it: its pointer names the folder
+                pointed, _, folder = (self.adapters_dir / POINTER).read_text().partition("\n")
+                if pointed != name:
+                    raise RolloutServerError(f"{self.adapters_dir / POINTER} names {pointed}, not "
+                                             f"{name}: cannot load the adapter again")
+                path = Path(folder.strip())
             # Another rank (or thread) that saw it missing may have loaded it first: that is
             # success; replacing it would break that rank's requests in flight.
-            self._load(name, self.current[2], replace=False)
+            self._load(name, path)
             self._loaded_here = True
 
     def _call(self, fn):
@@ -328,6 +338,10 @@ class VLLMRollout:
             self._loaded_here = False
             self._unload(self.current[1])
         self._client.close()
+
+
+POINTER = "current"
+"""File in the adapters folder: the current adapter's name and folder (rank 0 writes it)."""
 
 
 class _NotFound(Exception):

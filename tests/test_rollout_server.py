@@ -155,12 +155,16 @@ def test_publish_sample_and_unload(fake, tmp_path):
     assert chat["model"] == name and chat["n"] == 3 and chat["return_token_ids"]
     assert chat["stop_token_ids"] == [EOT] and chat["logit_bias"] == {"42": -100}
     assert chat["top_k"] == -1 and chat["max_tokens"] == settings.max_new_tokens
+    first = client.current[2]
+    assert first.parent == tmp_path / "adapters" and first.name.startswith("round_0000-")
     client.publish(Adapter(), 5, is_main=True, barrier=lambda: None)
-    assert state["loaded"] == {f"{client.run_id}-round_0001":
-                               str(tmp_path / "adapters" / "round_0001")}
-    assert not (tmp_path / "adapters" / "round_0000").exists()
+    path = client.current[2]
+    assert path.name == f"round_0001-{first.name.split('-')[1]}"  # this process's folders
+    assert state["loaded"] == {f"{client.run_id}-round_0001": str(path)}
+    assert not first.exists()
+    assert sorted(p.name for p in path.parent.iterdir()) == ["current", path.name]
     client.close()  # the run ended: its last adapter is unloaded, its files stay
-    assert state["loaded"] == {} and (tmp_path / "adapters" / "round_0001").is_dir()
+    assert state["loaded"] == {} and path.is_dir()
 
 
 def test_other_ranks_only_wait(fake, tmp_path):
@@ -185,7 +189,8 @@ def test_two_runs_share_one_server(fake, tmp_path):
             del state.setdefault("served", [])[:]
             _sample(run, settings)
             roots = {root for _, root in state["served"]}
-            assert roots == {str(tmp_path / folder / "adapters" / adapter_name(step, 5))}
+            assert roots == {str(run.current[2])}
+            assert run.current[2].parent == tmp_path / folder / "adapters"
     assert len(state["loaded"]) == 2
     a.close()
     b.close()
@@ -209,23 +214,29 @@ def test_an_adapter_served_from_another_path_is_refused(fake, tmp_path):
         client.publish(Adapter(), 5, is_main=True, barrier=lambda: None)
 
 
-def test_resume_replaces_what_the_killed_process_left(fake, tmp_path):
-    """A killed process of this run left two adapters (older weights at the same paths): the
-    resumed run's first load replaces them and unloads the other; another run's stays."""
+def test_resume_unloads_what_the_killed_process_left(fake, tmp_path):
+    """A killed process of this run left two adapters loaded, one under the name the resumed
+    run loads first: both are unloaded and their folders deleted, and the resumed run loads
+    from a folder of its own (vLLM's prefix cache keys prompt blocks by name and path: its
+    weights must not pass for the old ones). Another run's adapter stays."""
     _, state = fake
     client, _ = _client(fake, tmp_path)
     folder = tmp_path / "adapters"
-    state["loaded"].update({client.adapter_name(0): str(folder / "round_0000"),
-                            client.adapter_name(7): str(folder / "step_000007"),
+    for old in ("round_0000-dead0000", "step_000007-dead0000"):
+        Adapter().save_pretrained(folder / old)
+    state["loaded"].update({client.adapter_name(0): str(folder / "round_0000-dead0000"),
+                            client.adapter_name(7): str(folder / "step_000007-dead0000"),
                             "other-0123456789-round_0000": "/other/adapters/round_0000"})
     client.publish(Adapter(), 0, is_main=True, barrier=lambda: None)
-    assert state["loaded"] == {client.adapter_name(0): str(folder / "round_0000"),
+    path = client.current[2]
+    assert path != folder / "round_0000-dead0000" and path.parent == folder
+    assert state["loaded"] == {client.adapter_name(0): str(path),
                                "other-0123456789-round_0000": "/other/adapters/round_0000"}
     calls = [(p.rsplit("/", 1)[1], b["lora_name"]) for p, b in state["requests"] if "lora" in p]
-    assert calls == [("unload_lora_adapter", client.adapter_name(7)),
-                     ("load_lora_adapter", client.adapter_name(0)),  # already loaded: replaced
-                     ("unload_lora_adapter", client.adapter_name(0)),
+    assert calls == [("unload_lora_adapter", client.adapter_name(0)),
+                     ("unload_lora_adapter", client.adapter_name(7)),
                      ("load_lora_adapter", client.adapter_name(0))]
+    assert sorted(p.name for p in folder.iterdir()) == ["current", path.name]
 
 
 def test_ranks_reloading_after_a_restart_keep_each_others_load(fake, tmp_path):
@@ -239,11 +250,12 @@ def test_ranks_reloading_after_a_restart_keep_each_others_load(fake, tmp_path):
     state["loaded"].clear()
     del state["requests"][:]
     name = rank0.current[1]
+    rank1._reload(name)  # rank 1 first: it finds rank 0's folder by the pointer
     rank0._reload(name)
-    rank1._reload(name)
     assert [p.rsplit("/", 1)[1] for p, _ in state["requests"] if "lora" in p] == [
         "load_lora_adapter", "load_lora_adapter"]
-    assert state["loaded"] == {name: str(tmp_path / "adapters" / "round_0000")}
+    assert state["loaded"] == {name: str(rank0.current[2])}  # rank 1 found it by the pointer
+    assert rank1.current[2] is None
     assert _sample(rank1, settings, RECORDS[:1])[0].token_ids[0] == (4, 5, EOT)
 
 

@@ -63,10 +63,11 @@ def test_greedy_parity_with_transformers_and_peft(small_toy, vllm_server, tmp_pa
     assert base == str(small_toy.paths.policy)
     kw = dict(stop_ids=stop_token_ids(proc, model), suppress_ids=suppressed_token_ids(proc),
               seed=0, num_samples=1)
-    seen = []
+    seen, paths = [], []
     for step, seed in ((0, 1), (2, 2)):
         _noisy_adapter(model, seed)
         server.publish(model, step, is_main=True, barrier=lambda: None)
+        paths.append(server.current[2])
         remote = server.sample(proc, records, settings, **kw)
         local = list(generate(model, proc, records, settings, num_samples=1))
         assert [r.token_ids for r in remote] == [r.token_ids for r in local]
@@ -75,8 +76,53 @@ def test_greedy_parity_with_transformers_and_peft(small_toy, vllm_server, tmp_pa
         seen.append([r.token_ids for r in remote])
     assert seen[0] != seen[1]
     names = [m["id"] for m in server.served_models()]
-    assert "step_000002" in names and "round_0000" not in names  # the previous one unloaded
-    assert not (tmp_path / "adapters" / "round_0000").exists()
+    assert server.adapter_name(2) in names and server.adapter_name(0) not in names  # unloaded
+    assert not paths[0].exists()
+    server.close()
+    assert server.adapter_name(2) not in _adapters(vllm_server)
+
+
+def _adapters(vllm_server) -> dict[str, str]:
+    """The adapters the server lists: name -> root (the path it loaded)."""
+    import urllib.request
+
+    with urllib.request.urlopen(vllm_server.url + "/models", timeout=30) as resp:
+        return {m["id"]: m["root"] for m in json.loads(resp.read())["data"] if m.get("parent")}
+
+
+def test_two_runs_share_the_server(small_toy, vllm_server, tmp_path):
+    """Two runs publish the same rounds with different weights on one server: each samples its
+    own adapter (greedy ids = transformers + PEFT with that run's weights), and once both end
+    the server lists neither's adapters."""
+    from rdpo.model import load_policy
+    from rdpo.pool import load_pool
+    from rdpo.rollout import generate, stop_token_ids, suppressed_token_ids
+
+    cfg = _cfg(small_toy, tmp_path / "run", vllm_server)
+    model, proc = load_policy(cfg.model)
+    records = load_pool(cfg.data.heldout_pool)[:4]
+    settings = RolloutConfig(engine="vllm", base_url=vllm_server.url, temperature=0.0,
+                             samples_per_prompt=1, max_new_tokens=16)
+    kw = dict(stop_ids=stop_token_ids(proc, model), suppress_ids=suppressed_token_ids(proc),
+              seed=0, num_samples=1)
+    runs = {key: VLLMRollout(settings, tmp_path / key / "adapters") for key in ("a", "b")}
+    expected = {}
+    for step in (0, 2):
+        for key, seed in (("a", 10 + step), ("b", 20 + step)):
+            _noisy_adapter(model, seed)
+            runs[key].publish(model, step, is_main=True, barrier=lambda: None)
+            expected[key] = [r.token_ids for r in generate(model, proc, records, settings,
+                                                           num_samples=1)]
+        assert expected["a"] != expected["b"]
+        for key, run in runs.items():
+            assert [r.token_ids for r in run.sample(proc, records, settings, **kw)] == expected[key]
+    served = _adapters(vllm_server)
+    for key, run in runs.items():
+        assert served[run.adapter_name(2)] == str(run.current[2])
+        assert run.current[2].parent == tmp_path / key / "adapters"
+    for run in runs.values():
+        run.close()
+    assert not any(str(tmp_path) in root for root in _adapters(vllm_server).values())
 
 
 def test_fit_rounds_sample_on_the_server(small_toy, vllm_server, tmp_path, monkeypatch):
@@ -90,7 +136,7 @@ def test_fit_rounds_sample_on_the_server(small_toy, vllm_server, tmp_path, monke
     def recording_publish(self, model, step, **kw):
         name = publish(self, model, step, **kw)
         if not published or published[-1][0] != name:  # a repeated step publishes nothing
-            weights = self.adapters_dir / name / "adapter_model.safetensors"
+            weights = self.current[2] / "adapter_model.safetensors"
             published.append((name, hashlib.sha256(weights.read_bytes()).hexdigest()))
         return name
 
@@ -105,9 +151,12 @@ def test_fit_rounds_sample_on_the_server(small_toy, vllm_server, tmp_path, monke
     train(run)
     result = finish(run, 0.0)
     names = [n for n, _ in published]
-    assert names == ["round_0000", "round_0001", "round_0002", "round_0003"]
+    server = run.scoring.server
+    assert names == [server.adapter_name(step) for step in (0, 2, 4, 6)]
+    assert names[0] == f"{server.run_id}-round_0000" and server.run_id.startswith("vllm-")
     assert len({h for _, h in published}) == 4  # the policy changed every round
-    assert sorted(p.name for p in (tmp_path / "vllm" / "adapters").iterdir()) == ["round_0003"]
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "vllm" / "adapters").iterdir()) == [
+        "current", "round_0003"]
     # sampled: held-out before, rounds 0-2, held-out after.
     for index, rollouts in enumerate(sampled[1:4]):
         rows = [json.loads(line) for line in
@@ -118,6 +167,14 @@ def test_fit_rounds_sample_on_the_server(small_toy, vllm_server, tmp_path, monke
     for pair in run.datamodule.pairs:
         assert tuple(pair.chosen_ids) in server_ids and tuple(pair.rejected_ids) in server_ids
     assert result.eval["after"]["responses"] == result.eval["before"]["responses"] > 0
+    assert not any(str(tmp_path) in root for root in _adapters(vllm_server).values())  # unloaded
+    # The saved adapter records its base, and the base checks out against it.
+    from rdpo.export import check_base, find_weights
+
+    saved = find_weights(tmp_path / "vllm")
+    assert json.loads((saved.weights / "rdpo_adapter.json").read_text())["base"] == str(
+        saved.cfg.model.path)
+    check_base(saved.weights, run.model.get_base_model(), saved.cfg.model.path)
 
     # The same run through transformers generate writes the same files with the same fields.
     from rdpo.fit import fit
@@ -144,7 +201,7 @@ def test_server_killed_mid_round_then_resume(small_toy, vllm_server, tmp_path, m
     sample = VLLMRollout.sample
 
     def killing_sample(self, *args, **kw):
-        if self.current[1] == "round_0001":
+        if self.current[1].endswith("-round_0001"):
             vllm_server.stop()
         return sample(self, *args, **kw)
 
@@ -162,6 +219,7 @@ def test_server_killed_mid_round_then_resume(small_toy, vllm_server, tmp_path, m
     assert [r["round"] for r in result.rounds][-1] == 2
     assert (run_dir / "rounds" / "0002" / "rollouts.jsonl").is_file()
     assert "after" in result.eval
+    assert not any(str(run_dir) in root for root in _adapters(vllm_server).values())
 
 
 def test_qlora_logprob_gap(small_toy, vllm_server, tmp_path):
