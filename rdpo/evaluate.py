@@ -2,6 +2,7 @@
 pairwise preference data.
 
     python -m rdpo.evaluate judge --data PAIRS.jsonl [--kind openai --model M --base-url URL ...]
+    python -m rdpo.evaluate handoff RUN [--out DIR] [--lmms-task DIR]   (`rdpo.handoff`)
 
 The judge options are the fields of the config's `JudgeConfig` (names, defaults, help).
 
@@ -213,6 +214,33 @@ def _cmd_judge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_handoff(args: argparse.Namespace) -> int:
+    from rdpo.config import load_config
+    from rdpo.handoff import markdown, run_handoff
+
+    try:
+        h = run_handoff(args.run_dir, args.out, args.dtype)
+        if args.lmms_task:
+            from rdpo.lmms_task import write_task
+
+            cfg = load_config(Path(args.run_dir) / "config.yaml")
+            if not cfg.data.heldout_pool:
+                raise ValueError(f"{args.run_dir}: data.heldout_pool is not set: no pool for "
+                                 f"--lmms-task")
+            write_task(args.lmms_task, cfg.data.heldout_pool, name="rdpo_heldout",
+                       max_new_tokens=cfg.rollout.max_new_tokens,
+                       toy=cfg.toy if cfg.toy.enabled else None,
+                       aggregation=cfg.pairs.aggregation)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(asdict(h), indent=2) if args.json else markdown(h), end="")
+    if args.lmms_task:
+        print(f"\nlmms-eval task rdpo_heldout written to {args.lmms_task}: add --include_path "
+              f"{args.lmms_task} --tasks rdpo_heldout", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from rdpo.confighelp import add_options
 
@@ -229,6 +257,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(p, JudgeConfig, JUDGE_OPTIONS, JUDGE_DEFAULTS)
     add_options(p, PairsConfig, ("aggregation",))
     p.set_defaults(func=_cmd_judge)
+    p = sub.add_parser("handoff", help="lmms-eval / VLMEvalKit commands for a run's policy",
+                       description="How to evaluate RUN's policy in lmms-eval and VLMEvalKit as "
+                       "it was trained (pixel bounds, system turn, generation), for a run still "
+                       "training: what python -m rdpo.export RUN --out DIR --merge writes to "
+                       "DIR/HANDOFF.md. Exports nothing.")
+    p.add_argument("run_dir", metavar="RUN", help="a run's run.dir (finished or training)")
+    p.add_argument("--out", help="the folder the policy will be exported to (default: RUN/export)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="the export's dtype (default: the run's model.dtype)")
+    p.add_argument("--json", action="store_true", help="print handoff.json instead")
+    p.add_argument("--lmms-task", metavar="DIR", help="also write an lmms-eval task over the "
+                   "run's held-out pool (rdpo's rubric score; the toy's ground truth) to DIR")
+    p.set_defaults(func=_cmd_handoff)
     return parser
 
 

@@ -123,6 +123,10 @@ def export(run_dir: str | Path, out: str | Path, *, merge: bool = False,
     processor.save_pretrained(out)
     (out / "README.md").write_text(model_card(run, merged=merge or run.kind == "model",
                                               dtype=dtype))
+    if model is not None:  # a plain checkpoint: how lmms-eval and VLMEvalKit load it as trained
+        from rdpo.handoff import make_handoff, write_handoff
+
+        write_handoff(make_handoff(run.run_dir, out, processor, run.cfg, dtype), out)
     return out
 
 

@@ -55,6 +55,14 @@ class Family:
     ``token_type_ids``); the packed mask opens those blocks as the model's own mask does."""
     video: bool = False
     """The processor takes videos (a record's ``video`` frames)."""
+    pixel_bounds: bool = False
+    """The image processor's size is a pixel budget (``shortest_edge``/``longest_edge`` = min/max
+    pixels, Qwen's smart resize), which evaluators pass as ``min_pixels``/``max_pixels``."""
+    lmms_eval: str | None = None
+    """lmms-eval's model class (``--model``) for a transformers folder of this family
+    (`rdpo.handoff`)."""
+    vlmevalkit: str | None = None
+    """VLMEvalKit's model class (``vlmeval.vlm``) for such a folder."""
 
     @property
     def lora_target(self) -> str:
@@ -70,41 +78,48 @@ class Family:
 
 _QWEN = dict(end_of_turn="<|im_end|>", language_model="language_model",
              vision_tokens=("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"),
-             vision_modules=("model.visual", "visual"), positions=ROPE_INDEX, video=True)
+             vision_modules=("model.visual", "visual"), positions=ROPE_INDEX, video=True,
+             pixel_bounds=True)
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("qwen2_vl", ("qwen2_vl",), ("Qwen2VLProcessor",), **_QWEN),
-    Family("qwen2_5_vl", ("qwen2_5_vl",), ("Qwen2_5_VLProcessor",), **_QWEN),
-    Family("qwen3_vl", ("qwen3_vl",), ("Qwen3VLProcessor",), **_QWEN),
+    Family("qwen2_vl", ("qwen2_vl",), ("Qwen2VLProcessor",), lmms_eval="qwen2_vl",
+           vlmevalkit="Qwen2VLChat", **_QWEN),
+    Family("qwen2_5_vl", ("qwen2_5_vl",), ("Qwen2_5_VLProcessor",), lmms_eval="qwen2_5_vl",
+           vlmevalkit="Qwen2VLChat", **_QWEN),
+    Family("qwen3_vl", ("qwen3_vl",), ("Qwen3VLProcessor",), lmms_eval="qwen3_vl",
+           vlmevalkit="Qwen3VLChat", **_QWEN),
     # LLaVA-OneVision: a Qwen2 language model (1-D rotary positions) after a SigLIP tower.
     Family("llava_onevision", ("llava_onevision",), ("LlavaOnevisionProcessor",),
            end_of_turn="<|im_end|>", vision_tokens=("<image>", "<video>"),
            language_model="language_model",
-           vision_modules=("model.vision_tower", "model.multi_modal_projector"), positions=PLAIN),
+           vision_modules=("model.vision_tower", "model.multi_modal_projector"), positions=PLAIN,
+           lmms_eval="llava_hf", vlmevalkit="LLaVA_OneVision_HF"),
     # Idefics3 (SmolVLM's architecture): a Llama language model called text_model.
     Family("idefics3", ("idefics3", "smolvlm"), ("Idefics3Processor", "SmolVLMProcessor"),
            end_of_turn="<end_of_utterance>",
            vision_tokens=("<image>", "<fake_token_around_image>", "<global-img>"),
            language_model="text_model", vision_modules=("model.vision_model", "model.connector"),
-           positions=PLAIN),
+           positions=PLAIN, vlmevalkit="SmolVLM"),  # lmms-eval: idefics2 loads Idefics2 only
     # Gemma 3: image tokens attend to their whole image (both directions); sliding-window layers.
     Family("gemma3", ("gemma3",), ("Gemma3Processor",), end_of_turn="<end_of_turn>",
            vision_tokens=("<start_of_image>", "<end_of_image>", "<image_soft_token>"),
            language_model="language_model",
            vision_modules=("model.vision_tower", "model.multi_modal_projector"), positions=PLAIN,
-           image_blocks="token_type_ids"),
+           image_blocks="token_type_ids", lmms_eval="gemma3", vlmevalkit="Gemma3"),
     # InternVL (transformers-native): a Qwen2 language model after InternViT.
     Family("internvl", ("internvl",), ("InternVLProcessor",), end_of_turn="<|im_end|>",
            vision_tokens=("<img>", "</img>", "<IMG_CONTEXT>", "<video>"),
            language_model="language_model",
-           vision_modules=("model.vision_tower", "model.multi_modal_projector"), positions=PLAIN),
+           vision_modules=("model.vision_tower", "model.multi_modal_projector"), positions=PLAIN,
+           lmms_eval="internvl_hf"),  # VLMEvalKit's InternVLChat loads the remote-code format
     # Llama 3.2 Vision: text tokens read the image through cross-attention layers, gated by a
     # per-token cross_attention_mask whose rows are independent: a packed pair's answer tokens
     # get the prompt's last row (rdpo.packing), its self-attention layers the 4-D mask. Rows
     # blind to every image attend to their own prompt's image slots only (rdpo.image_slots).
     Family("mllama", ("mllama",), ("MllamaProcessor",), end_of_turn="<|eot_id|>",
            vision_tokens=("<|image|>",), language_model="language_model",
-           vision_modules=("model.vision_model", "model.multi_modal_projector"), positions=PLAIN),
+           vision_modules=("model.vision_model", "model.multi_modal_projector"), positions=PLAIN,
+           lmms_eval="llama_vision", vlmevalkit="llama_vision"),
 )}
 
 # Processor and tokenizer attributes that name image/video special tokens, read generically.
