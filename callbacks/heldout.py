@@ -14,12 +14,11 @@ from pathlib import Path
 
 import lightning as L
 from rdpo.callbacks.progress import phase
-from rdpo.callbacks.scoring import _all_gather, sample
+from rdpo.callbacks.scoring import _all_gather, sample, score_chunks
 
 from rdpo.config import RolloutConfig
 from rdpo.evaluate import heldout_summary
 from rdpo.pool import PromptRecord
-from rdpo.rounds import score_rollouts
 
 log = logging.getLogger("rdpo")
 
@@ -33,12 +32,15 @@ class HeldoutEvaluation(L.Callback):
     ``eval_before.json`` there as soon as it is measured. `server`: sample through this
     `rdpo.rollout_server.VLLMRollout` (rollout.engine=vllm). `truth`: a
     `rdpo.demo.truth.GroundTruth`; its scores of the same answers join the results.
+    `judge_chunk`: prompts judged per call (0: the whole shard at once), as in
+    `RubricScoringCallback`: a cached judge keeps every verdict received before a failure.
     """
 
     def __init__(self, records: Sequence[PromptRecord], judge, settings: RolloutConfig, *,
                  aggregation: str = "lexicographic", seed: int = 0, before: dict | None = None,
-                 run_dir: str | Path | None = None, server=None, truth=None):
-        self.server, self.truth = server, truth
+                 run_dir: str | Path | None = None, server=None, truth=None,
+                 judge_chunk: int = 0):
+        self.server, self.truth, self.judge_chunk = server, truth, judge_chunk
         self.records = list(records)
         self.judge = judge
         self.settings = settings
@@ -58,8 +60,8 @@ class HeldoutEvaluation(L.Callback):
                               server=self.server, progress=shown.update)
         with phase(trainer, "judging", sum(len(r.responses) for r in rollouts), "responses",
                    where=label) as shown:
-            scored = score_rollouts(self.judge, rollouts, self.aggregation, strategy="rubric")
-            shown.update(sum(len(r.responses) for r in rollouts))
+            scored = score_chunks(self.judge, rollouts, self.aggregation, self.judge_chunk,
+                                  strategy="rubric", progress=shown.update)
         scored = [s for part in _all_gather(trainer, scored) for s in part]
         summary = heldout_summary(scored, self.settings)
         if self.truth is not None:

@@ -23,6 +23,7 @@ from rdpo.callbacks.progress import phase
 from rdpo.config import PairsConfig, RolloutConfig
 from rdpo.pairs import PairSelection
 from rdpo.rollout import generate
+from rdpo.judges import judge_round
 from rdpo.rounds import (
     RoundSummary,
     ScoredRollout,
@@ -142,13 +143,8 @@ class RubricScoringCallback(L.Callback):
         return summary
 
     def _score(self, rollouts, progress=None) -> list[ScoredRollout]:
-        size = self.judge_chunk or len(rollouts) or 1
-        scored: list[ScoredRollout] = []
-        for i in range(0, len(rollouts), size):
-            scored += score_rollouts(self.judge, rollouts[i:i + size], self.pairs.aggregation)
-            if progress is not None:
-                progress(sum(len(r.responses) for r in rollouts[i:i + size]))
-        return scored
+        return score_chunks(self.judge, rollouts, self.pairs.aggregation, self.judge_chunk,
+                            progress=progress)
 
     def _report(self, trainer: L.Trainer, index: int, summary: RoundSummary,
                 selection: PairSelection, seconds: float, pairs_per_rank: list[int],
@@ -245,6 +241,20 @@ def _write_once(directory: Path, scored, selection, train_pairs, summary) -> Non
     shutil.rmtree(directory, ignore_errors=True)  # a round a killed run had already written
     tmp.rename(directory)
 
+def score_chunks(judge, rollouts, aggregation: str, chunk: int, *, strategy: str | None = None,
+                 progress=None) -> list[ScoredRollout]:
+    """`score_rollouts` over `chunk` prompts per judge call (0: all at once), in one judge round
+    (`rdpo.judges.judge_round`: one deadline, judge.round_timeout, over every call)."""
+    size = chunk or len(rollouts) or 1
+    scored: list[ScoredRollout] = []
+    with judge_round(judge):
+        for i in range(0, len(rollouts), size):
+            scored += score_rollouts(judge, rollouts[i:i + size], aggregation, strategy)
+            if progress is not None:
+                progress(sum(len(r.responses) for r in rollouts[i:i + size]))
+    return scored
+
+
 
 def _gathered_for_generation(trainer: L.Trainer, model):
     """Under DeepSpeed ZeRO-3 each rank holds a slice of every weight; generation would gather
@@ -257,4 +267,4 @@ def _gathered_for_generation(trainer: L.Trainer, model):
     return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
 
 
-__all__ = ["RubricScoringCallback", "merge_selections", "round_seed", "sample"]
+__all__ = ["RubricScoringCallback", "merge_selections", "round_seed", "sample", "score_chunks"]

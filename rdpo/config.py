@@ -295,6 +295,18 @@ class JudgeConfig:
     cache: str | None = "${run.dir}/judge_cache.sqlite"
     """sqlite file caching model judgments across rounds and runs (null: no cache; unused by rule)."""
 
+    rate_limit_retries: int = setting(10, ge=0)
+    """openai: further retries of a request still rate limited (HTTP 429) after max_retries, each
+    after the server's retry-after (the openai client honours up to 120 s) or its backoff."""
+    round_timeout: float = setting(14400.0, gt=0, lt=float("inf"))
+    """Seconds one round's judging (a training round, a held-out evaluation) may take in all;
+    past it the run stops with an error naming the judge (answers received stay cached)."""
+    system_role: bool = True
+    """openai: send the grading instructions as a system message (false: at the top of the user
+    turn, for a served model whose chat template refuses one, e.g. Llama 3.2 Vision with images)."""
+    max_response_chars: int = setting(16000, gt=0)
+    """Longest response a model judge is shown (characters); a longer one is cut, and the judge
+    prompt says so."""
 
 @dataclass
 class PairsConfig:

@@ -248,7 +248,8 @@ def build(cfg: Config) -> Run:
     heldout = HeldoutEvaluation(
         datamodule.heldout[:cfg.eval.max_prompts or None], _eval_judge(cfg, judge),
         _eval_settings(cfg), aggregation=cfg.pairs.aggregation, seed=cfg.run.seed, before=before,
-        run_dir=run_dir, server=server, truth=_ground_truth(cfg, datamodule.heldout))
+        run_dir=run_dir, server=server, truth=_ground_truth(cfg, datamodule.heldout),
+        judge_chunk=_judge_chunk(cfg))
     scoring = RubricScoringCallback(
         judge, cfg.rollout, cfg.pairs, run_dir=run_dir, ref_batch_size=cfg.data.batch_size,
         reference=cfg.dpo.reference,

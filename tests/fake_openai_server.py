@@ -6,11 +6,16 @@ endpoints on the same port. The server answers ``POST /v1/chat/completions``; it
 request (model name, bearer key, each image a decodable base64 data URL, a text part, criterion
 ids listed in a judge prompt) and records a problem (answering 400) for any that is wrong.
 
-Faults are queued (``queue``) and consumed one per request, in arrival order: ``500``, ``429``,
-``drop`` (close the connection without answering), ``slow`` (answer nothing until the client
-gives up: its timeout), ``malformed`` (an answer with no JSON), ``missing`` (leave one
-criterion out) and ``invalid_rubric`` (a generator answer that is not a valid rubric); ``None``
-is a request without a fault.
+Faults are queued (``queue``) and consumed one per request, in arrival order: ``500``, ``429``
+(with ``retry-after-ms: 10``), ``429@S`` (with ``retry-after: S`` seconds), ``drop`` (close the
+connection without answering), ``slow`` (answer nothing until the client gives up: its
+timeout), ``malformed`` (an answer with no JSON), ``missing`` (leave one criterion out),
+``invalid_rubric`` (a generator answer that is not a valid rubric) and ``answer:TEXT`` (answer
+TEXT verbatim); ``None`` is a request without a fault.
+
+A request's system message (if any) is recorded apart from the user text; a judge prompt's
+criterion ids are read before its ``<<<RESPONSE`` line only, and the response between the
+markers (HTML-unescaped, as rdpo escapes it) is what ``judging=rule`` grades.
 
 Judge verdicts (``judging``): ``fixed`` (met unless the id is in ``unmet``), ``hash`` (a hash
 of prompt and criterion: deterministic, and different between responses) or ``rule`` (the
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import html
 import io
 import json
 import re
@@ -47,7 +53,7 @@ from pathlib import Path
 _DATA_URL = re.compile(r"^data:image/(png|jpeg|webp);base64,([A-Za-z0-9+/=]+)$")
 _CRITERION = re.compile(r"^\[([^\]\s]+)\] ", re.MULTILINE)
 _QUESTION = re.compile(r"^Question: (.*)$", re.MULTILINE)
-_RESPONSE = re.compile(r"<<<RESPONSE\n(.*)\nRESPONSE>>>", re.DOTALL)
+_RESPONSE = re.compile(r"\n<<<RESPONSE\n(.*)\nRESPONSE>>>$", re.DOTALL)
 
 DEFAULT_RUBRIC = {
     "essential": [{"id": "E1", "text": "States the main fact correctly."}],
@@ -130,8 +136,10 @@ class _Server:
             self.problems.append(message)
         return message
 
-    def check(self, h: BaseHTTPRequestHandler, body: bytes) -> tuple[str, list[bytes]] | str:
-        """(prompt text, image bytes) of a well-formed request, else the problem found."""
+    def check(self, h: BaseHTTPRequestHandler, body: bytes
+              ) -> tuple[str, list[bytes], str | None] | str:
+        """(prompt text, image bytes, system text) of a well-formed request, else the problem
+        found."""
         from PIL import Image
 
         s = self.settings
@@ -148,6 +156,11 @@ class _Server:
         messages = req.get("messages")
         if not isinstance(messages, list) or not messages:
             return self.problem("no messages")
+        system = [m.get("content") for m in messages[:-1] if m.get("role") == "system"]
+        if len(messages) > 1 and (len(system) != 1 or not isinstance(system[0], str)
+                                  or messages[-1].get("role") != "user"):
+            return self.problem("expected an optional system message (a string), then the user")
+        system = system[0] if system else None
         content = messages[-1].get("content")
         if not isinstance(content, list):
             return self.problem("user content is not a list of parts")
@@ -171,9 +184,9 @@ class _Server:
                 return self.problem(f"image data URL does not decode: {err}")
             images.append(raw)
         text = "\n".join(texts)
-        if '"verdicts"' in text and not _CRITERION.findall(text):
+        if '"verdicts"' in f"{system}{text}" and not criterion_ids(text):
             return self.problem("judge prompt lists no criterion ids")
-        return text, images
+        return text, images, system
 
     def records(self) -> dict:
         """judging=rule: (image hashes, instruction) -> record of the configured pools."""
@@ -191,7 +204,7 @@ class _Server:
             return self._records
 
     def verdicts(self, text: str, images: list[bytes]) -> list[dict]:
-        ids = _CRITERION.findall(text)
+        ids = criterion_ids(text)
         mode = self.settings["judging"]
         if mode == "fixed":
             return [{"id": i, "met": i not in self.settings["unmet"]} for i in ids]
@@ -209,23 +222,26 @@ class _Server:
         if record is None:
             self.problem(f"judging=rule: no pool record for {key[1]!r} with these images")
             return []
-        response = _RESPONSE.search(text).group(1)
+        response = html.unescape(_RESPONSE.search(text).group(1))
         verdicts = RuleJudge().judge(record, [response])[0]
         out = [{"id": i, "met": verdicts[i]} for i in ids if verdicts.get(i) is not None]
         if out and self.settings["omit_every"] and digest[0] % self.settings["omit_every"] == 0:
             out.pop(digest[1] % len(out))  # a real judge now and then forgets one criterion
         return out
 
-    def answer(self, text: str, images: list[bytes], fault: str | None) -> str:
+    def answer(self, text: str, images: list[bytes], fault: str | None, system: str | None) -> str:
         if fault == "malformed":
             return "I think the response is mostly fine, verdicts: E1 yes"
-        if '"verdicts"' in text:
+        if fault and fault.startswith("answer:"):
+            return fault[len("answer:"):]
+        instructions = f"{system}\n{text}"
+        if '"verdicts"' in instructions:
             verdicts = self.verdicts(text, images)
             if fault == "missing":
                 verdicts = verdicts[:-1]
             # Prose and a code fence around the JSON, as real models often write.
             return "Here is my grading:\n```json\n" + json.dumps({"verdicts": verdicts}) + "\n```"
-        if '"score"' in text:
+        if '"score"' in instructions:
             return json.dumps({"score": self.settings["score"]})
         if fault == "invalid_rubric":
             return json.dumps({"essential": [], "additional": [{"id": "A1", "text": "x",
@@ -280,9 +296,10 @@ class _Server:
             checked = self.check(h, body)
             if isinstance(checked, str):
                 return _send(h, 400, {"error": {"message": checked}})
-            text, images = checked
-            seen = {"text": text, "images": len(images), "ids": _CRITERION.findall(text),
-                    "fault": fault, "outcome": None}
+            text, images, system = checked
+            seen = {"text": text, "system": system, "images": len(images),
+                    "ids": criterion_ids(text), "fault": fault, "outcome": None,
+                    "t": time.monotonic()}
             with self.cond:
                 self.seen.append(seen)
             if not self._admit(h):
@@ -306,7 +323,12 @@ class _Server:
                       {"retry-after-ms": "10"})
                 seen["outcome"] = int(fault)
                 return
-            content = self.answer(text, images, fault)
+            if fault and fault.startswith("429@"):
+                _send(h, 429, {"error": {"message": "injected 429 (rate limited)"}},
+                      {"retry-after": fault[len("429@"):]})
+                seen["outcome"] = 429
+                return
+            content = self.answer(text, images, fault, system)
             _send(h, 200, {
                 "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
                 "model": self.settings["model"],
@@ -327,6 +349,18 @@ class _Server:
             with self.cond:
                 self.inflight -= 1
                 self.cond.notify_all()
+
+
+def criterion_ids(text: str) -> list[str]:
+    """The ``[id] text`` lines of a judge prompt, before its response (whose own lines are not
+    criteria, whatever they look like)."""
+    return _CRITERION.findall(text.split("\n<<<RESPONSE\n", 1)[0])
+
+
+def response_of(text: str) -> str | None:
+    """The response between the markers of a judge prompt, as the judge was shown it."""
+    m = _RESPONSE.search(text)
+    return m.group(1) if m else None
 
 
 def _hung_up(conn: socket.socket) -> bool:
@@ -388,12 +422,17 @@ class Seen:
     """One chat request as the server received it."""
 
     text: str
+    """The user turn's text."""
+    system: str | None
+    """The system message, if the request had one."""
     images: int
     ids: list[str]
     fault: str | None
     outcome: int | str | None
     """HTTP status sent, ``drop`` (connection closed unanswered), ``hangup`` (the client gave
     up waiting) or ``timeout`` (a `slow` fault outlasted ``slow_seconds``)."""
+    t: float
+    """When the request arrived (the server's monotonic clock, seconds)."""
 
 
 @dataclass

@@ -1,14 +1,16 @@
 """OpenAIJudge against a real HTTP server on loopback (its own process) that injects faults
 and checks requests."""
 
+import logging
 import socket
+import time
 
 import pytest
 from fake_openai_server import FakeOpenAIServer
 
-from rdpo.chat import ChatError, make_chat
+from rdpo.chat import ChatError, ChatTimeout, make_chat
 from rdpo.config import ConfigError, JudgeConfig
-from rdpo.judges import OpenAIJudge, make_judge
+from rdpo.judges import OpenAIJudge, judge_round, make_judge
 from rdpo.pool import load_pool
 
 
@@ -186,3 +188,96 @@ def test_settings_come_from_the_section(server, key_env):
     assert chat._client.timeout == 7.5 and chat._client.max_retries == 2
     assert (judge.parse_retries, judge.strategy, judge.cache) == (5, "outcome", None)
     assert make_judge(JudgeConfig(kind="rule")).strategy == "rubric"
+
+
+# -- failures mid-round, deadlines, rate limits -------------------------------------------------
+
+
+def test_fatal_error_keeps_received_verdicts_and_does_not_wait(server, key_env, records,
+                                                                 tmp_path):
+    """A request that fails for good ends the call at once: the verdicts already received are
+    in the cache, the queued requests are never sent and the one still in flight (here it
+    hangs until its 20 s timeout) is not waited for."""
+    items = [(r, ["The circle is red."]) for r in records[:12]]
+    server.queue(None, None, "slow", "500")
+    cache = tmp_path / "c.sqlite"
+    judge = judge_for(server, key_env, concurrency=2, max_retries=0, timeout=20,
+                      cache=str(cache))
+    start = time.monotonic()
+    with pytest.raises(ChatError, match=rf"{server.url} answered HTTP 500"):
+        judge.judge_many(items)
+    assert time.monotonic() - start < 10  # the hanging request would hold it 20 s
+    assert server.request_count == 4  # of 12: nothing was sent after the failure
+    server.reset()
+    again = judge_for(server, key_env, cache=str(cache))
+    verdicts = again.judge_many(items)
+    assert again.stats["cache_hits"] == 2 and server.request_count == 10
+    assert all(v is True for row in verdicts for vs in row for v in vs.values())
+
+
+def test_round_deadline_is_an_error_naming_the_judge(server, key_env, records, tmp_path):
+    server.hold_after(2)  # two answers, then the server answers nothing
+    judge = judge_for(server, key_env, concurrency=2, timeout=30, round_timeout=1.5,
+                      cache=str(tmp_path / "c.sqlite"))
+    start = time.monotonic()
+    try:
+        with pytest.raises(ChatTimeout) as err:
+            judge.judge_many([(r, ["a"]) for r in records[:6]])
+    finally:
+        server.release()
+    assert 1.4 < time.monotonic() - start < 8
+    message = str(err.value)
+    assert server.url in message and "judge.round_timeout=1.5 s" in message
+    assert "4 of 6 requests unanswered" in message and "2 answers received" in message
+    assert len(judge.cache) == 2
+
+
+def test_one_deadline_over_a_rounds_calls(server, key_env, records):
+    """A training round judges its prompts chunk by chunk (`judge_round` around the calls):
+    the deadline is the round's, not each call's."""
+    server.configure(latency=0.4)
+    judge = judge_for(server, key_env, concurrency=1, round_timeout=2.0)
+    calls = [[(r, ["a"]) for r in records[i:i + 2]] for i in (0, 2, 4)]  # 0.8 s each
+    for items in calls:  # alone, each call is a round of its own
+        judge.judge_many(items)
+    server.reset()
+    server.configure(latency=0.4)
+    with judge_round(judge):
+        judge.judge_many([(r, ["b"]) for r in records[:2]])
+        judge.judge_many([(r, ["b"]) for r in records[2:4]])
+        with pytest.raises(ChatTimeout, match=server.url):
+            judge.judge_many([(r, ["b"]) for r in records[4:6]])  # 2.4 s into the round
+
+
+def test_rate_limit_retry_after_is_honoured(server, key_env, records):
+    server.queue("429@1")
+    judge = judge_for(server, key_env, max_retries=2)
+    judge.judge(records[0], ["a"])
+    first, retry = server.requests
+    assert first.outcome == 429 and retry.outcome == 200
+    assert retry.t - first.t >= 0.95  # the server's retry-after: 1 s, not the 0.5 s backoff
+
+
+def test_rate_limit_has_its_own_longer_budget(server, key_env, records):
+    server.queue(*["429@0.05"] * 5)
+    judge = judge_for(server, key_env, max_retries=1, rate_limit_retries=3)
+    assert all(judge.judge(records[0], ["a"])[0].values())
+    assert [s.outcome for s in server.requests] == [429] * 5 + [200]
+    server.reset()
+    server.queue(*["429@0.05"] * 5)
+    judge = judge_for(server, key_env, max_retries=1, rate_limit_retries=2)
+    with pytest.raises(ChatError, match=r"HTTP 429 after 4 retries \(retry-after: 0.05 s"):
+        judge.judge(records[0], ["a"])
+
+
+def test_non_finite_answers_are_unknown_and_logged_once_per_round(server, key_env, records,
+                                                                  caplog):
+    server.queue(*['answer:{"score": NaN}', 'answer:{"score": Infinity}'] * 2)
+    judge = judge_for(server, key_env, concurrency=1, parse_retries=1)
+    with caplog.at_level(logging.WARNING, logger="rdpo"), judge.round():
+        assert judge.outcome(records[0], ["a"]) == [None]
+        assert judge.outcome(records[1], ["b"]) == [None]
+        assert judge.outcome(records[2], ["c"]) == [7]
+    assert judge.stats == {"requests": 5, "cache_hits": 0, "unparseable": 2}
+    [line] = [r.getMessage() for r in caplog.records if "no readable verdict" in r.getMessage()]
+    assert "2 answer(s)" in line and "NaN" in line

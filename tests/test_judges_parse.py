@@ -71,3 +71,31 @@ def test_own_verdict_cut_off_after_a_quoted_one_is_unparseable():
               '{"verdicts": [{"id": "E1", "met": fal')
     assert parse_verdicts(answer, IDS) is None
     assert parse_score('Quoted {"score": 9}; mine: { "score" : ') is None
+
+
+DEEP = '{"verdicts": ' + "[" * 100_000 + "]" * 100_000 + "}"
+
+
+@pytest.mark.parametrize("text", [
+    '{"score": NaN}', '{"score": Infinity}', '{"score": -Infinity}', '{"score": 1e999}',
+    '{"score": ' + "9" * 5000 + "}", '{"score": "²"}', '{"score": "' + "9" * 5000 + '"}',
+    '{"score": ' + "[" * 100_000 + "]" * 100_000 + "}", "{" * 100_000,
+])
+def test_non_finite_malformed_or_deep_scores_are_unknown(text):
+    """An answer the judge model wrote never raises (ValueError, OverflowError,
+    RecursionError): it is unknown, so the caller asks again and, still unknown, counts it."""
+    assert parse_score(text) is None
+
+
+@pytest.mark.parametrize("text", [
+    DEEP, '{"verdicts": [{"id": "E1", "met": true, "p": NaN}]}',
+    '{"verdicts": [{"id": "E1", "met": true, "p": 1e400}]}', "[" * 100_000,
+])
+def test_non_finite_or_deep_verdicts_are_unparseable(text):
+    assert parse_verdicts(text, IDS) is None
+
+
+def test_a_finite_object_after_a_broken_one_still_counts():
+    assert parse_score('{"score": NaN} no, {"score": 4}') == 4
+    assert parse_verdicts('{"x": Infinity} {"verdicts": [{"id": "E1", "met": true}]}',
+                          IDS) == {"E1": True, "E2": None, "A1": None}
