@@ -57,7 +57,7 @@ class PairCollator:
         self.vision = vision
 
     def _images(self, records: Sequence[PromptRecord], prompts: list[dict]) -> BatchImages:
-        return BatchImages(self.vision, [(r.id, tuple(r.images)) for r in records], prompts)
+        return BatchImages(self.vision, [r.content_key for r in records], prompts)
 
     def sequences(self, records: Sequence[PromptRecord], completions: Sequence[Completion]) -> dict:
         """A right-padded batch of prompt + completion sequences (supervised fine-tuning)."""

@@ -19,6 +19,7 @@ what the config sets.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import io
 import json
@@ -124,15 +125,66 @@ def image_hash(path: Path) -> str:
 
 
 def data_url(path: Path) -> str:
-    """The image file as a base64 ``data:`` URL; formats other than PNG/JPEG/WebP become PNG."""
-    raw = path.read_bytes()
+    """The image as a base64 ``data:`` URL carrying its pixels and nothing else: no EXIF (camera,
+    GPS, dates), ICC profile, comment or text chunk reaches a server. A JPEG keeps its coded
+    pixels with its metadata segments dropped (`_strip_jpeg`); any other image is re-encoded as
+    a PNG of its RGB pixels, the pixels rdpo's processor sees (`rdpo.pool.load_images`)."""
+    st = path.stat()
+    fmt, raw = _clean_image(str(path), st.st_size, st.st_mtime_ns)
+    return f"data:image/{fmt};base64,{base64.b64encode(raw).decode('ascii')}"
+
+
+@functools.lru_cache(maxsize=32)  # a prompt's K responses are judged at once, on one image
+def _clean_image(path: str, size: int, mtime_ns: int) -> tuple[str, bytes]:
+    raw = Path(path).read_bytes()
     with Image.open(io.BytesIO(raw)) as im:
-        fmt = (im.format or "").upper()
-        if fmt not in ("PNG", "JPEG", "WEBP"):
-            buf = io.BytesIO()
-            im.convert("RGB").save(buf, format="PNG")
-            raw, fmt = buf.getvalue(), "PNG"
-    return f"data:image/{fmt.lower()};base64,{base64.b64encode(raw).decode('ascii')}"
+        if im.format == "JPEG" and (stripped := _strip_jpeg(raw)) is not None:
+            return "jpeg", stripped
+        rgb = im.convert("RGB")
+    rgb.info = {}  # convert copies the source's info (icc_profile, exif), which save would write
+    buf = io.BytesIO()
+    rgb.save(buf, format="PNG")
+    return "png", buf.getvalue()
+
+
+# JPEG segments that only describe the image (APP1: EXIF/XMP, APP2: ICC, APP3-13, APP15, COM):
+# dropping them leaves the coded pixels, and so every decoder's output, unchanged. APP0 (JFIF)
+# and APP14 (Adobe: the colour transform of the coded data) stay.
+_JPEG_METADATA = frozenset([*range(0xE1, 0xEE), 0xEF, 0xFE])
+
+
+def _strip_jpeg(raw: bytes) -> bytes | None:
+    """`raw` without its metadata segments, or None when it does not parse as a baseline
+    marker sequence or PIL still finds metadata in the result (the caller re-encodes)."""
+    if raw[:2] != b"\xff\xd8":
+        return None
+    out, i = [raw[:2]], 2
+    while i + 4 <= len(raw):
+        if raw[i] != 0xFF:
+            return None
+        marker = raw[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0xDA:  # start of scan: the coded data follows, kept as it is
+            out.append(raw[i:])
+            break
+        length = int.from_bytes(raw[i + 2:i + 4], "big")
+        if length < 2:
+            return None
+        if marker not in _JPEG_METADATA:
+            out.append(raw[i:i + 2 + length])
+        i += 2 + length
+    else:
+        return None
+    stripped = b"".join(out)
+    try:
+        with Image.open(io.BytesIO(stripped)) as im:
+            if set(im.info) & {"exif", "icc_profile", "comment", "xmp"} or im.getexif():
+                return None  # metadata after the first scan (rare): re-encode instead
+    except Exception:
+        return None
+    return stripped
 
 
 class TransformersChat:

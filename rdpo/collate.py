@@ -64,12 +64,14 @@ def completion_ids(processor, completion: Completion) -> list[int]:
 
 
 class PromptCache:
-    """Encoded prompts (processor output, image patches included) by record id, least recently
-    used dropped first once they hold more than `max_mb` MB (0: nothing is kept).
+    """Encoded prompts (processor output, image patches included) by the record's content
+    (`PromptRecord.content_key`: instruction and image bytes, never the id alone, which a
+    held-out pool may share with the training pool), least recently used dropped first once
+    they hold more than `max_mb` MB (0: nothing is kept).
 
-    One cache serves the rollout and the pair collation, so a prompt a round samples from and
-    then trains on for several steps is encoded once, and memory stays bounded however large
-    the pool is.
+    One cache serves the rollout, the pair collation and the held-out evaluation, so a prompt a
+    round samples from and then trains on for several steps is encoded once, and memory stays
+    bounded however large the pool is.
     """
 
     def __init__(self, processor, max_mb: float = 512):
@@ -83,15 +85,16 @@ class PromptCache:
         return len(self._items)
 
     def get(self, record: PromptRecord) -> dict[str, torch.Tensor]:
-        if record.id in self._items:
+        key = record.content_key
+        if key in self._items:
             self.hits += 1
-            self._items.move_to_end(record.id)
-            return self._items[record.id][0]
+            self._items.move_to_end(key)
+            return self._items[key][0]
         self.misses += 1
         encoded = encode_prompt(self.processor, record)
         size = sum(v.numel() * v.element_size() for v in encoded.values())
         if size <= self.max_bytes:
-            self._items[record.id] = (encoded, size)
+            self._items[key] = (encoded, size)
             self.bytes += size
             while self.bytes > self.max_bytes:
                 _, (_, dropped) = self._items.popitem(last=False)

@@ -44,11 +44,11 @@ class RunConfig:
     that config)."""
     precision: str = "32-true"
     """Lightning precision: 32-true, bf16-mixed, ..."""
-    log_every_n_steps: int = 1
+    log_every_n_steps: int = setting(1, gt=0)
     """How often Lightning writes step metrics."""
     progress_bar: bool = True
     """Show Lightning's progress bar."""
-    threads: int = 0
+    threads: int = setting(0, ge=0)
     """torch CPU threads (0: leave torch's default)."""
     report: bool = True
     """At the end, write report.png and report.md (plots and summary, `rdpo.report`) in run.dir."""
@@ -133,15 +133,15 @@ class ToyConfig:
     family: str = setting("qwen2_vl", choices=("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision",
                                                "idefics3", "gemma3", "internvl", "mllama"))
     """Architecture of the tiny model (`rdpo.demo.tiny`, `rdpo.families`)."""
-    hidden_size: int = 64
+    hidden_size: int = setting(64, gt=0)
     """Width of the tiny model's language and vision towers."""
     head_dim: int = setting(16, choices=(16, 32, 64))
     """Attention head size of the tiny language model (quickstart: 16; vLLM's CPU server needs 32)."""
-    layers: int = 2
+    layers: int = setting(2, gt=0)
     """Depth of the tiny model's language and vision towers."""
-    n_train: int = 96
+    n_train: int = setting(96, gt=0)
     """Training prompts in the shapes task."""
-    n_heldout: int = 48
+    n_heldout: int = setting(48, ge=0)
     """Held-out prompts (disjoint from training prompts)."""
     task: str = setting("easy", choices=("easy", "hard"))
     """easy: 1-2 shapes, 4 question kinds; hard: 3-6 shapes, relations, counts by colour, more
@@ -150,7 +150,7 @@ class ToyConfig:
     """Seed of the shapes task (images, instructions, rubrics)."""
     warmstart_steps: int = setting(1500, ge=0)
     """Supervised warm-start steps that teach the random-init model the task's language."""
-    warmstart_lr: float = 2e-3
+    warmstart_lr: float = setting(2e-3, gt=0)
     """Warm-start learning rate (AdamW, full fine-tuning)."""
     flaw_rate: float = setting(0.8, ge=0, le=1)
     """Fraction of warm-start answers that carry a flaw (hallucination, wrong fact, terse,
@@ -161,9 +161,9 @@ class ToyConfig:
 class LoraConfig:
     r: int = setting(16, gt=0)
     """LoRA rank."""
-    alpha: int = 32
+    alpha: int = setting(32, gt=0)
     """LoRA scaling numerator (scale = alpha / r)."""
-    dropout: float = 0.0
+    dropout: float = setting(0.0, ge=0, lt=1)
     """Dropout on the LoRA input."""
     target_modules: str = "auto"
     """Regex over module names, or auto: the language model's attention and MLP projections of
@@ -216,6 +216,13 @@ class DataConfig:
     reference pass encodes each image once and the DPO steps reuse its features, never running
     the frozen vision tower (a prompt beyond the bound is encoded again, without gradient; 0:
     every step runs the vision tower; off under DeepSpeed ZeRO-3)."""
+    max_image_pixels: int = setting(89_478_485, gt=0)
+    """Largest image a pool may name (width × height, read from the file's header before it is
+    decoded): a larger one is refused when the pool is loaded (a decompression bomb). The default
+    is PIL's own limit (Image.MAX_IMAGE_PIXELS); a higher bound raises PIL's for the process."""
+    allow_outside_paths: bool = False
+    """Let a pool name images outside its own folder (an absolute path, '..', a symlink leading
+    out); refused by default, so a pool cannot have any readable file encoded or sent to a judge."""
 
 
 @dataclass
@@ -358,7 +365,7 @@ class EvalConfig:
     """Responses sampled per held-out prompt; the score is the mean over all of them."""
     temperature: float = setting(1.0, ge=0)
     """Sampling temperature of the evaluation (0: greedy, one response)."""
-    max_prompts: int = 0
+    max_prompts: int = setting(0, ge=0)
     """Evaluate at most this many held-out prompts (0: all)."""
 
 

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rdpo.batches import PairCollator, TrainPair, pair_from_dict, pair_to_dict
 from rdpo.collate import PromptCache
-from rdpo.pool import PromptRecord, load_pool
+from rdpo.pool import MAX_IMAGE_PIXELS, PromptRecord, load_pool
 from rdpo.vision_cache import VisionCache
 
 log = logging.getLogger("rdpo")
@@ -79,8 +79,11 @@ class OnPolicyDataModule(L.LightningDataModule):
     def __init__(self, train_pool: str, heldout_pool: str | None = None, *,
                  prompts_per_round: int = 32, batch_size: int = 8, steps_per_round: int = 10,
                  accumulate_grad_batches: int = 1, seed: int = 0, packed: bool = True,
-                 prompt_cache_mb: float = 512, vision_cache_mb: float = 1024):
+                 prompt_cache_mb: float = 512, vision_cache_mb: float = 1024,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, allow_outside_paths: bool = False):
         super().__init__()
+        self.pool_files = {"max_pixels": max_image_pixels, "allow_outside": allow_outside_paths}
+        """How the pools' image files are checked (`rdpo.pool.check_pool`)."""
         self.packed = packed
         self.prompt_cache_mb = prompt_cache_mb
         self.vision_cache_mb = vision_cache_mb
@@ -127,9 +130,9 @@ class OnPolicyDataModule(L.LightningDataModule):
 
     def _load_pools(self) -> None:
         if not self.records:
-            self.records = load_pool(self.train_pool)
+            self.records = load_pool(self.train_pool, **self.pool_files)
             if self.heldout_pool:
-                self.heldout = load_pool(self.heldout_pool)
+                self.heldout = load_pool(self.heldout_pool, **self.pool_files)
 
     def round_prompts(self, round_index: int) -> list[PromptRecord]:
         """The prompts of round `round_index` on this rank: a seeded sample of the shard."""

@@ -232,7 +232,8 @@ def build(cfg: Config) -> Run:
         batch_size=cfg.data.batch_size, steps_per_round=cfg.rollout.every_n_steps,
         accumulate_grad_batches=cfg.data.accumulate_grad_batches, seed=cfg.run.seed,
         packed=_can_pack(cfg, model), prompt_cache_mb=cfg.data.prompt_cache_mb,
-        vision_cache_mb=_vision_cache_mb(cfg))
+        vision_cache_mb=_vision_cache_mb(cfg), max_image_pixels=cfg.data.max_image_pixels,
+        allow_outside_paths=cfg.data.allow_outside_paths)
     datamodule.connect(processor)
     datamodule.setup("fit")
     judge = _judge(cfg)

@@ -7,12 +7,15 @@ stopping at the first one or silently dropping bad records.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,14 @@ OUTCOME_KEYS = frozenset({"check", "text"})
 RUBRIC_KEYS = frozenset({"essential", "additional"})
 CRITERION_KEYS = frozenset({"id", "text", "weight", "check"})
 CHECK_KEYS = ("any", "all", "none")
+MAX_IMAGE_PIXELS = 89_478_485
+"""Default bound on an image's width × height (`data.max_image_pixels`): PIL's own
+``Image.MAX_IMAGE_PIXELS``, above which PIL warns of a decompression bomb (and refuses at twice
+it)."""
+OUTSIDE_SETTING = "data.allow_outside_paths"
+"""The setting that lets a pool name files outside its folder."""
+PIXELS_SETTING = "data.max_image_pixels"
+"""The setting that bounds an image's pixels."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +93,35 @@ class PromptRecord:
     def visuals(self) -> tuple[Path, ...]:
         """What a judge is shown: the images, then the video's frames."""
         return self.images + self.video
+
+    @cached_property
+    def content_key(self) -> str:
+        """sha256 of what the policy is shown: the instruction and the bytes of every image and
+        video frame (not their paths), computed once per record. The key of every cache of
+        encoded prompts and image features: two pools may both number their records from 0,
+        and the same content under two ids is the same prompt."""
+        h = hashlib.sha256()
+        for part in (self.instruction, str(len(self.images)), *map(file_digest, self.images),
+                     str(len(self.video)), *map(file_digest, self.video)):
+            h.update(part.encode("utf-8"))
+            h.update(b"\0")  # separator: ("ab", "c") and ("a", "bc") must not collide
+        return h.hexdigest()
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (memoised by path, size and modification time)."""
+    st = os.stat(path)
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
 
 
 @dataclass(frozen=True)
@@ -279,11 +319,13 @@ def _check_outcome(raw: Any, report: _Collector) -> dict | None:
 
 
 def check_images(
-    raw: Any, base: Path, open_images: bool, report: _Collector, key: str = "images"
+    raw: Any, base: Path, open_images: bool, report: _Collector, key: str = "images", *,
+    max_pixels: int = MAX_IMAGE_PIXELS, allow_outside: bool = False
 ) -> tuple[Path, ...] | None:
     """A record's ``images`` (or the `key` list, e.g. ``video`` frames; paths relative to `base`)
-    as resolved paths, or None with its problems reported; `open_images` also checks that each
-    file is a readable image."""
+    as resolved paths, or None with its problems reported. `open_images` also checks each file:
+    inside `base` once symlinks are resolved (unless `allow_outside`), a readable image of at
+    most `max_pixels` pixels (read from its header, before anything is decoded)."""
     if not isinstance(raw, list) or not raw:
         report(key, "must be a non-empty list of image paths")
         return None
@@ -297,19 +339,50 @@ def check_images(
         paths.append(path)
         if not open_images:
             continue
+        if not allow_outside and not path.is_relative_to(base):
+            # An absolute path, '..' or a symlink out of the folder: a pool from elsewhere could
+            # otherwise have any readable file encoded, or sent to a remote judge.
+            report(f"{key}[{i}]", f"{item} is outside the pool's folder {base} (as {path}); "
+                                  f"move it under that folder, or set {OUTSIDE_SETTING}=true")
+            continue
         if not path.is_file():
             report(f"{key}[{i}]", f"file not found: {path}")
             continue
         try:
-            with Image.open(path) as im:
+            # PIL warns above its limit and raises at twice it (`allow_pixels`): the bound
+            # here is the one reported.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = Image.open(path)
+            with im:
+                width, height = im.size
+                if width * height > max_pixels:
+                    report(f"{key}[{i}]", _too_large(path, f"{width}x{height} = "
+                                          f"{width * height:,} pixels", max_pixels))
+                    continue
                 im.verify()
+        except Image.DecompressionBombError as err:
+            report(f"{key}[{i}]", _too_large(path, f"too large for PIL ({err})", max_pixels))
         except Exception as err:  # PIL raises many types for corrupt files
             report(f"{key}[{i}]", f"unreadable image {path}: {err}")
     return tuple(paths) if report.count == before else None
 
 
+def _too_large(path: Path, size: str, max_pixels: int) -> str:
+    return (f"image {path} is {size}, above the bound of {max_pixels:,} pixels (a decompression "
+            f"bomb?); downscale it, or raise {PIXELS_SETTING}")
+
+
+def allow_pixels(max_pixels: int) -> None:
+    """Raise PIL's own decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, process-wide) to
+    `max_pixels` when it is lower, so every later open (processor, judge) accepts the images
+    validation accepted; a lower bound is enforced by validation alone."""
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 def _check_record(raw: dict, lineno: int, seen: dict[str, int], base: Path, open_images: bool,
-                  report: _Collector) -> PromptRecord | None:
+                  report: _Collector, **files) -> PromptRecord | None:
     _unknown_keys(raw, RECORD_KEYS, "record", report)
     # Ids of broken records are tracked too, so a duplicate is caught whichever copy is bad.
     check_id_and_instruction(raw, lineno, seen, report)
@@ -318,10 +391,11 @@ def _check_record(raw: dict, lineno: int, seen: dict[str, int], base: Path, open
         report("rubric", "missing")
     if "images" not in raw and "video" not in raw:
         report("images", "missing (or give a video)")
-    video = check_images(raw["video"], base, open_images, report, "video") if "video" in raw else ()
+    video = (check_images(raw["video"], base, open_images, report, "video", **files)
+             if "video" in raw else ())
     images = ()
     if "images" in raw and not (raw["images"] == [] and "video" in raw):
-        images = check_images(raw["images"], base, open_images, report)
+        images = check_images(raw["images"], base, open_images, report, **files)
     rubric = check_rubric(raw["rubric"], report) if "rubric" in raw else None
     reference = raw.get("reference")
     if reference is not None and not isinstance(reference, str):
@@ -344,12 +418,16 @@ def _check_record(raw: dict, lineno: int, seen: dict[str, int], base: Path, open
 
 
 def check_pool(
-    path: str | os.PathLike, *, open_images: bool = True
+    path: str | os.PathLike, *, open_images: bool = True, max_pixels: int = MAX_IMAGE_PIXELS,
+    allow_outside: bool = False
 ) -> tuple[list[PromptRecord], list[Problem]]:
     """Validate a pool file; return its good records and every problem found.
 
     Records with problems are left out of the first list, so callers that train must use
     `load_pool`, which refuses a pool with any problem. An empty pool is a problem too.
+    `open_images` checks the files too (`check_images`: inside the pool's folder unless
+    `allow_outside`, readable, at most `max_pixels` pixels); without it only the records'
+    structure is checked, nothing about the files they name.
     """
     path = Path(path)
     file = str(path)
@@ -359,9 +437,12 @@ def check_pool(
     records: list[PromptRecord] = []
     problems: list[Problem] = []
     seen: dict[str, int] = {}
+    if open_images:
+        allow_pixels(max_pixels)
     try:
         for lineno, raw, report in jsonl_objects(path, problems):
-            record = _check_record(raw, lineno, seen, base, open_images, report)
+            record = _check_record(raw, lineno, seen, base, open_images, report,
+                                   max_pixels=max_pixels, allow_outside=allow_outside)
             if record is not None:
                 records.append(record)
     except OSError as err:
@@ -371,9 +452,12 @@ def check_pool(
     return records, problems
 
 
-def load_pool(path: str | os.PathLike, *, open_images: bool = True) -> list[PromptRecord]:
-    """Load a pool, raising `PoolError` listing every problem if there is any."""
-    records, problems = check_pool(path, open_images=open_images)
+def load_pool(path: str | os.PathLike, *, open_images: bool = True,
+              max_pixels: int = MAX_IMAGE_PIXELS, allow_outside: bool = False
+              ) -> list[PromptRecord]:
+    """Load a pool (`check_pool`), raising `PoolError` listing every problem if there is any."""
+    records, problems = check_pool(path, open_images=open_images, max_pixels=max_pixels,
+                                   allow_outside=allow_outside)
     if problems:
         raise PoolError(problems)
     return records

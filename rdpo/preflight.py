@@ -1,7 +1,8 @@
 """Preflight: every input of a run checked in a second, before anything heavy loads.
 
 `check_inputs(cfg)` looks at the policy checkpoint, a transformers judge's checkpoint, the rubric
-pools and the checkpoint to resume, and raises one `ConfigError` listing every problem. Without
+pools and the checkpoint to resume, and raises one `ConfigError` listing every problem; a held-out
+prompt that repeats a training prompt is warned about (`contamination`). Without
 it, a checkpoint path that does not exist is taken for a Hub id and retried for minutes, a
 directory without a processor ends in a transformers traceback, and a missing pool is found only
 after the model has loaded.
@@ -11,13 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from rdpo.config import Config, ConfigError
 
+log = logging.getLogger("rdpo")
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 HUB_TIMEOUT = 10.0
 """Seconds the one Hub lookup of a preflight may take (no retries)."""
@@ -52,15 +55,28 @@ def check_inputs(cfg: Config) -> None:
         problems += _checkpoint_problems("model.path", cfg.model.path)
     if cfg.judge.kind == "transformers" and cfg.judge.model:
         problems += _checkpoint_problems("judge.model", cfg.judge.model)
-    checked: set[Path] = set()
+    checked: dict[Path, list] = {}
+    records: dict[str, list] = {}
     for key, value in (("data.train_pool", cfg.data.train_pool),
                        ("data.heldout_pool", cfg.data.heldout_pool)):
         if value is None or value == toy.get(key):
             continue
-        if Path(value).resolve() in checked:
-            continue  # one file for both pools: its problems once
-        checked.add(Path(value).resolve())
-        problems += _pool_problems(key, value)
+        if Path(value).resolve() in checked:  # one file for both pools: its problems once
+            records[key] = checked[Path(value).resolve()]
+            continue
+        records[key], lines = _pool_problems(key, value, cfg)
+        checked[Path(value).resolve()] = records[key]
+        problems += lines
+    if records.get("data.train_pool") and records.get("data.heldout_pool"):
+        repeats = contamination(records["data.train_pool"], records["data.heldout_pool"])
+        if repeats:
+            log.warning("data.heldout_pool: %d of its %d prompts repeat a training prompt (same "
+                        "instruction and image bytes), so the held-out score partly measures "
+                        "prompts the policy trains on: %s%s; remove them from one of the pools",
+                        len(repeats), len(records["data.heldout_pool"]),
+                        ", ".join(f"{h.source} ({h.id}) = {t.source} ({t.id})"
+                                  for h, t in repeats[:5]),
+                        f" and {len(repeats) - 5} more" if len(repeats) > 5 else "")
     if cfg.run.resume not in ("none", "auto") and not Path(cfg.run.resume).exists():
         problems.append(f"run.resume: no such checkpoint: {cfg.run.resume} "
                         "(none, auto, or the path of a checkpoint)")
@@ -188,21 +204,32 @@ def _missing_shards(path: Path) -> list[str]:
     return sorted(missing)
 
 
-def _pool_problems(key: str, value: str) -> list[str]:
-    """The pool's problems as `python -m rdpo.rubrics validate` prints them, key first."""
+def contamination(train: Sequence, heldout: Sequence) -> list[tuple]:
+    """(held-out record, training record) for every held-out prompt whose content
+    (`rdpo.pool.PromptRecord.content_key`: instruction and image bytes) is a training prompt's,
+    whatever their ids."""
+    by_content = {r.content_key: r for r in train}
+    return [(h, by_content[h.content_key]) for h in heldout if h.content_key in by_content]
+
+
+def _pool_problems(key: str, value: str, cfg: Config) -> tuple[list, list[str]]:
+    """The pool's good records, and its problems as `python -m rdpo.rubrics validate` prints
+    them, key first (images checked with the run's data.max_image_pixels and
+    data.allow_outside_paths)."""
     from rdpo.pool import check_pool
 
     path = Path(value)
     if not path.exists():
-        return [f"{key}: no such file: {value}"]
+        return [], [f"{key}: no such file: {value}"]
     if not path.is_file():
-        return [f"{key}: not a file: {value}"]
-    _, problems = check_pool(value)
+        return [], [f"{key}: not a file: {value}"]
+    records, problems = check_pool(value, max_pixels=cfg.data.max_image_pixels,
+                                   allow_outside=cfg.data.allow_outside_paths)
     lines = [f"{key}: {p}" for p in problems[:MAX_POOL_PROBLEMS]]
     if len(problems) > MAX_POOL_PROBLEMS:
         lines.append(f"{key}: ... and {len(problems) - MAX_POOL_PROBLEMS} more problems "
                      f"(python -m rdpo.rubrics validate {value} lists them all)")
-    return lines
+    return records, lines
 
 
 def _first_line(err: BaseException) -> str:

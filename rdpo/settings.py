@@ -6,6 +6,8 @@ Generic over any dataclass schema (`rdpo.config` holds rdpo's); no torch, no Lig
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import field
 
@@ -13,11 +15,15 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
-def setting(default=MISSING, *, choices: tuple | None = None, ge=None, gt=None, le=None, lt=None):
+def setting(default=MISSING, *, choices: tuple | None = None, ge=None, gt=None, le=None, lt=None,
+            finite: bool = True):
     """A field with what it allows written beside its default: `choices`, or bounds
-    (``ge`` >=, ``gt`` >, ``le`` <=, ``lt`` <). No default (`MISSING`) means required."""
+    (``ge`` >=, ``gt`` >, ``le`` <=, ``lt`` <). No default (`MISSING`) means required.
+    Every float setting must be finite (`check`); ``finite=False`` lets this one be inf."""
     meta = {k: v for k, v in (("choices", choices), ("ge", ge), ("gt", gt), ("le", le),
                               ("lt", lt)) if v is not None}
+    if not finite:
+        meta["finite"] = False
     return field(default=default, metadata=meta)
 
 
@@ -43,6 +49,14 @@ def allowed(meta) -> str:
     if lo and hi:
         return f"in {_BOUNDS[lo][1]}{meta[lo]}, {meta[hi]}{_BOUNDS[hi][1]}"
     return " ".join(f"{_BOUNDS[k][0]} {meta[k]}" for k in (lo, hi) if k)
+
+
+def _nonfinite(meta, value) -> bool:
+    """`value` is a float inf or nan where the field wants a finite number (every float field
+    unless ``finite=False``): a timeout, a rate or a bound of inf passes ``> 0`` and means
+    nothing (nan fails every bound, and is named as non-finite too)."""
+    return (isinstance(value, float) and not math.isfinite(value)
+            and (meta.get("finite", True) or math.isnan(value)))
 
 
 def _allows(meta, value) -> bool:
@@ -76,6 +90,7 @@ def check(section, name: Callable[[str], str], rules: Mapping[type, Callable] | 
     rules across fields (`rules`: section class → function). `name` turns a field name into the key the problem names
     (``"judge.{}".format``, or a command-line option)."""
     cls = OmegaConf.get_type(section) if isinstance(section, DictConfig) else type(section)
+    floats = {k for k, t in typing.get_type_hints(cls).items() if float in (t, *typing.get_args(t))}
     problems = []
     for f in dataclasses.fields(cls):
         if _missing(section, f.name):
@@ -83,6 +98,8 @@ def check(section, name: Callable[[str], str], rules: Mapping[type, Callable] | 
         elif _is_section(f):
             problems += check(getattr(section, f.name), lambda n, p=f.name: name(f"{p}.{n}"),
                               rules)
+        elif f.name in floats and _nonfinite(f.metadata, value := getattr(section, f.name)):
+            problems.append(f"{name(f.name)}: must be a finite number, got {value}")
         elif f.metadata:
             value = getattr(section, f.name)
             if _allows(f.metadata, value):

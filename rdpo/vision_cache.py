@@ -94,7 +94,7 @@ class BatchImages:
     leave it as it is; the features move to the device when they are used.
     """
 
-    def __init__(self, cache: VisionCache, keys: Sequence[tuple], encodings: Sequence[dict]):
+    def __init__(self, cache: VisionCache, keys: Sequence[str], encodings: Sequence[dict]):
         self.cache = cache
         self.keys = list(keys)
         self.encodings = list(encodings)
@@ -104,21 +104,22 @@ class BatchImages:
 
 
 class VisionCache:
-    """Image features by prompt, least recently used dropped first beyond `max_mb` MB
+    """Image features by prompt content (`rdpo.pool.PromptRecord.content_key`: never a record id
+    alone, which two pools may share), least recently used dropped first beyond `max_mb` MB
     (0: nothing kept, every step encodes its images, without gradient)."""
 
     def __init__(self, max_mb: float = 1024):
         self.max_bytes = int(max_mb * 2**20)
         self.bytes = 0
         self.hits = self.misses = 0
-        self._items: OrderedDict[tuple, tuple[dict, int]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[dict, int]] = OrderedDict()
         self._support: dict[int, str | None] = {}
         self._empty: dict[tuple, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def __contains__(self, key: tuple) -> bool:
+    def __contains__(self, key: str) -> bool:
         return key in self._items
 
     def supports(self, model) -> bool:
@@ -130,7 +131,7 @@ class VisionCache:
             self._support[id(model)] = reason
         return self._support[id(model)] is None
 
-    def _put(self, key: tuple, fields: dict) -> None:
+    def _put(self, key: str, fields: dict) -> None:
         size = sum(t.numel() * t.element_size() for t in _tensors(fields))
         if size > self.max_bytes:
             return

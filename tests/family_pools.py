@@ -1,12 +1,14 @@
 """Variants of a toy pool for the family tests: records with two images, records with a video.
 
 The rubric stays the first image's (the rule judge checks words, the loop only needs prompts
-of these shapes); images are written as absolute paths, so the new pool can live anywhere.
+of these shapes); the images are copied beside the new pool (a pool names files inside its own
+folder), so it can live anywhere.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 FRAMES = 4
@@ -19,8 +21,14 @@ def reshape_pool(src: Path, out: Path, *, multi_image: bool = False, video: bool
     `FRAMES` frames (and no image). Returns `out`."""
     src = Path(src)
     lines = [json.loads(x) for x in src.read_text().splitlines() if x.strip()]
-    paths = [str((src.parent / r["images"][0]).resolve()) for r in lines]
     out.parent.mkdir(parents=True, exist_ok=True)
+    (out.parent / "images").mkdir(exist_ok=True)
+    paths = []
+    for r in lines:
+        image = src.parent / r["images"][0]
+        paths.append(f"images/{image.name}")
+        if not (out.parent / paths[-1]).exists():
+            shutil.copy(image, out.parent / paths[-1])
     with out.open("w") as f:
         for i, rec in enumerate(lines):
             rec = dict(rec, images=[paths[i]])

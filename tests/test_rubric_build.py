@@ -39,7 +39,9 @@ def test_build_validates_retries_and_resumes(prompts, tmp_path, capsys):
         with_ref = [s for s in srv.requests if "Reference answer" in s.text]
         assert len(with_ref) >= 4
         assert "6 built, 0 failed" in capsys.readouterr().out
-        pool = load_pool(out)  # valid pool, image paths relative to the pool file
+        # valid pool, image paths relative to the pool file: '../..' to the prompts' images,
+        # outside the pool's folder, which a run accepts with data.allow_outside_paths
+        pool = load_pool(out, allow_outside=True)
         assert [r.id for r in pool] == [json.loads(x)["id"] for x in prompts.read_text().splitlines()]
         assert pool[0].rubric.to_json() == {**DEFAULT_RUBRIC, "essential": [
             {"id": "E1", "text": "States the main fact correctly."}]}
@@ -59,12 +61,12 @@ def test_failures_are_listed_then_retried(prompts, tmp_path, capsys):
         assert len(failures) == 2 and all(f["attempts"] == 2 for f in failures)
         assert any("rubric.essential" in p for p in failures[0]["problems"])
         assert "4 built, 2 failed" in capsys.readouterr().out
-        assert len(load_pool(out)) == 4
+        assert len(load_pool(out, allow_outside=True)) == 4
         # a re-run asks only for the two failed ids, and then the pool is complete
         before = srv.request_count
         assert build(srv, prompts, out) == 0
         assert srv.request_count - before == 2
-        assert len(load_pool(out)) == 6
+        assert len(load_pool(out, allow_outside=True)) == 6
         assert not (tmp_path / "pool.jsonl.failures.jsonl").exists()
 
 
@@ -77,7 +79,7 @@ def test_interrupted_write_is_cut_and_redone(prompts, tmp_path):
         before = srv.request_count
         assert build(srv, prompts, out) == 0
         assert srv.request_count - before == 2
-    assert [r.id for r in load_pool(out)] == [json.loads(x)["id"] for x in lines]
+    assert [r.id for r in load_pool(out, allow_outside=True)] == [json.loads(x)["id"] for x in lines]
 
 
 def test_bad_prompts_file(tmp_path, toy_pools, capsys):

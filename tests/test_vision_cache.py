@@ -94,7 +94,7 @@ def test_least_recently_used_features_go_first(tiny_lora, toy_pools):
         for r in (records[1], records[0], records[2]):  # record 1 is now the oldest
             pair_logps(model, collator([TrainPair(r, "a", "b", 0.0, 0.0)]))
     assert cache.bytes == 2 * one and len(cache) == 2
-    assert [k[0] for k in cache._items] == [records[0].id, records[2].id]
+    assert list(cache._items) == [records[0].content_key, records[2].content_key]
 
 
 def test_a_trainable_vision_tower_falls_back_with_a_reason(tmp_path, toy_pools, caplog):
