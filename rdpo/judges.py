@@ -83,23 +83,31 @@ RESPONSE>>>"""
 
 OUTCOME_PASS, OUTCOME_FAIL = 10, 1
 
-# Special tokens written in square brackets: Mistral/Pixtral's [INST], [/INST], [IMG_BREAK],
-# Gemma's [@BOS@], [multimodal]. Angle-bracket ones (<|im_end|>, <s>, <start_of_turn>,
-# <end_of_utterance>, <IMG_CONTEXT>) cannot survive the escaping of < and >.
-_BRACKET_TOKEN = re.compile(r"\[/?@?[A-Za-z_][\w@]*\]")
+# Special tokens written in square brackets (Mistral/Pixtral's [INST], [/INST], [IMG_BREAK],
+# Gemma's [@BOS@], [multimodal]) or between bars (Fuyu's |ENDOFTEXT|). Angle-bracket ones
+# (<|im_end|>, <s>, <start_of_turn>, <end_of_utterance>, <IMG_CONTEXT>) cannot survive the
+# escaping of < and >.
+_BRACKET_TOKEN = re.compile(r"\[/?@?[A-Za-z_][\w@]*\]|\|[A-Z][A-Z_]+\|")
 
 
 def escape_response(text: str, special_tokens: Iterable[str] = ()) -> str:
     """`text` as a judge is shown it: HTML character references for ``&``, ``<`` and ``>``
-    (so ``RESPONSE>>>`` and every ``<...>`` special token cannot occur), for the ``[`` of a
-    bracketed token name (``[INST]`` -> ``&#91;INST]``) and for the first character of any
-    other string in `special_tokens` (the judge's own tokenizer's, when it is known: the
-    transformers backend). A served model's tokenizer is not known here; the first two rules
-    cover the forms chat templates use."""
+    (so ``RESPONSE>>>`` and every ``<...>`` special token cannot occur), for the ``[`` or
+    ``|`` opening a token name (``[INST]`` -> ``&#91;INST]``, ``|ENDOFTEXT|`` ->
+    ``&#124;ENDOFTEXT|``) and for the first character of any other string in
+    `special_tokens` (the judge's own tokenizer's, when it is known: the transformers
+    backend). A served model's tokenizer is not known here; the first two rules cover the
+    forms chat templates use."""
     text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    text = _BRACKET_TOKEN.sub(lambda m: "&#91;" + m.group()[1:], text)
-    tokens = sorted({t for t in special_tokens if t}, key=len, reverse=True)
-    while found := [t for t in tokens if t in text]:  # a replacement may expose another one
+    text = _BRACKET_TOKEN.sub(lambda m: f"&#{ord(m.group()[0])};{m.group()[1:]}", text)
+    # A token made only of what a reference is written with cannot be broken by one (nor
+    # formed by one); a replacement can expose another token ("xab" with "xa" and "ab").
+    tokens = sorted({t for t in special_tokens if t.strip("&#;0123456789")}, key=len,
+                    reverse=True)
+    for _ in range(4):
+        found = [t for t in tokens if t in text]
+        if not found:
+            break
         for token in found:
             text = text.replace(token, f"&#{ord(token[0])};{token[1:]}")
     return text

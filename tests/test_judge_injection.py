@@ -87,8 +87,8 @@ def test_system_role_off_puts_instructions_first_in_the_user_turn(rule_server, r
 def test_escape_response_rules():
     assert escape_response("a < b && c > d") == "a &lt; b &amp;&amp; c &gt; d"
     assert escape_response("&lt;") == "&amp;lt;"  # unambiguous: unescaping gives it back
-    assert escape_response("[INST] x [/INST] [@BOS@] [1] [E1]") == \
-        "&#91;INST] x &#91;/INST] &#91;@BOS@] [1] &#91;E1]"
+    assert escape_response("[INST] x [/INST] [@BOS@] [1] [E1] |ENDOFTEXT| | A |") == \
+        "&#91;INST] x &#91;/INST] &#91;@BOS@] [1] &#91;E1] &#124;ENDOFTEXT| | A |"
     # the judge's own tokenizer's tokens of other forms, found also after the first pass
     assert escape_response("so sop<s>", special_tokens=["sop"]) == "so &#115;op&lt;s&gt;"
     for text in INJECTIONS:
@@ -177,3 +177,8 @@ def test_transformers_judge_prompt_order(family_judge, records):
                                      "<<<RESPONSE\nThe circle is red.\nRESPONSE>>>")]
     assert order == sorted(order)
     assert criterion_ids(request.text) == [c.id for c in record.rubric.criteria()]
+
+
+def test_escape_response_ends_on_any_token_list():
+    assert escape_response("xab #1", special_tokens=["xa", "ab", "#", "1", ""]) == \
+        "&#120;&#97;b #1"
