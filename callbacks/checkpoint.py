@@ -16,7 +16,9 @@ The checkpoint also carries the RNG states (Python, NumPy, torch) and, for a mod
 base weights are frozen, only the trainable weights: the base comes back from model.path. So
 that a resume cannot silently continue an adapter on another base with the same shapes (a
 moved or re-downloaded model.path that is in fact another fine-tune), it also carries a
-fingerprint of the frozen base weights (`base_fingerprint`), compared when it loads.
+fingerprint of the frozen base weights (`base_fingerprint`), compared when it loads, and the
+settings of the run that wrote it (`rdpo.rundir.run_settings`: config and pool digests), which
+rdpo.fit compares before it resumes (`read_run_state`).
 """
 
 from __future__ import annotations
@@ -27,11 +29,14 @@ import os
 import random
 import shutil
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
+
+from rdpo.rundir import atomic_write, fsync_dir
 
 log = logging.getLogger("rdpo")
 
@@ -46,6 +51,29 @@ def find_checkpoint(run_dir: str | Path) -> Path | None:
     found = [p for p in [run_dir / "checkpoints" / LAST, *run_dir.glob("hpc_ckpt_*.ckpt")]
              if p.exists()]
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def read_run_state(ckpt: str | Path) -> dict | None:
+    """What a checkpoint records about the run that wrote it: ``{"settings": ..., "base": ...}``
+    (`RoundCheckpoint`), read without loading its weights; None for a checkpoint of an earlier
+    version. A DeepSpeed checkpoint (a folder) keeps it in its model-states file."""
+    ckpt = Path(ckpt)
+    if ckpt.is_dir():
+        files = sorted(ckpt.glob("**/*model_states.pt"))
+        if not files:
+            return None
+        # DeepSpeed's client state holds more than plain types; the file is rdpo's own.
+        state = torch.load(files[0], map_location="cpu", weights_only=False)
+    else:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+    return state.get("rdpo_run")
+
+
+def base_mismatch(ckpt: str | Path, saved: str, now: str) -> str:
+    """The refusal of a checkpoint written on another base model."""
+    return (f"checkpoint {ckpt} was written on another base model (weights fingerprint {saved}, "
+            f"this model.path gives {now}): resume with the model.path it was trained on, or "
+            f"start a new run (another run.dir, or run.resume=none run.overwrite=true)")
 
 
 def base_fingerprint(model: torch.nn.Module, *, tensors: int = 4, values: int = 4096) -> str:
@@ -72,12 +100,18 @@ class RoundCheckpoint(L.Callback):
     """Saves ``dirpath/last.ckpt`` after each round is built, every `every_n_steps` steps and
     on `stop_signal`; list it after `RubricScoringCallback` so the round is built first.
     `base` (`base_fingerprint` of the policy as loaded) is saved, and a checkpoint written on
-    another base is refused."""
+    another base is refused. `settings` (plain types) are saved for `read_run_state`.
+    `on_train_start(trainer)` is called on every rank as training starts, once a resumed
+    checkpoint is restored (rdpo.fit writes config.yaml then)."""
 
     def __init__(self, dirpath: str | Path, every_n_steps: int, *,
-                 stop_signal: int | None = None, enabled: bool = True, base: str = ""):
+                 stop_signal: int | None = None, enabled: bool = True, base: str = "",
+                 settings: dict | None = None,
+                 on_train_start: Callable[[L.Trainer], None] | None = None):
         self.dirpath = Path(dirpath)
         self.base = base
+        self.settings = settings
+        self._on_train_start = on_train_start
         self.every_n_steps = every_n_steps
         self.stop_signal = stop_signal
         self.enabled = enabled
@@ -104,6 +138,10 @@ class RoundCheckpoint(L.Callback):
                 signal.pthread_sigmask(signal.SIG_BLOCK, {self.stop_signal})
             previous = signal.SIG_DFL if self._previous is None else self._previous
             signal.signal(self.stop_signal, previous)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._on_train_start is not None:
+            self._on_train_start(trainer)
 
     def _on_signal(self, signum, frame) -> None:
         # Only a flag: saving inside a signal handler could interrupt a collective halfway.
@@ -140,9 +178,7 @@ class RoundCheckpoint(L.Callback):
         trainer.should_stop = True
         step = trainer.global_step
         if trainer.is_global_zero:
-            tmp = self.dirpath / f"{PREEMPTED}.tmp"
-            tmp.write_text(f"preemption checkpoint saved at step {step}\n")
-            os.replace(tmp, self.dirpath / PREEMPTED)
+            atomic_write(self.dirpath / PREEMPTED, f"preemption checkpoint saved at step {step}\n")
         log.warning("preemption signal: checkpoint saved at step %d, stopping", step)
         return True
 
@@ -170,11 +206,17 @@ class RoundCheckpoint(L.Callback):
                 tmp.rename(self.path)
                 _remove(old)
             else:
+                # On disk before the rename: a crash (power, node) right after it must not leave
+                # an empty last.ckpt where the previous one was; the previous stays until then.
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
                 os.replace(tmp, self.path)
+                fsync_dir(self.dirpath)
         trainer.strategy.barrier("rdpo.checkpoint.done")
         self._last_saved_step = trainer.global_step
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["rdpo_run"] = {"settings": self.settings, "base": self.base}
         frozen = {n for n, p in pl_module.named_parameters() if not p.requires_grad}
         if frozen and "state_dict" in checkpoint:
             # The base weights never change and come back from model.path: keep the trainable
@@ -213,10 +255,7 @@ class RoundCheckpoint(L.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         saved = state_dict.get("base", "")  # "" in checkpoints of earlier versions: not checked
         if saved and self.base and saved != self.base:
-            raise ValueError(
-                f"checkpoint in {self.dirpath} was written on another base model (weights "
-                f"fingerprint {saved}, this model.path gives {self.base}): resume with the "
-                f"model.path it was trained on, or start over with run.resume=none")
+            raise ValueError(base_mismatch(self.dirpath, saved, self.base))
         rng = state_dict["rng"]
         random.setstate(rng["python"])
         name, keys, pos, has_gauss, gauss = rng["numpy"]
@@ -265,4 +304,4 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-__all__ = ["PREEMPTED", "RoundCheckpoint", "find_checkpoint"]
+__all__ = ["PREEMPTED", "RoundCheckpoint", "find_checkpoint", "read_run_state"]

@@ -19,6 +19,7 @@ from rdpo.callbacks.scoring import _all_gather, sample, score_chunks
 from rdpo.config import RolloutConfig
 from rdpo.evaluate import heldout_summary
 from rdpo.pool import PromptRecord
+from rdpo.rundir import atomic_write
 
 log = logging.getLogger("rdpo")
 
@@ -74,8 +75,8 @@ class HeldoutEvaluation(L.Callback):
             return
         self.results["before"] = self.evaluate(trainer, pl_module, "held-out before")
         if self.run_dir is not None and trainer.is_global_zero:
-            (self.run_dir / "eval_before.json").write_text(
-                json.dumps(self.results["before"], indent=2) + "\n")
+            atomic_write(self.run_dir / "eval_before.json",
+                         json.dumps(self.results["before"], indent=2) + "\n")
         self._log(trainer, "before")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

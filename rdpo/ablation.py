@@ -73,10 +73,11 @@ def run_all(config: str, seeds: list[int], out_dir: Path, overrides: list[str],
             if reuse and (d / "eval.json").is_file():
                 log.info("ablation: reusing %s", d)
                 continue
-            if d.exists():  # stale rounds of an earlier, longer run would join rounds.json
-                shutil.rmtree(d)
+            # run.overwrite: an earlier run there is deleted first (stale rounds of an earlier,
+            # longer run would join rounds.json); a folder that is no run directory is refused.
             cfg = load_config(config, [*overrides, f"run.dir={d}", f"run.seed={seed}",
-                                       f"pairs.strategy={strategy}", "run.progress_bar=false"])
+                                       f"pairs.strategy={strategy}", "run.progress_bar=false",
+                                       "run.overwrite=true"])
             if not cfg.data.heldout_pool:
                 raise ValueError("the ablation compares held-out scores: data.heldout_pool is null")
             start = time.perf_counter()

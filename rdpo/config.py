@@ -53,8 +53,18 @@ class RunConfig:
     report: bool = True
     """At the end, write report.png and report.md (plots and summary, `rdpo.report`) in run.dir."""
     resume: str = "none"
-    """none: start over; auto: continue from the newest checkpoint in run.dir (none there: start);
-    or the path of a checkpoint to continue from."""
+    """none: a new run (run.dir must be empty, or see run.overwrite); auto: continue from the
+    newest checkpoint in run.dir (none there: start); or the path of a checkpoint to continue
+    from. A resume is refused when a setting that changes the result (any but the few of
+    `rdpo.rundir.FREE`) or a pool's contents differ from the checkpoint's: see resume_accept."""
+    resume_accept: list[str] = field(default_factory=list)
+    """Resume despite these changed settings, on purpose: keys (dpo.lr), sections (judge) or
+    pools (data.train_pool: its contents); recorded in run.dir/resumes.jsonl. This start only
+    (config.yaml records [])."""
+    overwrite: bool = False
+    """run.resume=none in a run.dir that holds an earlier run: delete it first (only a run
+    directory: its config.yaml and files rdpo writes, never the root, home or working directory).
+    This start only (config.yaml records false)."""
     checkpoint: bool = True
     """Save run.dir/checkpoints/last.ckpt (adapter, optimizer, round, pairs, RNG) after each
     round is built and every checkpoint_every_n_steps steps."""
@@ -388,6 +398,9 @@ def _run_rules(run, name: Callable[[str], str]) -> list[str]:
                 for x in run.loggers if x not in LOGGERS]
     problems += [f"{name('loggers')}: {x!r} is listed twice" for x in sorted(set(run.loggers))
                  if list(run.loggers).count(x) > 1]
+    if run.overwrite and run.resume != "none":
+        problems.append(f"{name('overwrite')}: deletes the earlier run that {name('resume')}="
+                        f"{run.resume} continues: choose one")
     strategy = run.strategy
     if not strategy.startswith(DEEPSPEED) or strategy == DEEPSPEED:
         return problems
@@ -494,5 +507,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
-    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    """Write the resolved config as YAML (atomically: `rdpo.rundir.atomic_write`)."""
+    from rdpo.rundir import atomic_write
+
+    atomic_write(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))

@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rdpo import console
-from rdpo.config import Config, ConfigError, load_config, save_config
+from rdpo import console, rundir
+from rdpo.config import Config, ConfigError, load_config
 
 log = logging.getLogger("rdpo")
 
@@ -144,6 +144,42 @@ def resume_path(cfg: Config) -> Path | None:
     return path
 
 
+def _rank_zero() -> bool:
+    """Global rank 0, before Lightning has set the ranks up (from the launcher's environment:
+    RANK, LOCAL_RANK, SLURM_PROCID; NODE_RANK for nodes started by hand)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    node = os.environ.get("NODE_RANK", "0") if "RANK" not in os.environ else "0"
+    return rank_zero_only.rank == 0 and node in ("", "0")
+
+
+def check_start(cfg: Config, *, dry_run: bool = False) -> rundir.Start:
+    """Whether this command may start in run.dir, decided before anything is written there: a
+    new run needs an empty run.dir (rank 0 deletes an earlier run with run.overwrite=true;
+    `rdpo.rundir.check_dir`), a resume needs its checkpoint's settings (`check_resume`).
+    `dry_run` (``--check-resume``): decide only, write and delete nothing."""
+    from rdpo.callbacks.checkpoint import read_run_state
+
+    rundir.check_accept_keys(cfg)
+    ckpt = resume_path(cfg)
+    if _rank_zero():
+        rundir.check_dir(cfg, ckpt, clear=not dry_run)
+    if dry_run and ckpt is None:
+        return rundir.Start(None)
+    if not dry_run:
+        check_run_dir(Path(cfg.run.dir))
+    if cfg.toy.enabled:  # the pools' digests need the toy's pools
+        from rdpo.demo.warmstart import prepare_toy
+
+        prepare_toy(cfg.toy)
+    start = rundir.Start(ckpt, rundir.run_settings(cfg))
+    if ckpt is not None:
+        start.saved = read_run_state(ckpt)
+        start.accepted = rundir.check_resume(cfg, ckpt, (start.saved or {}).get("settings"),
+                                             start.settings)
+    return start
+
+
 @dataclass
 class Run:
     """The live pieces of a run, built from its config by `build`."""
@@ -197,7 +233,7 @@ def build(cfg: Config) -> Run:
     from rdpo.callbacks.checkpoint import (
         RoundCheckpoint,
         base_fingerprint,
-        find_checkpoint,
+        base_mismatch,
         keep_metrics,
     )
     from rdpo.data import OnPolicyDataModule
@@ -206,23 +242,21 @@ def build(cfg: Config) -> Run:
     from rdpo.strategy import cluster_plugins, make_strategy
 
     run_dir = Path(cfg.run.dir)
-    check_run_dir(run_dir)
-    ckpt = resume_path(cfg)
-    if ckpt is None and cfg.run.resume == "none" and find_checkpoint(run_dir):
-        log.warning("%s holds a checkpoint of an earlier run: starting over (run.resume=auto "
-                    "continues it)", run_dir)
+    start = check_start(cfg)
+    ckpt = start.checkpoint
     if ckpt is not None:
         log.info("resuming from %s", ckpt)
-    save_config(cfg, run_dir / "config.yaml")
+    elif _rank_zero():  # a resume's config.yaml is written once it is restored
+        rundir.save_run_config(cfg, run_dir)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    if cfg.toy.enabled:
-        from rdpo.demo.warmstart import prepare_toy
-
-        prepare_toy(cfg.toy)
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
 
     model, processor = load_policy(cfg.model)
+    base = base_fingerprint(model)
+    saved_base = (start.saved or {}).get("base")
+    if saved_base and base and saved_base != base:  # before any logger touches run.dir
+        raise rundir.StartRefused([base_mismatch(ckpt, saved_base, base)])
     module = RubricDPOModule(model, processor, cfg.dpo, on_nonfinite=cfg.run.on_nonfinite)
     # Checkpoints hold the trainable weights only (`RoundCheckpoint`); the base comes from
     # model.path when a run resumes.
@@ -256,9 +290,16 @@ def build(cfg: Config) -> Run:
         reference=cfg.dpo.reference,
         reference_model=_frozen_copy(model) if cfg.model.finetune == "full" else None,
         seed=cfg.run.seed, judge_chunk=_judge_chunk(cfg), server=server)
+
+    def restored(trainer) -> None:  # training starts: a resume's checkpoint is restored
+        if ckpt is not None and trainer.is_global_zero:
+            rundir.save_run_config(cfg, run_dir)
+            rundir.record_resume(run_dir, ckpt, trainer.global_step, start.accepted)
+
     checkpointer = RoundCheckpoint(
         run_dir / "checkpoints", cfg.run.checkpoint_every_n_steps or cfg.rollout.every_n_steps,
-        stop_signal=_preemption_signal(), enabled=cfg.run.checkpoint, base=base_fingerprint(model))
+        stop_signal=_preemption_signal(), enabled=cfg.run.checkpoint, base=base,
+        settings=start.settings, on_train_start=restored)
     run_loggers = loggers.make_loggers(cfg.run.loggers, cfg.logger, run_dir,
                                        resume=ckpt is not None)
     csv = loggers.csv_logger(run_loggers)
@@ -328,7 +369,7 @@ def finish(run: Run, start: float) -> FitResult:
 
             write_adapter_info(adapter_dir, run.adapter_base)
         if "after" in results:
-            (run_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+            rundir.atomic_write(run_dir / "eval.json", json.dumps(results, indent=2) + "\n")
             log.info("held-out: rubric score %.3f -> %.3f (gain %+.3f)",
                      results["before"]["rubric_score"], results["after"]["rubric_score"],
                      results["gain"])
@@ -363,6 +404,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     parser.add_argument("--print-run-dir", action="store_true",
                         help="print run.dir as the config resolves it and exit (slurm/fit.sbatch)")
+    parser.add_argument("--check-resume", action="store_true",
+                        help="check that the run can start as configured (an empty run.dir, or "
+                             "a checkpoint written with these settings) and exit: 0 yes, 2 no; "
+                             "with --print-run-dir, print run.dir once it passes")
     console.add_arguments(parser)
     args = parser.parse_args(argv)
     console.setup(console.verbosity(args))
@@ -371,8 +416,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.print_run_dir:
-        print(cfg.run.dir)
+    if args.check_resume:
+        try:
+            check_start(cfg, dry_run=True)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    if args.print_run_dir or args.check_resume:
+        if args.print_run_dir:
+            print(cfg.run.dir)
         return 0
     if args.quiet:
         cfg.run.progress_bar = False

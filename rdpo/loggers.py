@@ -118,7 +118,9 @@ def remember(loggers: list, run_dir: str | Path) -> None:
         elif isinstance(logger, MLFlowLogger):
             ids["mlflow"] = logger.run_id
     if ids:
-        (Path(run_dir) / IDS_FILE).write_text(json.dumps(ids) + "\n")
+        from rdpo.rundir import atomic_write
+
+        atomic_write(Path(run_dir) / IDS_FILE, json.dumps(ids) + "\n")
 
 
 def _wandb_settings():

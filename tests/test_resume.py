@@ -126,23 +126,25 @@ def _losses(run):
 
 
 def test_resume_refuses_another_seed_or_base(cache, policy, tmp_path):
-    """A checkpoint is resumed only by the run that wrote it: seed and pool must agree, and
-    the base weights (another model.path of the same shapes, one weight nudged by 1e-2)."""
+    """A checkpoint is resumed only by the run that wrote it: the seed must agree, and the base
+    weights (another model.path of the same shapes, one weight nudged by 1e-2). Refused before
+    anything is written: config.yaml and the logs stay the first run's."""
     run = tmp_path / "r"
-    proc = fit_cli(run, cache, "dpo.max_steps=2", "rollout.every_n_steps=2")
+    short = ["dpo.max_steps=2", "rollout.every_n_steps=2"]
+    proc = fit_cli(run, cache, *short)
     assert proc.returncode == 0, log_text(run)
     assert (run / "checkpoints/last.ckpt").is_file()
-    proc = fit_cli(run, cache, "dpo.max_steps=4", "rollout.every_n_steps=2", "run.seed=1",
-                   "run.resume=auto")
-    assert proc.returncode != 0
-    assert "resume with the same run.seed" in log_text(run)
+    written = {name: (run / name).read_bytes() for name in ("config.yaml", "logs/metrics.csv")}
+    proc = fit_cli(run, cache, *short, "run.seed=1", "run.resume=auto")
+    assert proc.returncode == 2, log_text(run)
+    assert "was written by a run with other settings:\n    run.seed: 0 → 1\n" in log_text(run)
     other = tmp_path / "other-base"
     shutil.copytree(policy, other)
     weights = load_file(other / "model.safetensors")
     name = next(n for n in sorted(weights) if weights[n].is_floating_point())
     weights[name] += 0.01
     save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
-    proc = fit_cli(run, cache, "dpo.max_steps=4", "rollout.every_n_steps=2", "run.resume=auto",
-                   f"model.path={other}")
-    assert proc.returncode != 0
+    proc = fit_cli(run, cache, *short, "run.resume=auto", f"model.path={other}")
+    assert proc.returncode == 2, log_text(run)
     assert "was written on another base model" in log_text(run)
+    assert {name: (run / name).read_bytes() for name in written} == written
