@@ -46,11 +46,41 @@ PREEMPTED = "preempted"
 
 def find_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest checkpoint of a run: ``checkpoints/last.ckpt`` or a Lightning SLURM
-    ``hpc_ckpt_N.ckpt`` in the run directory; None when there is none."""
+    ``hpc_ckpt_N.ckpt`` in the run directory; None when there is none. A DeepSpeed checkpoint
+    that a kill left between its two renames is put back first (`recover_deepspeed`)."""
     run_dir = Path(run_dir)
+    recover_deepspeed(run_dir / "checkpoints")
     found = [p for p in [run_dir / "checkpoints" / LAST, *run_dir.glob("hpc_ckpt_*.ckpt")]
              if p.exists()]
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+SEALED = "rdpo-complete"
+"""The last file of a DeepSpeed checkpoint folder, written once every rank's part is on disk."""
+
+
+def recover_deepspeed(dirpath: Path) -> Path | None:
+    """``last.ckpt`` again after a kill between the renames of a DeepSpeed (folder) checkpoint
+    (`RoundCheckpoint.save`): the new, sealed ``last.ckpt.tmp`` if it is whole, else the
+    previous one, ``last.ckpt.old``. Returns the folder put back, if any. Any rank may call
+    this at once: a rename that another rank has already done fails, and it moves on."""
+    last = dirpath / LAST
+    for candidate in (dirpath / f"{LAST}.tmp", dirpath / f"{LAST}.old"):
+        if last.exists():
+            return None
+        whole = candidate.is_dir() and (candidate.suffix == ".old"
+                                        or (candidate / SEALED).is_file())
+        if not whole:
+            continue
+        try:
+            candidate.rename(last)
+        except OSError:  # another rank put one back first
+            continue
+        fsync_dir(dirpath)
+        log.warning("%s: the last checkpoint save was interrupted between its renames; %s is "
+                    "last.ckpt again", dirpath, candidate.name)
+        return candidate
+    return None
 
 
 def read_run_state(ckpt: str | Path) -> dict | None:
@@ -199,11 +229,15 @@ class RoundCheckpoint(L.Callback):
         trainer.save_checkpoint(tmp, weights_only=False)  # ends with a barrier: every rank's part is written
         if trainer.is_global_zero:
             if tmp.is_dir():  # DeepSpeed writes a folder; a folder cannot replace a folder
+                # Sealed once whole; then last.ckpt -> .old, .tmp -> last.ckpt, .old removed.
+                # A kill between the renames leaves both; `recover_deepspeed` puts one back.
+                _seal(tmp)
                 old = self.dirpath / f"{LAST}.old"
                 _remove(old)
                 if self.path.exists():
                     self.path.rename(old)
                 tmp.rename(self.path)
+                fsync_dir(self.dirpath)
                 _remove(old)
             else:
                 # On disk before the rename: a crash (power, node) right after it must not leave
@@ -235,7 +269,8 @@ class RoundCheckpoint(L.Callback):
             loops["epoch_loop.batch_progress"]["is_last_batch"] = False
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        if checkpoint.get("rdpo_trainable_only"):
+        # DeepSpeed restores the weights itself: its client state has no "state_dict".
+        if checkpoint.get("rdpo_trainable_only") and "state_dict" in checkpoint:
             trainable = {n for n, p in pl_module.named_parameters() if p.requires_grad}
             missing = sorted(trainable - set(checkpoint["state_dict"]))
             if missing:
@@ -272,9 +307,9 @@ def keep_metrics(logger, ckpt: Path) -> None:
     import csv
 
     path = Path(logger.log_dir) / "metrics.csv"
-    if not path.is_file() or ckpt.is_dir():
+    if not path.is_file():
         return
-    step = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+    step = checkpoint_step(ckpt)
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         keys, rows = sorted(reader.fieldnames or []), list(reader)
@@ -285,6 +320,31 @@ def keep_metrics(logger, ckpt: Path) -> None:
         out.writeheader()
         out.writerows(rows)
     writer.metrics_keys = keys
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    """The optimizer step a checkpoint was saved at: a file, or a DeepSpeed folder, whose
+    Lightning state is in rank 0's model-states file."""
+    if not ckpt.is_dir():
+        return torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+    states = sorted(ckpt.glob("*/*model_states.pt"))
+    if not states:
+        raise ValueError(f"{ckpt}: no DeepSpeed model-states file (*/*model_states.pt): not a "
+                         f"checkpoint folder rdpo wrote")
+    # Written by DeepSpeed with more than plain types (its config); the file is rdpo's own.
+    return torch.load(states[0], map_location="cpu", weights_only=False)["global_step"]
+
+
+def _seal(folder: Path) -> None:
+    """Every file of a checkpoint folder on disk, then the `SEALED` file."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    for sub in sorted(p for p in folder.rglob("*") if p.is_dir()):
+        fsync_dir(sub)
+    atomic_write(folder / SEALED, "")
+    fsync_dir(folder)
 
 
 def _reset_current(progress: dict) -> None:

@@ -9,7 +9,6 @@ rank reports the same numbers and rank 0 writes the artifacts once, complete.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import shutil
@@ -18,12 +17,15 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from rdpo.callbacks.progress import phase
 
+from rdpo.batches import TrainPair
+from rdpo.collate import end_of_turn_id
 from rdpo.config import PairsConfig, RolloutConfig
+from rdpo.judges import judge_round
 from rdpo.pairs import PairSelection
 from rdpo.rollout import generate
-from rdpo.judges import judge_round
 from rdpo.rounds import (
     RoundSummary,
     ScoredRollout,
@@ -33,6 +35,7 @@ from rdpo.rounds import (
     summarize,
     write_round,
 )
+from rdpo.strategy import full_weights, is_deepspeed
 
 log = logging.getLogger("rdpo")
 
@@ -101,6 +104,18 @@ class RubricScoringCallback(L.Callback):
             return
         self.run_round(trainer, pl_module, trainer.current_epoch)
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if batch.get("empty") and is_deepspeed(trainer):
+            # A rank whose round kept no pair: under DeepSpeed its zero-loss step must still run
+            # the forward and backward the others run (ZeRO-3 gathers each layer's weights in
+            # a collective; ZeRO-2 lays the gradients out for the reduction in the order
+            # backward produced them). A one-token pair of the pool's first prompt, whose
+            # loss the module multiplies by zero (`RubricDPOModule`).
+            dm = trainer.datamodule
+            end = (end_of_turn_id(pl_module.processor),)
+            filler = dm.collator([TrainPair(dm.records[0], "", "", 0.0, 0.0, end, end)])
+            batch.update(move_data_to_device(filler, pl_module.device))
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         trainer.datamodule.batches_done = batch_idx + 1
 
@@ -118,7 +133,9 @@ class RubricScoringCallback(L.Callback):
         selection = select_pairs(scored, min_margin=self.pairs.min_margin,
                                  require_chosen_essential=self.pairs.require_chosen_essential,
                                  truncated=self.rollout.truncated)
-        with phase(trainer, "reference log-probs", len(selection.pairs), "pairs") as shown:
+        # Under ZeRO-3, gathered: each rank computes its own pairs, as many batches as it kept.
+        with phase(trainer, "reference log-probs", len(selection.pairs), "pairs") as shown, \
+                _gathered_for_generation(trainer, pl_module.model):
             train_pairs = reference_logps(pl_module.model, dm.collator, scored, selection,
                                           self.ref_batch_size, reference=self.reference,
                                           reference_model=self.reference_model,
@@ -241,6 +258,7 @@ def _write_once(directory: Path, scored, selection, train_pairs, summary) -> Non
     shutil.rmtree(directory, ignore_errors=True)  # a round a killed run had already written
     tmp.rename(directory)
 
+
 def score_chunks(judge, rollouts, aggregation: str, chunk: int, *, strategy: str | None = None,
                  progress=None) -> list[ScoredRollout]:
     """`score_rollouts` over `chunk` prompts per judge call (0: all at once), in one judge round
@@ -255,16 +273,11 @@ def score_chunks(judge, rollouts, aggregation: str, chunk: int, *, strategy: str
     return scored
 
 
-
 def _gathered_for_generation(trainer: L.Trainer, model):
-    """Under DeepSpeed ZeRO-3 each rank holds a slice of every weight; generation would gather
-    them layer by layer at every token, so they are gathered once for the whole rollout."""
-    stage = getattr(trainer.strategy, "zero_stage_3", False)
-    if not stage:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+    """Under DeepSpeed ZeRO-3 each rank holds a slice of every weight, and each rank samples
+    its own prompts for as many tokens as they take: the weights are gathered once for the
+    whole rollout (`rdpo.strategy.full_weights`)."""
+    return full_weights(trainer, model)
 
 
 __all__ = ["RubricScoringCallback", "merge_selections", "round_seed", "sample", "score_chunks"]

@@ -312,7 +312,8 @@ def build(cfg: Config) -> Run:
     progress = [RoundProgressBar()] if cfg.run.progress_bar else []
     trainer = L.Trainer(
         accelerator=cfg.run.accelerator, devices=cfg.run.devices, num_nodes=cfg.run.num_nodes,
-        strategy=make_strategy(cfg), precision=cfg.run.precision, max_steps=cfg.dpo.max_steps,
+        strategy=make_strategy(cfg, model), precision=cfg.run.precision,
+        max_steps=cfg.dpo.max_steps,
         max_epochs=-1, accumulate_grad_batches=cfg.data.accumulate_grad_batches,
         gradient_clip_val=cfg.dpo.grad_clip or None, log_every_n_steps=cfg.run.log_every_n_steps,
         logger=run_loggers or False, callbacks=[heldout, scoring, checkpointer, *progress],
@@ -361,8 +362,13 @@ def finish(run: Run, start: float) -> FitResult:
                          resumed_from=run.checkpoint, preempted=True)
     # LoRA: the adapter in PEFT format; full fine-tuning: the whole model.
     adapter_dir = run_dir / ("adapter" if cfg.model.finetune == "lora" else "model")
+    from rdpo.strategy import full_weights
+
+    # ZeRO-3: every rank gathers the weights saved (LoRA: the adapter's), rank 0 writes them.
+    with full_weights(trainer, run.model, trainable_only=cfg.model.finetune == "lora"):
+        if trainer.is_global_zero:
+            run.model.save_pretrained(adapter_dir)
     if trainer.is_global_zero:
-        run.model.save_pretrained(adapter_dir)
         run.processor.save_pretrained(adapter_dir)
         if run.adapter_base is not None:  # export and generate check the base against it
             from rdpo.export import write_adapter_info

@@ -57,7 +57,9 @@ class RubricDPOModule(L.LightningModule):
             # No pair on this rank this round: a zero loss still touching every trainable
             # parameter keeps DDP's gradient all-reduce in step with the other ranks. The metrics
             # get a zero-weight update, so every rank joins their sync at the end of the round.
-            return self._no_op_step()
+            # Under DeepSpeed the batch also holds a one-token filler pair (`RubricScoringCallback`):
+            # its forward and backward are the ones the other ranks run, its loss times zero.
+            return self._no_op_step(batch)
         chosen, rejected = self.pair_logps(batch)
         n_chosen, n_rejected = completion_lengths(batch)
         ref_chosen, ref_rejected = reference_tensors(batch, chosen)
@@ -75,8 +77,9 @@ class RubricDPOModule(L.LightningModule):
             "rewards_accuracy": out.accuracy, "logps_chosen": chosen.detach(),
             "logps_rejected": rejected.detach(),
         }
-        for name, value in values.items():
-            self._log_metric(name, value.float().mean(), chosen.shape[0])
+        for name in METRICS:  # one order on every rank (see `_no_op_step`)
+            if name in values:
+                self._log_metric(name, values[name].float().mean(), chosen.shape[0])
         return loss
 
     def _nonfinite(self, loss, chosen, rejected, batch) -> torch.Tensor:
@@ -91,13 +94,22 @@ class RubricDPOModule(L.LightningModule):
         self.nonfinite_skipped += 1
         self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True,
                  on_epoch=False, reduce_fx="max")
-        return self._no_op_step()
+        return self._no_op_step(logps=(chosen, rejected))
 
-    def _no_op_step(self) -> torch.Tensor:
-        """Zero-weight metric updates and a zero loss that touches every trainable weight."""
+    def _no_op_step(self, batch: dict | None = None, logps=None) -> torch.Tensor:
+        """Zero-weight metric updates and a zero loss that touches every trainable weight: a
+        forward of the batch's filler pair times zero when it has one, `logps` (the step's own
+        finite log-probs) times zero, or else every trainable weight times zero.
+
+        The model, then the metrics, in the order of a real step: under ZeRO-3 every module
+        call (the metrics are modules) is traced, and the traces of all ranks must agree."""
+        if batch is not None and ("packed" in batch or "sequences" in batch):
+            logps = self.pair_logps(batch)
         for name in METRICS:
             if name != "nll" or self.dpo.sft_weight:
                 self._log_metric(name, torch.zeros(()), 0)
+        if logps is not None and all(torch.isfinite(x).all() for x in logps):
+            return sum(x.sum() for x in logps) * 0.0
         return sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
 
     def _log_metric(self, name: str, value: torch.Tensor, weight: int) -> None:

@@ -44,3 +44,17 @@ def small_toy(small_toy_cache):
     from small_toy import build_small_toy
 
     return build_small_toy(small_toy_cache)
+
+
+@pytest.fixture(scope="session")
+def zero2_run(small_toy, tmp_path_factory):
+    """The small toy's run under DeepSpeed ZeRO-2 on two CPU ranks (tests/deepspeed_runs.py):
+    tests/test_deepspeed.py checks it, tests/test_slurm.py preempts the same run under SLURM."""
+    pytest.importorskip("deepspeed", reason="pip install -e '.[deepspeed]'")
+    from deepspeed_runs import fit_deepspeed
+    from scale_runs import log_text
+
+    run = tmp_path_factory.mktemp("zero2") / "run"
+    proc = fit_deepspeed(run, small_toy.cache, 2)
+    assert proc.returncode == 0, log_text(run)
+    return run

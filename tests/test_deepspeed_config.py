@@ -91,3 +91,30 @@ def test_deepspeed_fit_on_gpu(stage, quantization, tmp_path):
     assert len(losses) == 4 and losses[0] == pytest.approx(math.log(2), abs=1e-2)
     weights = load_file(result.adapter_dir / "adapter_model.safetensors")
     assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
+
+
+def test_cpu_ranks_get_deepspeeds_cpu_accelerator(monkeypatch):
+    """run.accelerator=cpu: DS_ACCELERATOR=cpu before DeepSpeed picks its accelerator (it does
+    so once, at import: CUDA when a GPU is visible); a GPU run with DS_ACCELERATOR=cpu left in
+    the environment is refused."""
+    import os
+
+    from deepspeed.accelerator import get_accelerator
+
+    from rdpo.strategy import DeepSpeedAnyDevice
+
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items()
+                                        if k != "DS_ACCELERATOR"})
+    assert isinstance(make_strategy(_cfg("run.accelerator=cpu")), DeepSpeedAnyDevice)
+    assert os.environ["DS_ACCELERATOR"] == "cpu"
+    assert get_accelerator().device_name() == "cpu"
+    with pytest.raises(ConfigError, match="DS_ACCELERATOR=cpu is set in the environment"):
+        make_strategy(_cfg("run.accelerator=gpu"))
+
+
+def test_zero3_slices_all_but_small_weights():
+    """ZeRO-3 keeps whole on every rank only weights below 10 x the hidden size (transformers'
+    "auto"): a fixed threshold of 1e5 kept every weight of the tiny test models whole."""
+    cfg = _cfg("run.deepspeed_stage=3")
+    assert deepspeed_config(cfg, hidden_size=64)["zero_optimization"][
+        "stage3_param_persistence_threshold"] == 640
