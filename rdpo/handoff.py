@@ -37,6 +37,9 @@ ALWAYS_SYSTEM = frozenset({"qwen2_vl", "qwen3_vl", "gemma3"})
 """lmms-eval classes that write a system turn into every prompt (``system_prompt=``)."""
 PIXEL_ARGS = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl"})
 """lmms-eval classes that pass min_pixels/max_pixels (with their own defaults) to the processor."""
+PATCH_ARGS = frozenset({"internvl_hf"})
+"""lmms-eval classes that pass min_patches/max_patches (tiles per image, default 1 to 12) to the
+processor: the hand-off passes the processor's own."""
 JPEG_IMAGES = frozenset({"qwen2_vl", "gemma3"})
 """lmms-eval classes that re-encode every image as JPEG (quality 85) before the processor."""
 BF16_ONLY = frozenset({"qwen2_5_vl", "gemma3", "internvl_hf"})
@@ -119,7 +122,8 @@ def _lmms_notes(model: str | None, family: Family | None, system: str | None,
                      f"template writes none (rdpo trained without one): its prompts differ from "
                      f"training; the vLLM and OpenAI-server routes render the template as it is")
     if model in JPEG_IMAGES:
-        notes.append(f"lmms-eval's {model} re-encodes every image as JPEG (quality 85): lossy")
+        notes.append(f"lmms-eval's {model} re-encodes every image as JPEG (quality 85): lossy; "
+                     f"the vLLM and OpenAI-server routes send the image as it is (PNG)")
     if model in BF16_ONLY and dtype != "bfloat16":
         notes.append(f"lmms-eval's {model} loads the weights in bfloat16 (this export: {dtype}; "
                      f"export with --dtype bfloat16 to score the weights it loads)")
@@ -142,6 +146,9 @@ def make_handoff(run_dir: str | Path, model_dir: str | Path, processor, cfg,
     args = [f"pretrained={model_dir}"]
     if model in PIXEL_ARGS and lo is not None:
         args += [f"min_pixels={lo}", f"max_pixels={hi}"]
+    ip = getattr(processor, "image_processor", None)
+    if model in PATCH_ARGS and getattr(ip, "max_patches", None) is not None:
+        args += [f"min_patches={ip.min_patches}", f"max_patches={ip.max_patches}"]
     if model in ALWAYS_SYSTEM and system is not None and "," not in system:
         args.append(f"system_prompt={system}")
     model_args = ",".join(args)
@@ -207,7 +214,8 @@ def markdown(h: Handoff) -> str:
              "| | |", "|---|---|",
              f"| family | {h.family or 'unknown'} |",
              f"| weights | {h.dtype} |",
-             f"| lmms-eval model | `{h.lmms_eval_model}` |",
+             "| lmms-eval model | " + (f"`{h.lmms_eval_model}`" if h.lmms_eval_model else "none")
+             + (" (prompts and images as trained) |" if h.lmms_eval_exact else " (see below) |"),
              f"| VLMEvalKit class | `{h.vlmevalkit_class or 'none'}` |",
              f"| image size | {px} |",
              f"| system turn | {system} |",
@@ -220,7 +228,8 @@ def markdown(h: Handoff) -> str:
               "vlmevalkit": "VLMEvalKit (from its checkout; vlmevalkit.json beside this file)"}
     for key, cmd in h.commands.items():
         lines += [f"{titles[key]}:", "", "```bash", cmd, "```", ""]
-    lines.append("Replace `mme` by your benchmarks. The same, as data: handoff.json.")
+    lines.append("Replace `mme` (and MMBench_DEV_EN in vlmevalkit.json) by your benchmarks. "
+                 "The same, as data: handoff.json.")
     return "\n".join(lines) + "\n"
 
 

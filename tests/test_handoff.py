@@ -89,6 +89,34 @@ def test_handoff_passes_the_training_pixel_bounds_and_system_prompt(processor, t
     assert not any("system turn" in n for n in h.notes)
 
 
+# Per family: lmms-eval's class, the image settings it must be given, what stays different
+# (measured on the tiny builds against rdpo's greedy answers, lmms-eval 0.7.3: llava_hf,
+# internvl_hf with these args, llama_vision and qwen2_5_vl answer as rdpo does).
+FAMILY_ARGS = {
+    "qwen3_vl": ("qwen3_vl", ",min_pixels=6272,max_pixels=6272", False),  # its system turn
+    "internvl": ("internvl_hf", ",min_patches=1,max_patches=1", True),  # its default: 1 to 12
+    "gemma3": ("gemma3", "", False),  # system turn, JPEG
+    "idefics3": (None, "", False),  # lmms-eval's idefics2 loads Idefics2 only
+}
+
+
+@pytest.mark.parametrize("family", FAMILY_ARGS)
+def test_handoff_per_family(family, toy_pools, tmp_path):
+    from rdpo.demo import toy
+    from rdpo.demo.tiny import build_tiny_vlm
+    from rdpo.model import load_processor
+
+    model_dir = build_tiny_vlm(tmp_path / family, toy.corpus(), family=family, hidden=32,
+                               layers=1)
+    cfg = _cfg(tmp_path, model_dir, toy_pools)
+    h = make_handoff(tmp_path / "run", model_dir, load_processor(str(model_dir)), cfg)
+    model, args, exact = FAMILY_ARGS[family]
+    assert (h.family, h.lmms_eval_model, h.lmms_eval_exact) == (family, model, exact)
+    assert h.lmms_eval_model_args == f"pretrained={model_dir.resolve()}{args}"
+    assert ("lmms_eval_hf" in h.commands) == (model is not None)
+    assert exact or h.notes
+
+
 def test_evaluate_handoff_prints_the_commands_of_a_run_still_training(tiny_dir, toy_pools,
                                                                      tmp_path, capsys):
     cfg = _cfg(tmp_path, tiny_dir, toy_pools)
