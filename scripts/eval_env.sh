@@ -17,7 +17,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BASE=${BASE_VENV:-.venv}
 VENV=${EVAL_VENV:-.venv-eval}
-STAMP=$VENV/.rdpo-eval-$(sha1sum constraints-eval.txt pyproject.toml | sha1sum | cut -c1-10)
+# The stamp names what was installed: the pins and pyproject's eval extra.
+STAMP=$VENV/.rdpo-eval-$( (cat constraints-eval.txt; grep '^eval = ' pyproject.toml) | sha1sum | cut -c1-10)
 if [[ -f $STAMP ]]; then
   echo "$VENV/bin/python"
   exit 0
