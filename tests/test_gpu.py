@@ -5,7 +5,7 @@ import torch
 
 from rdpo.batches import PairCollator, TrainPair
 from rdpo.collate import collate_sequences, encode_prompt
-from rdpo.config import DPOConfig, ModelConfig, RolloutConfig
+from rdpo.config import DPOConfig, ModelConfig, RolloutConfig, load_config
 from rdpo.logps import sequence_logps
 from rdpo.model import load_policy
 from rdpo.module import RubricDPOModule
@@ -74,3 +74,35 @@ def test_packed_equals_separate_on_cuda(tiny_model_and_processor, toy_pools, dty
             torch.testing.assert_close(g, w, atol=tol, rtol=1e-3)
     finally:
         model.to("cpu", torch.float32)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_deepspeed_fit_on_gpu(stage, quantization, small_toy_cache, tmp_path):
+    """A few DPO steps under ZeRO-2/3 on one GPU, LoRA and QLoRA (nf4 stored in bf16, so
+    ZeRO-3 can slice it), bf16: the run finishes, the loss starts at ln 2 and the adapter
+    moves. The same runs on two CPU ranks, fp32, in tests/test_deepspeed.py."""
+    pytest.importorskip("deepspeed", reason="pip install -e '.[deepspeed]'")
+    import csv
+    import math
+
+    from safetensors.torch import load_file
+
+    from rdpo.fit import fit
+
+    cfg = load_config("configs/quickstart.yaml", [
+        f"run.dir={tmp_path / 'run'}", f"toy.cache_dir={small_toy_cache}",
+        "run.accelerator=gpu", "run.devices=1", "run.strategy=deepspeed",
+        f"run.deepspeed_stage={stage}", f"model.quantization={quantization}",
+        "model.dtype=bfloat16", "run.precision=bf16-mixed", "run.progress_bar=false",
+        "run.report=false", "toy.n_train=16", "toy.n_heldout=8", "toy.warmstart_steps=30",
+        "toy.warmstart_lr=3e-3", "toy.flaw_rate=0.5", "dpo.max_steps=4",
+        "rollout.every_n_steps=2", "rollout.samples_per_prompt=4", "data.batch_size=4",
+        "data.prompts_per_round=16", "dpo.lr=5e-3", "eval.max_prompts=2",
+        "eval.samples_per_prompt=2", "rollout.max_new_tokens=12"])
+    result = fit(cfg)
+    rows = list(csv.DictReader((result.run_dir / "logs/metrics.csv").open()))
+    losses = [float(r["train/dpo_loss_step"]) for r in rows if r.get("train/dpo_loss_step")]
+    assert len(losses) == 4 and losses[0] == pytest.approx(math.log(2), abs=1e-2)
+    weights = load_file(result.adapter_dir / "adapter_model.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
