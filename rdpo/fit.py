@@ -158,11 +158,13 @@ def check_start(cfg: Config, *, dry_run: bool = False) -> rundir.Start:
     new run needs an empty run.dir (rank 0 deletes an earlier run with run.overwrite=true;
     `rdpo.rundir.check_dir`), a resume needs its checkpoint's settings (`check_resume`).
     `dry_run` (``--check-resume``): decide only, write and delete nothing."""
+    rundir.check_accept_keys(cfg)
+    if dry_run and cfg.run.resume in ("none", "auto") and rundir.is_empty(Path(cfg.run.dir)):
+        return rundir.Start(None)  # a new run: nothing to check (and no torch to import)
     from rdpo.callbacks.checkpoint import read_run_state
 
-    rundir.check_accept_keys(cfg)
     ckpt = resume_path(cfg)
-    if _rank_zero():
+    if dry_run or _rank_zero():  # --check-resume runs outside the ranks (slurm/fit.sbatch)
         rundir.check_dir(cfg, ckpt, clear=not dry_run)
     if dry_run and ckpt is None:
         return rundir.Start(None)

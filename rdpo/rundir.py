@@ -101,6 +101,11 @@ def _entries(run_dir: Path) -> list[Path]:
         return []
 
 
+def is_empty(run_dir: Path) -> bool:
+    """No run.dir yet, or nothing in it."""
+    return not _entries(run_dir)
+
+
 def _listing(entries: list[Path], most: int = 6) -> str:
     names = [p.name + ("/" if p.is_dir() else "") for p in entries]
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
