@@ -259,20 +259,15 @@ def pool_digest(path: str | os.PathLike | None) -> str | None:
     its records name, in order; None for no pool."""
     if not path:
         return None
-    from rdpo.pool import load_pool
+    from rdpo.pool import file_digest, load_pool
 
     digest = hashlib.sha256(Path(path).read_bytes())
     seen: set[Path] = set()
     for record in load_pool(path, open_images=False):
         for image in (*record.images, *record.video):
-            if image in seen:
-                continue
-            seen.add(image)
-            image_digest = hashlib.sha256()
-            with open(image, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    image_digest.update(chunk)
-            digest.update(image_digest.digest())
+            if image not in seen:
+                seen.add(image)
+                digest.update(file_digest(image).encode())
     return "sha256:" + digest.hexdigest()
 
 
