@@ -201,6 +201,8 @@ class RoundCheckpoint(L.Callback):
 
     def _maybe_preempt(self, trainer: L.Trainer) -> bool:
         """On the preemption signal (any rank's): save, stop the run and return True."""
+        if self.preempted:  # saved at the step boundary: not again at the epoch's end after it
+            return True
         if self.stop_signal is None or not self._agree(trainer, self._signalled):
             return False
         self.save(trainer)  # ends with a barrier: every rank's part is written

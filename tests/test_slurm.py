@@ -3,7 +3,8 @@ start DIR 2: munged, slurmctld and two slurmd): 2 nodes x 2 CPU tasks, DDP over 
 task exiting k seconds after its run returns (rank k; tests/slurm_task.py), so the tasks never
 stop together. Preempted four times in one job (three times through the batch shell, once
 through the tasks), the job finishes where an uninterrupted one does; a task SIGKILLed fails
-the job at once, and submitting the same command again finishes it."""
+the job at once, and submitting the same command again finishes it. DeepSpeed ZeRO-2 on one
+node x 2 tasks, preempted once, ends as the same run started without SLURM."""
 
 import csv
 import os
@@ -51,7 +52,8 @@ class Job:
     """`sbatch slurm/fit.sbatch` of the small toy on 2 x 2 tasks, run by tests/slurm_task.py with
     `task_args`; `marks` is where the tasks leave their marks."""
 
-    def __init__(self, env, run: Path, cache: Path, marks: Path, *task_args: str):
+    def __init__(self, env, run: Path, cache: Path, marks: Path, *task_args: str,
+                 resources: list[str] = RESOURCES, overrides: list[str] = OVERRIDES):
         marks.mkdir(parents=True, exist_ok=True)
         python = marks / "python"  # RDPO_PYTHON: a task's `-m rdpo.fit` is tests/slurm_task.py
         python.write_text(
@@ -61,9 +63,9 @@ class Job:
         python.chmod(0o755)
         self.env = {**env, "RDPO_PYTHON": str(python)}
         self.run, self.marks = run, marks
-        args = ["sbatch", "--parsable", *RESOURCES, f"--output={marks}/slurm-%j.out",
+        args = ["sbatch", "--parsable", *resources, f"--output={marks}/slurm-%j.out",
                 f"--chdir={ROOT}", str(ROOT / "slurm/fit.sbatch"), "configs/quickstart.yaml",
-                *OVERRIDES, f"run.dir={run}", f"toy.cache_dir={cache}"]
+                *overrides, f"run.dir={run}", f"toy.cache_dir={cache}"]
         self.id = subprocess.run(args, env=self.env, check=True, capture_output=True,
                                  text=True).stdout.strip()
         self.out = marks / f"slurm-{self.id}.out"
@@ -309,3 +311,38 @@ def test_judge_server_key_reaches_the_fit_job(cluster, tmp_path):
     while url_file.exists() or key_file.exists():
         assert time.monotonic() < deadline, f"URL or key file left:\n{log()}"
         time.sleep(0.2)
+
+
+@pytest.mark.deepspeed
+def test_deepspeed_preempted_requeued_and_resumed(cluster, small_toy, zero2_run, tmp_path):
+    """DeepSpeed ZeRO-2 on one node x 2 CPU tasks (the run of tests/deepspeed_runs.py):
+    preempted once through the batch shell while both tasks wait after step 5, it saves its
+    folder checkpoint at step 6, is requeued, resumes from it and finishes as the same run
+    started without SLURM (`zero2_run`) finished: rollouts, pairs, losses, adapter weights."""
+    from deepspeed_runs import deepspeed_overrides, losses
+
+    run = tmp_path / "run"
+    job = Job(cluster, run, small_toy.cache, tmp_path / "marks", "--hold", "5",
+              resources=["--nodes=1", *RESOURCES[1:]], overrides=deepspeed_overrides(2))
+    deadline = time.monotonic() + 360
+    held = [job.marks / f"held-5-rank-{k}" for k in range(2)]
+    job.wait_for(lambda: all(p.exists() for p in held), deadline, "both held at step 5")
+    job.signal(to_batch_shell=True)
+    job.wait_gone(deadline)
+
+    log = job.log()
+    starts = [line for line in log.splitlines() if line.startswith("rdpo-fit: job ")]
+    assert starts == [f"rdpo-fit: job {job.id}, start {k}, 1 node(s) x 2 task(s)"
+                      for k in range(2)], log
+    assert f"preemption checkpoint saved at step 6; requeueing job {job.id}" in log, log
+    assert log.count("preemption signal: checkpoint saved at step 6") == 2, log  # once a rank
+    assert log.count(f"resuming from {run / 'checkpoints/last.ckpt'}") == 2, log
+    assert (run / "checkpoints/last.ckpt/rdpo-complete").is_file()
+    for r in ("0000", "0001"):
+        for name in ("rollouts.jsonl", "pairs.jsonl"):
+            assert jsonl(run / "rounds" / r / name) == jsonl(zero2_run / "rounds" / r / name)
+    assert losses(run) == losses(zero2_run) and len(losses(run)) == 8
+    weights = load_file(run / "adapter/adapter_model.safetensors")
+    expected = load_file(zero2_run / "adapter/adapter_model.safetensors")
+    assert weights.keys() == expected.keys()
+    assert all(torch.equal(weights[k], expected[k]) for k in weights)
