@@ -87,16 +87,20 @@ def read_run_state(ckpt: str | Path) -> dict | None:
     """What a checkpoint records about the run that wrote it: ``{"settings": ..., "base": ...}``
     (`RoundCheckpoint`), read without loading its weights; None for a checkpoint of an earlier
     version. A DeepSpeed checkpoint (a folder) keeps it in its model-states file."""
-    ckpt = Path(ckpt)
-    if ckpt.is_dir():
-        files = sorted(ckpt.glob("**/*model_states.pt"))
-        if not files:
-            return None
-        # DeepSpeed's client state holds more than plain types; the file is rdpo's own.
-        state = torch.load(files[0], map_location="cpu", weights_only=False)
-    else:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
-    return state.get("rdpo_run")
+    state = _lightning_state(Path(ckpt))
+    return None if state is None else state.get("rdpo_run")
+
+
+def _lightning_state(ckpt: Path) -> dict | None:
+    """A checkpoint's Lightning state: the file, or a DeepSpeed folder's rank-0 model-states file
+    (None when the folder has none)."""
+    if not ckpt.is_dir():
+        return torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+    files = sorted(ckpt.glob("**/*model_states.pt"))
+    if not files:
+        return None
+    # Written by DeepSpeed with more than plain types (its config); the file is rdpo's own.
+    return torch.load(files[0], map_location="cpu", weights_only=False)
 
 
 def base_mismatch(ckpt: str | Path, saved: str, now: str) -> str:
@@ -327,14 +331,11 @@ def keep_metrics(logger, ckpt: Path) -> None:
 def checkpoint_step(ckpt: Path) -> int:
     """The optimizer step a checkpoint was saved at: a file, or a DeepSpeed folder, whose
     Lightning state is in rank 0's model-states file."""
-    if not ckpt.is_dir():
-        return torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
-    states = sorted(ckpt.glob("*/*model_states.pt"))
-    if not states:
+    state = _lightning_state(ckpt)
+    if state is None:
         raise ValueError(f"{ckpt}: no DeepSpeed model-states file (*/*model_states.pt): not a "
                          f"checkpoint folder rdpo wrote")
-    # Written by DeepSpeed with more than plain types (its config); the file is rdpo's own.
-    return torch.load(states[0], map_location="cpu", weights_only=False)["global_step"]
+    return state["global_step"]
 
 
 def _seal(folder: Path) -> None:
