@@ -1,4 +1,5 @@
-"""The config reference: every schema key with type, default and docstring, in --help and README."""
+"""The config reference: every schema key with type, default and docstring, in --help and in
+docs/configuration.md."""
 
 import subprocess
 import sys
@@ -9,16 +10,17 @@ from omegaconf import OmegaConf
 
 from rdpo.config import Config, JudgeConfig, PairsConfig
 from rdpo.confighelp import (
-    README_END,
-    README_START,
+    DOCS,
+    DOCS_END,
+    DOCS_START,
     add_options,
+    docs_are_current,
     field_docs,
     main,
-    readme_is_current,
     reference,
     render_markdown,
     section_from_args,
-    update_readme,
+    update_docs,
 )
 from rdpo.fit import main as fit_main
 
@@ -91,30 +93,49 @@ def test_fit_help_from_the_command_line():
     assert all(f"  {key}: " in proc.stdout for key in SCHEMA_KEYS)
 
 
-def test_readme_reference_is_current():
-    assert readme_is_current(ROOT / "README.md"), (
-        "README.md's configuration reference is stale: run python -m rdpo.confighelp --update-readme")
+def test_docs_reference_is_current():
+    assert DOCS == "docs/configuration.md"
+    assert docs_are_current(ROOT / DOCS), (
+        f"{DOCS}'s configuration reference is stale: run python -m rdpo.confighelp --update-docs")
 
 
-def test_update_and_check_readme(tmp_path, capsys):
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\nintro\n{README_START}\n| stale | table |\n{README_END}\n\nafter\n")
-    assert not readme_is_current(readme)
-    assert main(["--check-readme", str(readme)]) == 1
+def _stale_page(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# x\n\nintro\n{DOCS_START}\n| stale | table |\n{DOCS_END}\n\nafter\n")
+    return path
+
+
+def test_update_and_check_docs(tmp_path, capsys):
+    page = _stale_page(tmp_path / "configuration.md")
+    assert not docs_are_current(page)
+    assert main(["--check-docs", str(page)]) == 1
     assert "stale" in capsys.readouterr().err
-    assert update_readme(readme) is True
-    text = readme.read_text()
-    assert text.startswith("# x\n\nintro\n") and text.endswith(f"{README_END}\n\nafter\n")
+    assert update_docs(page) is True
+    text = page.read_text()
+    assert text.startswith("# x\n\nintro\n") and text.endswith(f"{DOCS_END}\n\nafter\n")
     assert render_markdown() in text and "| stale |" not in text
-    assert main(["--check-readme", str(readme)]) == 0
-    assert update_readme(readme) is False  # idempotent
+    assert main(["--check-docs", str(page)]) == 0
+    assert update_docs(page) is False  # idempotent
 
 
-def test_readme_without_markers_is_a_clear_error(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text("# no markers\n")
-    with pytest.raises(ValueError, match="config reference markers"):
-        readme_is_current(readme)
+def test_cli_default_is_docs_configuration_and_old_names_still_work(tmp_path, monkeypatch, capsys):
+    """`--update-docs` with no file rewrites docs/configuration.md (relative to the working
+    directory, the repository root); `--update-readme` / `--check-readme` are the same options."""
+    monkeypatch.chdir(tmp_path)
+    page = _stale_page(tmp_path / "docs" / "configuration.md")
+    assert main(["--check-readme"]) == 1
+    assert main(["--update-docs"]) == 0
+    assert "docs/configuration.md: updated" in capsys.readouterr().out
+    assert docs_are_current(page) and main(["--check-docs"]) == 0
+    _stale_page(page)
+    assert main(["--update-readme", str(page)]) == 0 and docs_are_current(page)
+
+
+def test_page_without_markers_is_a_clear_error(tmp_path):
+    page = tmp_path / "configuration.md"
+    page.write_text("# no markers\n")
+    with pytest.raises(ValueError, match="configuration.md: no config reference markers"):
+        docs_are_current(page)
 
 
 def test_markdown_escapes_pipes():
@@ -138,7 +159,7 @@ def _judge_parser(defaults=None):
 
 
 def test_cli_options_come_from_the_schema():
-    """Names, types, defaults, choices and help of `rdpo.evaluate judge` / `rdpo.rubrics build`
+    """Names, types, defaults, choices and help of `rdpo.tools.evaluate judge` / `rdpo.tools.rubrics build`
     options are the JudgeConfig fields'."""
     parser, names = _judge_parser({"kind": "openai", "cache": None})
     args = parser.parse_args([])
