@@ -21,7 +21,7 @@ from fake_openai_server import FakeOpenAIServer  # noqa: E402
 
 from rdpo.config import JudgeConfig  # noqa: E402
 from rdpo.demo import toy  # noqa: E402
-from rdpo.judges import OpenAIJudge  # noqa: E402
+from rdpo.judging.judges import OpenAIJudge  # noqa: E402
 from rdpo.pool import load_pool  # noqa: E402
 
 

@@ -2,6 +2,6 @@
 
 from rdpo.callbacks.heldout import HeldoutEvaluation
 from rdpo.callbacks.progress import RoundProgressBar
-from rdpo.callbacks.scoring import RubricScoringCallback
+from rdpo.callbacks.round import RubricScoringCallback
 
 __all__ = ["HeldoutEvaluation", "RoundProgressBar", "RubricScoringCallback"]

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import lightning as L
 from rdpo.callbacks.progress import phase
-from rdpo.callbacks.scoring import _all_gather, sample, score_chunks
+from rdpo.callbacks.round import gather_objects, sample, score_chunks
 
 from rdpo.config import RolloutConfig
-from rdpo.evaluate import heldout_summary
 from rdpo.pool import PromptRecord
+from rdpo.rounds import heldout_summary
 from rdpo.rundir import atomic_write
 
 log = logging.getLogger("rdpo")
@@ -63,7 +63,7 @@ class HeldoutEvaluation(L.Callback):
                    where=label) as shown:
             scored = score_chunks(self.judge, rollouts, self.aggregation, self.judge_chunk,
                                   strategy="rubric", progress=shown.update)
-        scored = [s for part in _all_gather(trainer, scored) for s in part]
+        scored = [s for part in gather_objects(trainer, scored) for s in part]
         summary = heldout_summary(scored, self.settings)
         if self.truth is not None:
             summary |= self.truth.summary([(s.rollout.record.id, s.rollout.responses)

@@ -14,9 +14,9 @@ The protocol (what the callback and the data module read from your module):
 3. ``training_step(batch)`` takes a `PairCollator` batch: the model inputs of B pairs
    (``batch["packed"]``, one row per pair sharing the image and prompt, or
    ``batch["sequences"]``, 2B rows) plus ``ref_chosen_logps`` and ``ref_rejected_logps`` (B floats each:
-   ``rdpo.batches.reference_tensors`` makes float32 tensors of them; as tensors a bf16 precision
+   ``rdpo.engine.collate.reference_tensors`` makes float32 tensors of them; as tensors a bf16 precision
    plugin would round them).
-   `rdpo.packing.pair_logps(model, batch)` gives the policy's (chosen, rejected) log-probs [B]
+   `rdpo.engine.packing.pair_logps(model, batch)` gives the policy's (chosen, rejected) log-probs [B]
    for either layout. A round whose filters kept no pair yields ``{"empty": True}`` batches:
    return a zero loss that touches the trainable parameters (not None), so the step still
    counts and DDP stays in step.
@@ -40,11 +40,11 @@ import torch
 import torch.nn.functional as F
 from rdpo.callbacks import RubricScoringCallback
 
-from rdpo.batches import reference_tensors
-from rdpo.config import PairsConfig, RolloutConfig
+from rdpo.config import DataConfig, PairsConfig, RolloutConfig
 from rdpo.data import OnPolicyDataModule
-from rdpo.judges import RuleJudge
-from rdpo.packing import packing_support, pair_logps
+from rdpo.engine.collate import reference_tensors
+from rdpo.engine.packing import packing_support, pair_logps
+from rdpo.judging.judges import RuleJudge
 
 
 class MyPreferenceModule(L.LightningModule):
@@ -91,7 +91,7 @@ def train(model_path: str, train_pool: str, run_dir: str | Path, *, max_steps: i
     L.seed_everything(seed, verbose=False)
     module = MyPreferenceModule(model_path, lr=lr)
     datamodule = OnPolicyDataModule(
-        train_pool, prompts_per_round=prompts_per_round, batch_size=batch_size,
+        DataConfig(train_pool, prompts_per_round=prompts_per_round, batch_size=batch_size),
         steps_per_round=steps_per_round, seed=seed,
         # packed pairs need a model that takes 4-D attention masks (Qwen2-VL and later do)
         packed=packing_support(module.model) is None)

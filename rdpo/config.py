@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from rdpo import settings
-from rdpo.scoring import AGGREGATIONS
+from rdpo.judging.scoring import AGGREGATIONS
 from rdpo.settings import ConfigError, allowed, choices, setting  # noqa: F401  (public names)
 
 DEEPSPEED = "deepspeed"
@@ -199,7 +199,7 @@ class ModelConfig:
     is frozen and never checkpointed). true: every layer's, far less kept for backward, one
     more forward of the language model per step; selective: only the cheap ones (element-wise
     work, norms, LoRA's rank-r up-projection), the matrix products' and attention's outputs
-    kept (`rdpo.recompute`): about 40 % less kept than false, element-wise work recomputed."""
+    kept (`rdpo.engine.recompute`): about 40 % less kept than false, element-wise work recomputed."""
     disable_dropout: bool = True
     """Turn every dropout of the model (the checkpoint's and LoRA's) off for DPO, as TRL does:
     the training step then computes the same function as the reference pass and the rollout,
@@ -303,10 +303,10 @@ class JudgeConfig:
     """transformers: judge prompts per generation batch."""
     noise: float = setting(0.0, ge=0, le=0.5)
     """rule: simulated judge error, each verdict flips with this probability (seeded by run.seed;
-    0: the exact RuleJudge; `rdpo.simjudges`)."""
+    0: the exact RuleJudge; `rdpo.demo.simjudges`)."""
     outcome: str = setting("check", choices=("check", "holistic"))
     """rule: outcome scores from each record's outcome check, or (toy only) a simulated holistic
-    1-10 judge that sees every flaw (`rdpo.simjudges`)."""
+    1-10 judge that sees every flaw (`rdpo.demo.simjudges`)."""
     outcome_noise: float = setting(1.0, ge=0)
     """outcome=holistic: SD of the Gaussian noise on its 1-10 score."""
     cache: str | None = "${run.dir}/judge_cache.sqlite"
@@ -331,7 +331,7 @@ class PairsConfig:
     """rubric: pairs from the per-criterion rubric score; outcome: from one holistic judge score
     per response (the paper's outcome-filtering baseline), same selection rules."""
     aggregation: str = setting("lexicographic", choices=tuple(AGGREGATIONS))
-    """How verdicts aggregate to a score (`rdpo.scoring`): lexicographic (essential first) or
+    """How verdicts aggregate to a score (`rdpo.judging.scoring`): lexicographic (essential first) or
     weighted."""
     min_margin: float = setting(0.1, ge=0)
     """Drop a prompt whose best and worst scores differ by less than this."""
@@ -344,7 +344,7 @@ class DPOConfig:
     beta: float = setting(0.1, gt=0)
     """KL strength β of the DPO objective."""
     loss_type: str = setting("sigmoid", choices=("sigmoid", "robust", "hinge", "ipo"))
-    """DPO loss (`rdpo.loss`)."""
+    """DPO loss (`rdpo.engine.loss`)."""
     label_smoothing: float = setting(0.0, ge=0, lt=0.5)
     """Label smoothing ε (conservative DPO / robust DPO)."""
     sft_weight: float = setting(0.0, ge=0)
@@ -491,7 +491,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if base.toy.enabled:
         # The toy's model and pools live in the cache under a key of the toy settings; writing
         # the paths into the config makes the saved config.yaml say what was trained.
-        from rdpo.demo.warmstart import toy_paths
+        from rdpo.demo.paths import toy_paths
 
         paths = toy_paths(OmegaConf.to_object(base.toy))
         for key, value in (("model.path", paths.policy), ("data.train_pool", paths.train_pool),
@@ -504,10 +504,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if problems:
         raise ConfigError(problems)
     return OmegaConf.to_object(base)
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (atomically: `rdpo.rundir.atomic_write`)."""
-    from rdpo.rundir import atomic_write
-
-    atomic_write(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))

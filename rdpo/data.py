@@ -9,10 +9,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from rdpo.batches import PairCollator, TrainPair, pair_from_dict, pair_to_dict
-from rdpo.collate import PromptCache
-from rdpo.pool import MAX_IMAGE_PIXELS, PromptRecord, load_pool
-from rdpo.vision_cache import VisionCache
+from rdpo.config import DataConfig, RolloutConfig
+from rdpo.engine.collate import PairCollator
+from rdpo.engine.encode import PromptCache
+from rdpo.engine.vision_cache import VisionCache
+from rdpo.pairs import TrainPair, pair_from_dict, pair_to_dict
+from rdpo.pool import PromptRecord, load_pool
 
 log = logging.getLogger("rdpo")
 
@@ -72,27 +74,25 @@ def _world_size() -> int:
 class OnPolicyDataModule(L.LightningDataModule):
     """Serves each round's pairs; the round itself is run by `RubricScoringCallback`.
 
-    Settings are plain arguments; the processor arrives late through `connect` (or is taken from
-    the LightningModule's ``processor`` attribute at setup).
+    `data` is the config's data section (`rdpo.config.DataConfig`); `steps_per_round` is
+    rollout.every_n_steps, `seed` run.seed, `packed` whether pairs are packed into one sequence
+    (`rdpo.engine.packing.packing_support`). The processor arrives late through `connect` (or
+    is taken from the LightningModule's ``processor`` attribute at setup).
     """
 
-    def __init__(self, train_pool: str, heldout_pool: str | None = None, *,
-                 prompts_per_round: int = 32, batch_size: int = 8, steps_per_round: int = 10,
-                 accumulate_grad_batches: int = 1, seed: int = 0, packed: bool = True,
-                 prompt_cache_mb: float = 512, vision_cache_mb: float = 1024,
-                 max_image_pixels: int = MAX_IMAGE_PIXELS, allow_outside_paths: bool = False):
+    def __init__(self, data: DataConfig, *, steps_per_round: int = RolloutConfig.every_n_steps,
+                 seed: int = 0, packed: bool = True):
         super().__init__()
-        self.pool_files = {"max_pixels": max_image_pixels, "allow_outside": allow_outside_paths}
+        self.data = data
+        self.pool_files = {"max_pixels": data.max_image_pixels, "allow_outside": data.allow_outside_paths}
         """How the pools' image files are checked (`rdpo.pool.check_pool`)."""
         self.packed = packed
-        self.prompt_cache_mb = prompt_cache_mb
-        self.vision_cache_mb = vision_cache_mb
-        self.train_pool = train_pool
-        self.heldout_pool = heldout_pool
-        self.prompts_per_round = prompts_per_round
-        self.batch_size = batch_size
+        self.train_pool = data.train_pool
+        self.heldout_pool = data.heldout_pool
+        self.prompts_per_round = data.prompts_per_round
+        self.batch_size = data.batch_size
         self.steps_per_round = steps_per_round
-        self.accumulate_grad_batches = accumulate_grad_batches
+        self.accumulate_grad_batches = data.accumulate_grad_batches
         self.seed = seed
         self.processor = None
         self.collator: PairCollator | None = None
@@ -112,8 +112,8 @@ class OnPolicyDataModule(L.LightningDataModule):
 
     def connect(self, processor) -> None:
         self.processor = processor
-        self.prompts = PromptCache(processor, max_mb=self.prompt_cache_mb)
-        self.vision = VisionCache(self.vision_cache_mb) if self.vision_cache_mb else None
+        self.prompts = PromptCache(processor, max_mb=self.data.prompt_cache_mb)
+        self.vision = VisionCache(self.data.vision_cache_mb) if self.data.vision_cache_mb else None
         self.collator = PairCollator(processor, packed=self.packed, prompts=self.prompts,
                                      vision=self.vision)
 

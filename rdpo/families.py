@@ -20,7 +20,7 @@ from dataclasses import dataclass
 # Projections of a decoder layer (attention and gated MLP), the usual LoRA targets.
 _PROJECTIONS = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
 
-# Position schemes of a packed pair (`rdpo.packing`).
+# Position schemes of a packed pair (`rdpo.engine.packing`).
 ROPE_INDEX = "rope_index"
 """Multimodal rotary ids from the model's own ``get_rope_index`` (Qwen's 3-D M-RoPE)."""
 PLAIN = "plain"
@@ -60,7 +60,7 @@ class Family:
     pixels, Qwen's smart resize), which evaluators pass as ``min_pixels``/``max_pixels``."""
     lmms_eval: str | None = None
     """lmms-eval's model class (``--model``) for a transformers folder of this family
-    (`rdpo.handoff`)."""
+    (`rdpo.tools.handoff`)."""
     vlmevalkit: str | None = None
     """VLMEvalKit's model class (``vlmeval.vlm``) for such a folder."""
 
@@ -114,8 +114,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            lmms_eval="internvl_hf"),  # VLMEvalKit's InternVLChat loads the remote-code format
     # Llama 3.2 Vision: text tokens read the image through cross-attention layers, gated by a
     # per-token cross_attention_mask whose rows are independent: a packed pair's answer tokens
-    # get the prompt's last row (rdpo.packing), its self-attention layers the 4-D mask. Rows
-    # blind to every image attend to their own prompt's image slots only (rdpo.image_slots).
+    # get the prompt's last row (rdpo.engine.packing), its self-attention layers the 4-D mask. Rows
+    # blind to every image attend to their own prompt's image slots only (rdpo.engine.image_slots).
     Family("mllama", ("mllama",), ("MllamaProcessor",), end_of_turn="<|eot_id|>",
            vision_tokens=("<|image|>",), language_model="language_model",
            vision_modules=("model.vision_model", "model.multi_modal_projector"), positions=PLAIN,

@@ -38,10 +38,15 @@ class FitResult:
 
 
 def _judge(cfg: Config):
-    """The judge `cfg.judge` describes; rounds use its `strategy` (pairs.strategy) for pairs."""
-    from rdpo.judges import make_judge
+    """The judge `cfg.judge` describes; rounds use its `strategy` (pairs.strategy) for pairs.
+    A rule judge may simulate a model judge's errors (the toy's `rdpo.demo.simjudges`)."""
+    if cfg.judge.kind == "rule":
+        from rdpo.demo.simjudges import make_simulated
 
-    return make_judge(cfg.judge, strategy=cfg.pairs.strategy, toy=cfg.toy, seed=cfg.run.seed)
+        return make_simulated(cfg.judge, cfg.toy, cfg.run.seed, cfg.pairs.strategy)
+    from rdpo.judging.judges import make_judge
+
+    return make_judge(cfg.judge, strategy=cfg.pairs.strategy)
 
 
 def _frozen_copy(model):
@@ -54,7 +59,7 @@ def _frozen_copy(model):
 
 def _eval_judge(cfg: Config, judge):
     """The held-out rubric score is a yardstick: a simulated judge's errors stay out of it."""
-    from rdpo.judges import RuleJudge
+    from rdpo.judging.judges import RuleJudge
 
     return RuleJudge() if cfg.judge.kind == "rule" else judge
 
@@ -90,7 +95,7 @@ def _preemption_signal() -> int | None:
 
 
 def _can_pack(cfg: Config, model) -> bool:
-    from rdpo.packing import packing_support
+    from rdpo.engine.packing import packing_support
 
     if not cfg.dpo.prefix_sharing:
         return False
@@ -198,7 +203,7 @@ class Run:
     heldout: object
     checkpointer: object
     adapter_base: dict | None = None
-    """LoRA: the base the adapter trains on, for rdpo_adapter.json (`rdpo.export.base_record`),
+    """LoRA: the base the adapter trains on, for rdpo_adapter.json (`rdpo.model.base_record`),
     taken before training shards the weights."""
 
 
@@ -264,12 +269,8 @@ def build(cfg: Config) -> Run:
     # model.path when a run resumes.
     module.strict_loading = False
     datamodule = OnPolicyDataModule(
-        cfg.data.train_pool, cfg.data.heldout_pool, prompts_per_round=cfg.data.prompts_per_round,
-        batch_size=cfg.data.batch_size, steps_per_round=cfg.rollout.every_n_steps,
-        accumulate_grad_batches=cfg.data.accumulate_grad_batches, seed=cfg.run.seed,
-        packed=_can_pack(cfg, model), prompt_cache_mb=cfg.data.prompt_cache_mb,
-        vision_cache_mb=_vision_cache_mb(cfg), max_image_pixels=cfg.data.max_image_pixels,
-        allow_outside_paths=cfg.data.allow_outside_paths)
+        dataclasses.replace(cfg.data, vision_cache_mb=_vision_cache_mb(cfg)),
+        steps_per_round=cfg.rollout.every_n_steps, seed=cfg.run.seed, packed=_can_pack(cfg, model))
     datamodule.connect(processor)
     datamodule.setup("fit")
     judge = _judge(cfg)
@@ -322,7 +323,7 @@ def build(cfg: Config) -> Run:
         plugins=cluster_plugins(),
         enable_progress_bar=cfg.run.progress_bar, enable_checkpointing=False,
         enable_model_summary=False, default_root_dir=run_dir, use_distributed_sampler=False)
-    from rdpo.export import base_record
+    from rdpo.model import base_record
 
     return Run(cfg, run_dir, ckpt, model, processor, module, datamodule, trainer, scoring,
                heldout, checkpointer, adapter_base=base_record(model, cfg.model.path)
@@ -332,7 +333,7 @@ def build(cfg: Config) -> Run:
 def train(run: Run) -> None:
     """`trainer.fit`; a judge that fails for good names the checkpoint to resume from."""
     from rdpo.callbacks.checkpoint import find_checkpoint
-    from rdpo.chat import ChatError
+    from rdpo.judging.chat import ChatError
     from rdpo.rollout_server import RolloutServerError
 
     try:
@@ -373,7 +374,7 @@ def finish(run: Run, start: float) -> FitResult:
     if trainer.is_global_zero:
         run.processor.save_pretrained(adapter_dir)
         if run.adapter_base is not None:  # export and generate check the base against it
-            from rdpo.export import write_adapter_info
+            from rdpo.model import write_adapter_info
 
             write_adapter_info(adapter_dir, run.adapter_base)
         if "after" in results:
@@ -436,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quiet:
         cfg.run.progress_bar = False
-    from rdpo.chat import ChatError
+    from rdpo.judging.chat import ChatError
     from rdpo.preflight import HubError
 
     try:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import torch
 
@@ -71,13 +73,13 @@ def lora_target(model, cfg: ModelConfig) -> str:
 def checkpoint_language_model(model, mode: bool | str = True) -> None:
     """Gradient checkpointing of the language model's layers only (non-reentrant: no input needs
     to require grad), every layer's activations recomputed (``True``) or only the cheap ones
-    (``"selective"``, `rdpo.recompute`). The vision tower is frozen and builds no graph; with the
+    (``"selective"``, `rdpo.engine.recompute`). The vision tower is frozen and builds no graph; with the
     vision cache the steps do not even run it, so checkpointing it would only cost."""
     trunk = getattr(model, "model", None)
     target = trunk.get_decoder() if hasattr(trunk, "get_decoder") else model
     kwargs: dict = {"use_reentrant": False}
     if mode == "selective":
-        from rdpo.recompute import selective_checkpoint_kwargs
+        from rdpo.engine.recompute import selective_checkpoint_kwargs
 
         kwargs.update(selective_checkpoint_kwargs())
     target.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -179,3 +181,51 @@ def _ready_to_train(model, cfg: ModelConfig) -> None:
     elif any(isinstance(m, torch.nn.Dropout) and m.p for m in model.modules()):
         log.warning("model.disable_dropout=false: the training steps run with dropout, the "
                     "reference pass and the rollouts without; a round's first step is not at ln 2")
+
+
+# -- the base an adapter belongs to (rdpo_adapter.json; checked by rdpo.tools.export.check_base) --
+
+ADAPTER_INFO = "rdpo_adapter.json"
+"""Beside a LoRA adapter's files: the base it was trained on (`base_record`)."""
+
+
+def base_weights(model) -> dict:
+    """The base's own floating-point weights, by their name in the base checkpoint: PEFT's
+    wrapper names undone, LoRA weights and 4-bit (bitsandbytes) weights left out, so a policy
+    in training, a PEFT model loaded for inference and the plain base name them alike."""
+    weights = {}
+    for name, p in model.named_parameters():
+        if "lora_" in name or not p.is_floating_point() or hasattr(p, "quant_state"):
+            continue
+        weights[name.removeprefix("base_model.model.").replace(".base_layer.", ".")] = p
+    return weights
+
+
+class NamedWeights:
+    """Named tensors as `base_fingerprint` reads a model (``named_parameters``); detached, so
+    it takes them all as frozen."""
+
+    def __init__(self, weights: dict, names: list[str]):
+        self.pairs = [(n, weights[n].detach()) for n in names]
+
+    def named_parameters(self):
+        return iter(self.pairs)
+
+
+def base_record(model, base_path: str) -> dict:
+    """What ``rdpo_adapter.json`` says of `model`'s base: its path and
+    `rdpo.callbacks.checkpoint.base_fingerprint` of up to 8 of its weights, first and last by
+    name, with their names. A check hashes the same weights, so the record holds whatever the
+    check loads the base as (4-bit in training, full precision for a merge, another dtype)."""
+    from rdpo.callbacks.checkpoint import base_fingerprint
+
+    weights = base_weights(model)
+    names = sorted(weights)
+    picked = names[:4] + names[-4:] if len(names) > 8 else names
+    return {"base": str(base_path), "base_fingerprint": base_fingerprint(NamedWeights(weights, picked)),
+            "base_weights": picked}
+
+
+def write_adapter_info(adapter_dir: str | Path, record: dict) -> None:
+    """Write `record` (`base_record`) beside a saved adapter."""
+    (Path(adapter_dir) / ADAPTER_INFO).write_text(json.dumps(record, indent=2) + "\n")

@@ -8,10 +8,10 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
-from rdpo.batches import reference_tensors
 from rdpo.config import DPOConfig, RunConfig
-from rdpo.loss import dpo_objective
-from rdpo.packing import completion_lengths, pair_logps
+from rdpo.engine.collate import reference_tensors
+from rdpo.engine.loss import dpo_objective
+from rdpo.engine.packing import completion_lengths, pair_logps
 
 # Metric name (a torchmetrics module key: no dots) -> logged name (TRL's names).
 METRICS = {"loss": "train/loss", "dpo_loss": "train/dpo_loss", "nll": "train/nll",
@@ -25,7 +25,7 @@ class RubricDPOModule(L.LightningModule):
 
     `model` is a PEFT-wrapped transformers VLM (only the adapter trains; or, for full
     fine-tuning, the VLM with its language model trainable) and `processor` its processor.
-    Batches come from `rdpo.batches.PairCollator`: B packed rows ``[prompt, chosen, rejected]``
+    Batches come from `rdpo.engine.collate.PairCollator`: B packed rows ``[prompt, chosen, rejected]``
     (``{"packed": ...}``) or, for models that cannot pack, 2B sequences (``{"sequences": ...}``,
     chosen then rejected), with ``ref_chosen_logps`` and ``ref_rejected_logps`` (B floats each).
     `dpo` is the run config's section of the same name (loss, optimizer, schedule);

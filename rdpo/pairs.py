@@ -11,7 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from rdpo.scoring import Score
+from rdpo.engine.encode import Completion
+from rdpo.judging.scoring import Score
+from rdpo.pool import PromptRecord
 
 DROP_REASONS = (
     "truncated",
@@ -136,3 +138,61 @@ def build_pairs(
             selection.dropped[result] += 1
             selection.dropped_ids[result].append(prompt_id)
     return selection
+
+
+# -- the pair as it trains ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrainPair:
+    """One DPO pair of a round as it trains: a selected `Pair` with its prompt record, the token
+    ids the policy sampled and the reference log-probs computed when the round built it.
+
+    Why a second type beside `Pair`: a `Pair` is the selection's record (texts, indices into the
+    prompt's responses, scores: what ``pairs.jsonl`` keeps, plain data); the step also needs the
+    prompt's images and instruction, the exact sampled ids and the reference log-probs, which
+    the round adds after selection (`TrainPair.of`, then `rdpo.rounds.with_reference_logps`).
+
+    `chosen_ids`/`rejected_ids` are the token ids the policy sampled; the pair trains on them.
+    Pairs written as text (tests, benchmarks) leave them None and are tokenized, with the
+    end-of-turn token appended.
+    """
+
+    record: PromptRecord
+    chosen: str
+    rejected: str
+    ref_chosen_logp: float
+    ref_rejected_logp: float
+    chosen_ids: tuple[int, ...] | None = None
+    rejected_ids: tuple[int, ...] | None = None
+
+    @property
+    def completions(self) -> tuple[Completion, Completion]:
+        """What the pair trains on: the sampled ids, or the texts."""
+        return (self.chosen if self.chosen_ids is None else self.chosen_ids,
+                self.rejected if self.rejected_ids is None else self.rejected_ids)
+
+    @classmethod
+    def of(cls, record: PromptRecord, pair: Pair,
+           token_ids: Sequence[Sequence[int]] | None = None) -> TrainPair:
+        """`pair` of `record`'s responses, trained on their sampled ids (`token_ids`, one per
+        response, as the rollout kept them; texts when None); reference log-probs still 0."""
+        return cls(record, pair.chosen, pair.rejected, 0.0, 0.0,
+                   tuple(token_ids[pair.chosen_index]) if token_ids else None,
+                   tuple(token_ids[pair.rejected_index]) if token_ids else None)
+
+
+def pair_to_dict(pair: TrainPair) -> dict:
+    """A `TrainPair` as plain data (the prompt by id) for checkpoints."""
+    return {"id": pair.record.id, "chosen": pair.chosen, "rejected": pair.rejected,
+            "ref_chosen_logp": pair.ref_chosen_logp, "ref_rejected_logp": pair.ref_rejected_logp,
+            "chosen_ids": None if pair.chosen_ids is None else list(pair.chosen_ids),
+            "rejected_ids": None if pair.rejected_ids is None else list(pair.rejected_ids)}
+
+
+def pair_from_dict(d: dict, records: dict[str, PromptRecord]) -> TrainPair:
+    """The `TrainPair` `pair_to_dict` wrote, its prompt looked up in `records` by id."""
+    if d["id"] not in records:
+        raise ValueError(f"checkpoint pair for prompt {d['id']!r}: no such prompt in the pool")
+    ids = [None if d.get(k) is None else tuple(d[k]) for k in ("chosen_ids", "rejected_ids")]
+    return TrainPair(records[d["id"]], d["chosen"], d["rejected"], d["ref_chosen_logp"],
+                     d["ref_rejected_logp"], *ids)

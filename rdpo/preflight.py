@@ -114,7 +114,7 @@ def looks_like_hub_id(value: str) -> bool:
 def _toy_paths(cfg: Config) -> dict[str, str]:
     if not cfg.toy.enabled:
         return {}
-    from rdpo.demo.warmstart import toy_paths
+    from rdpo.demo.paths import toy_paths
 
     paths = toy_paths(cfg.toy)
     return {"model.path": str(paths.policy), "data.train_pool": str(paths.train_pool),

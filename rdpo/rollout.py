@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rdpo.collate import PromptCache, end_of_turn_id, pad_batch
 from rdpo.config import RolloutConfig
+from rdpo.engine.encode import PromptCache, end_of_turn_id, pad_batch
+from rdpo.engine.image_slots import isolate_image_slots
+from rdpo.engine.logps import unwrap
 from rdpo.families import vision_token_ids
-from rdpo.image_slots import isolate_image_slots
-from rdpo.logps import unwrap
 from rdpo.pool import PromptRecord
 
 STOP, LENGTH = "stop", "length"

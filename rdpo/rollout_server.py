@@ -18,7 +18,7 @@ saves into folders of its own (``round_0001-<start>``): vLLM keys cached prompt 
 adapter's name and path, so weights saved again under a name used before (a resume, a re-run
 in the same run.dir) must come from a new path, or prompts would reuse the old weights' blocks.
 
-The trained sequence is the prompt ids rdpo encodes (`rdpo.collate.encode_prompt`) followed by
+The trained sequence is the prompt ids rdpo encodes (`rdpo.engine.encode.encode_prompt`) followed by
 the server's completion ids (``return_token_ids``), so each answer's prompt ids are checked
 against rdpo's encoding: a chat template or image processing that differs is an error, never a
 silent shift. Finish reasons map to ``stop`` / ``length`` as in `rdpo.rollout`.
@@ -42,9 +42,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from rdpo.chat import _limits, data_url
-from rdpo.collate import PromptCache
 from rdpo.config import RolloutConfig
+from rdpo.engine.encode import PromptCache
+from rdpo.judging.chat import _limits, data_url
 from rdpo.pool import PromptRecord
 from rdpo.rollout import LENGTH, STOP, Rollout
 

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import torch
 
-from rdpo.batches import PairCollator, TrainPair
-from rdpo.packing import pair_logps
-from rdpo.pairs import PairSelection, build_pairs
-from rdpo.rollout import Rollout
-from rdpo.scoring import Score, score_response
+from rdpo.config import RolloutConfig
+from rdpo.engine.collate import PairCollator
+from rdpo.engine.packing import pair_logps
+from rdpo.judging.scoring import Score, score_response
+from rdpo.pairs import PairSelection, TrainPair, build_pairs
+from rdpo.pool import PromptRecord
+from rdpo.rollout import Rollout, generate
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ def score_rollouts(judge, rollouts: Iterable[Rollout], aggregation: str,
     """Judge every response and score it: against its prompt's rubric (strategy ``rubric``), or
     with one holistic verdict (``outcome``; verdicts are then ``{"outcome": score}``).
 
-    `strategy` defaults to the judge's own. Every judge (`rdpo.judges.Judge`) takes all prompts
+    `strategy` defaults to the judge's own. Every judge (`rdpo.judging.judges.Judge`) takes all prompts
     at once through ``judge_many``/``outcome_many`` (remote judges then run them concurrently).
     """
     rollouts = list(rollouts)
@@ -121,6 +123,37 @@ def summarize(scored: Sequence[ScoredRollout], selection: PairSelection | None =
 REFERENCES = ("base", "round_start")
 
 
+# -- held-out evaluation: a round without pairs ---------------------------------------------
+
+def evaluate_policy(model, processor, records: Sequence[PromptRecord], judge,
+                    settings: RolloutConfig, aggregation: str = "lexicographic",
+                    seed: int = 0) -> dict:
+    """Sample ``settings.samples_per_prompt`` responses per prompt and judge them against the
+    rubric; `heldout_summary` of them.
+
+    Sampling is seeded (and the global RNG state restored), so the same policy scores the same.
+    Always the rubric score, whatever the judge's pairs strategy, so rubric- and outcome-trained
+    policies are compared on one scale. Inside a Lightning run, `rdpo.callbacks.HeldoutEvaluation`
+    does the same on every rank's shard, in the trainer's precision context.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        rollouts = list(generate(model, processor, records, settings))
+    return heldout_summary(score_rollouts(judge, rollouts, aggregation, strategy="rubric"),
+                           settings)
+
+
+def heldout_summary(scored: Sequence[ScoredRollout], settings: RolloutConfig) -> dict:
+    """``rubric_score`` (mean score over all responses), ``essential_pass_rate`` (fraction of
+    responses meeting every essential criterion), ``fully_judged`` (responses with a verdict for
+    every criterion: unknowns count as not met, `rdpo.judging.scoring`), ``truncated`` and the counts."""
+    s = summarize(scored)
+    return {"rubric_score": s.mean_score, "essential_pass_rate": s.essential_pass_rate,
+            "prompts": s.prompts, "responses": s.responses, "fully_judged": s.fully_judged,
+            "unknown_verdicts": s.unknown_verdicts, "truncated": s.truncated,
+            "temperature": settings.temperature, "samples_per_prompt": settings.samples_per_prompt}
+
+
 def _reference_context(model, reference: str):
     if reference == "round_start":
         # Iterative DPO: the policy as it is now, when the round begins.
@@ -150,7 +183,8 @@ def reference_logps(model, collator: PairCollator, scored: Sequence[ScoredRollou
     """`TrainPair`s for a round's kept pairs, each with the token ids its responses were sampled
     as and reference log-probs computed once, here (`with_reference_logps`)."""
     by_id = {s.rollout.record.id: s.rollout for s in scored}
-    pairs = [_train_pair(by_id[p.prompt_id], p) for p in selection.pairs]
+    pairs = [TrainPair.of(by_id[p.prompt_id].record, p, by_id[p.prompt_id].token_ids)
+             for p in selection.pairs]
     return with_reference_logps(model, collator, pairs, batch_size, reference=reference,
                                 reference_model=reference_model, precision=precision,
                                 progress=progress)
@@ -196,14 +230,6 @@ def with_reference_logps(model, collator: PairCollator, pairs: Sequence[TrainPai
     finally:
         ref.train(was_training)
     return out
-
-
-def _train_pair(rollout: Rollout, pair) -> TrainPair:
-    """The pair as it will train: the responses' sampled ids (texts when none were kept)."""
-    ids = rollout.token_ids
-    return TrainPair(rollout.record, pair.chosen, pair.rejected, 0.0, 0.0,
-                     ids[pair.chosen_index] if ids else None,
-                     ids[pair.rejected_index] if ids else None)
 
 
 def _to(batch: dict, device) -> dict:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from rdpo.config import Config, ConfigError, save_config
+from rdpo.config import Config, ConfigError
 
 log = logging.getLogger("rdpo")
 
@@ -82,6 +82,11 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
 
 
 # -- a new run in run.dir --------------------------------------------------------------------
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically: `atomic_write`)."""
+    atomic_write(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
 
 RUN_FILES = ("config.yaml", HISTORY, "eval.json", "eval_before.json", "loggers.json",
              "report.png", "report.md", "judge_cache.sqlite*", "logs", "rounds", "checkpoints",

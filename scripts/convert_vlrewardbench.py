@@ -1,4 +1,4 @@
-"""Convert VL-RewardBench to rdpo's pairwise preference format (for `rdpo.evaluate judge`).
+"""Convert VL-RewardBench to rdpo's pairwise preference format (for `rdpo.tools.evaluate judge`).
 
     python scripts/convert_vlrewardbench.py INPUT OUT_DIR
 

@@ -19,7 +19,7 @@ markers (HTML-unescaped, as rdpo escapes it) is what ``judging=rule`` grades.
 
 Judge verdicts (``judging``): ``fixed`` (met unless the id is in ``unmet``), ``hash`` (a hash
 of prompt and criterion: deterministic, and different between responses) or ``rule`` (the
-criterion's regex ``check`` from the pools in ``pools``, as `rdpo.judges.RuleJudge` reads it,
+criterion's regex ``check`` from the pools in ``pools``, as `rdpo.judging.judges.RuleJudge` reads it,
 the record found by its images and instruction; like a real model judge it now and then leaves
 a criterion out).
 
@@ -214,7 +214,7 @@ class _Server:
                     for i in ids]
         if mode != "rule":
             raise ValueError(f"judging {mode!r} is not one of fixed, hash, rule")
-        from rdpo.judges import RuleJudge
+        from rdpo.judging.judges import RuleJudge
 
         key = (tuple(hashlib.sha256(b).hexdigest() for b in images),
                _QUESTION.search(text).group(1))

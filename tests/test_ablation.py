@@ -1,5 +1,5 @@
-"""rdpo.ablation's evidence: arms from eval.json files, the equal-start check, round summaries,
-tables, figure, and the README section generated from the committed JSON.
+"""rdpo.dev.ablation.run's evidence: arms from eval.json files, the equal-start check, round summaries,
+tables, figure, and the docs/ablation.md section generated from the committed JSON.
 
 The training half is `fit()` (covered by tests/test_fit.py); these tests write the files a run
 leaves and check what the ablation makes of them.
@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 from small_toy import ROOT
 
-from rdpo.ablation import collect, export_runs, main, round_summaries, run_dir
-from rdpo.ablation_report import BEGIN, END, METRICS, readme_is_current, readme_section
+from rdpo.dev.ablation.report import BEGIN, END, METRICS, readme_is_current, readme_section
+from rdpo.dev.ablation.run import collect, export_runs, main, round_summaries, run_dir
 
 BEFORE = {0: 0.40, 1: 0.42, 2: 0.38}
 AFTER = {("rubric", 0): 0.60, ("rubric", 1): 0.62, ("rubric", 2): 0.58,
@@ -80,10 +80,10 @@ def test_missing_run_names_the_file(docs, capsys):
     assert "outcome-seed2/eval.json: missing" in capsys.readouterr().err
 
 
-def test_collect_only_writes_json_table_figure_and_readme(docs, tmp_path):
-    readme = tmp_path / "README.md"
+def test_collect_only_writes_json_table_figure_and_page(docs, tmp_path):
+    readme = tmp_path / "page.md"
     readme.write_text(f"# x\n\nintro\n\n{BEGIN}\nold table\n{END}\n\nafter\n")
-    assert main(["--collect-only", "--docs", str(docs), "--readme", str(readme)]) == 0
+    assert main(["--collect-only", "--docs", str(docs), "--page", str(readme)]) == 0
     data = json.loads((docs / "ablation.json").read_text())
     assert data["machine"]["commit"] == "0123456789abcdef"  # the run's facts are kept
     assert data["arms"]["rubric"]["summary"]["truth_score"]["mean"] == pytest.approx(0.60)
@@ -101,6 +101,7 @@ def test_collect_only_writes_json_table_figure_and_readme(docs, tmp_path):
     assert readme_is_current(readme, data)
     assert "`python -m rdpo.ablation --seeds 0 1 2`" in text and "commit `0123456789ab`" in text
     assert "| rubric | 3.0 / 6 | tie 18 |" in text  # 2 rounds x 3 seeds x 3 ties
+    assert "](ablation/ablation.png)" in text  # relative to docs/, beside docs/ablation/
     data["arms"]["rubric"]["values"]["truth_score"][0] = 0.9
     assert not readme_is_current(readme, data)
 
@@ -127,11 +128,27 @@ def test_round_summaries_and_export(tmp_path):
     assert (copied / "eval.json").read_text() == (src / "eval.json").read_text()
 
 
-def test_committed_readme_is_current():
-    """README's ablation section is exactly what docs/ablation/ablation.json generates
-    (rerun `python -m rdpo.ablation --collect-only` after changing either)."""
+def test_default_page_is_docs_ablation_md(docs, tmp_path, monkeypatch):
+    """Without --page the section of docs/ablation.md (from the working directory, the
+    repository root) is rewritten; --readme is the same option under its old name."""
+    repo = tmp_path / "repo"
+    (repo / "docs").mkdir(parents=True)
+    page = repo / "docs" / "ablation.md"
+    page.write_text(f"# Ablation\n\n{BEGIN}\nold table\n{END}\n")
+    monkeypatch.chdir(repo)
+    assert main(["--collect-only", "--docs", str(docs)]) == 0
+    data = json.loads((docs / "ablation.json").read_text())
+    assert readme_is_current(page, data) and "old table" not in page.read_text()
+    page.write_text(f"# Ablation\n\n{BEGIN}\nold table\n{END}\n")
+    assert main(["--collect-only", "--docs", str(docs), "--readme", str(page)]) == 0
+    assert readme_is_current(page, data)
+
+
+def test_committed_page_is_current():
+    """docs/ablation.md's generated section is exactly what docs/ablation/ablation.json
+    generates (rerun `python -m rdpo.ablation --collect-only` after changing either)."""
     data = json.loads((ROOT / "docs/ablation/ablation.json").read_text())
-    assert readme_is_current(ROOT / "README.md", data), "README ablation section is stale"
+    assert readme_is_current(ROOT / "docs/ablation.md", data), "docs/ablation.md's section is stale"
     assert readme_section(data).count(BEGIN) == 1
     for seed in data["seeds"]:  # every run behind the table is committed
         for strategy in ("outcome", "rubric"):

@@ -1,18 +1,19 @@
-"""Bytes saved for backward (`rdpo.saved_memory`) and gradient checkpointing of the language
-model only (`rdpo.model.checkpoint_language_model`), full and selective (`rdpo.recompute`)."""
+"""Bytes saved for backward (`rdpo.engine.saved_memory`) and gradient checkpointing of the language
+model only (`rdpo.model.checkpoint_language_model`), full and selective (`rdpo.engine.recompute`)."""
 
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from rdpo.batches import PairCollator, TrainPair
 from rdpo.config import LoraConfig, ModelConfig
+from rdpo.engine.collate import PairCollator
+from rdpo.engine.packing import pair_logps
+from rdpo.engine.recompute import keep, selective_checkpoint_kwargs
+from rdpo.engine.saved_memory import SavedTensorMeter
+from rdpo.engine.vision_cache import VisionCache
 from rdpo.model import load_policy
-from rdpo.packing import pair_logps
+from rdpo.pairs import TrainPair
 from rdpo.pool import load_pool
-from rdpo.recompute import keep, selective_checkpoint_kwargs
-from rdpo.saved_memory import SavedTensorMeter
-from rdpo.vision_cache import VisionCache
 
 
 def test_meter_counts_each_storage_once_and_no_weights():

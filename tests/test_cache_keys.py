@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rdpo.collate import PromptCache
 from rdpo.config import load_config
+from rdpo.engine.encode import PromptCache
 from rdpo.pool import load_pool
 
 slow = pytest.mark.slow

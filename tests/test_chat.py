@@ -7,9 +7,9 @@ import io
 import pytest
 from PIL import Image
 
-from rdpo.chat import ChatRequest, TransformersChat, data_url
 from rdpo.config import JudgeConfig
-from rdpo.judges import TransformersJudge
+from rdpo.judging.chat import ChatRequest, TransformersChat, data_url
+from rdpo.judging.judges import TransformersJudge
 from rdpo.pool import load_pool
 
 

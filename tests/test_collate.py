@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rdpo.collate import (
+from rdpo.engine.encode import (
     append_completion,
     chat_text,
     collate_sequences,

@@ -205,11 +205,11 @@ def test_range_messages():
 
 def test_choices_match_the_modules_that_dispatch_on_them():
     from rdpo.demo.tiny import FAMILIES
-    from rdpo.judges import JUDGES
-    from rdpo.loss import LOSSES
+    from rdpo.engine.loss import LOSSES
+    from rdpo.judging.judges import JUDGES
+    from rdpo.judging.scoring import AGGREGATIONS
     from rdpo.model import DTYPES
     from rdpo.rounds import REFERENCES
-    from rdpo.scoring import AGGREGATIONS
 
     assert set(choices(DPOConfig, "loss_type")) == set(LOSSES)
     assert set(choices(DPOConfig, "reference")) == set(REFERENCES)
@@ -229,7 +229,7 @@ def test_backends_restate_no_judge_setting():
     """The chat backends take the judge settings without defaults: only JudgeConfig has them."""
     import inspect
 
-    from rdpo.chat import OpenAIChat, TransformersChat
+    from rdpo.judging.chat import OpenAIChat, TransformersChat
 
     settings = {f.name for f in dataclasses.fields(JudgeConfig)} | {"max_new_tokens"}
     for cls in (OpenAIChat, TransformersChat):
@@ -269,7 +269,7 @@ def test_check_works_on_sections_and_cli_names():
 def test_config_imports_light_and_no_cycle():
     """rdpo.config imports neither torch, Lightning nor rdpo.demo.warmstart (the toy's builder imports
     the config, not the other way round at import time)."""
-    code = ("import sys, rdpo.config, rdpo.confighelp, rdpo.demo.warmstart\n"
+    code = ("import sys, rdpo.config, rdpo.confighelp, rdpo.preflight\n"
             "heavy = {m.split('.')[0] for m in sys.modules} & {'torch', 'lightning', 'transformers'}\n"
             "assert not heavy, heavy\n"
             "del sys.modules['rdpo.config']\n"

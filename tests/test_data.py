@@ -4,17 +4,19 @@
 import pytest
 import torch
 
-from rdpo.batches import TrainPair
+from rdpo.config import DataConfig
 from rdpo.data import OnPolicyDataModule
+from rdpo.pairs import TrainPair
 from rdpo.pool import load_pool
-from rdpo.rubrics import main as rubrics_main
+from rdpo.tools.rubrics import main as rubrics_main
 
 
 @pytest.fixture()
 def dm(toy_pools, tiny_model_and_processor):
     _, processor = tiny_model_and_processor
-    dm = OnPolicyDataModule(str(toy_pools.train), str(toy_pools.heldout), prompts_per_round=6,
-                            batch_size=4, steps_per_round=3, seed=7)
+    dm = OnPolicyDataModule(DataConfig(str(toy_pools.train), str(toy_pools.heldout),
+                                       prompts_per_round=6, batch_size=4),
+                            steps_per_round=3, seed=7)
     dm.connect(processor)
     dm.setup("fit")
     return dm
@@ -62,7 +64,7 @@ def test_shards_are_disjoint(toy_pools, tiny_model_and_processor):
 
     shards = []
     for rank in (0, 1):
-        dm = OnPolicyDataModule(str(toy_pools.train), batch_size=2)
+        dm = OnPolicyDataModule(DataConfig(str(toy_pools.train), batch_size=2))
         dm.connect(tiny_model_and_processor[1])
         dm.trainer = FakeTrainer(rank)
         dm.setup("fit")

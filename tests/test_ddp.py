@@ -80,9 +80,9 @@ def test_matches_single_process_where_it_should(runs):
     reference log-probs of a pair are those a single process computes for it. The sampled
     responses themselves differ by design: each rank samples its own shard with its own seed
     (`round_seed(seed, round, rank)`) in its own generation batches."""
-    from rdpo.batches import PairCollator
+    from rdpo.engine.collate import PairCollator
+    from rdpo.engine.packing import pair_logps
     from rdpo.model import load_policy
-    from rdpo.packing import pair_logps
 
     ddp, single = runs
     for index in ("0000", "0001"):

@@ -87,12 +87,12 @@ def _greedy(model, processor, records) -> dict:
 
 def test_zero3_adapter_is_the_trained_one_and_exports(zero3, tmp_path):
     """adapter/ loads with PeftModel.from_pretrained and answers (greedy) as the policy did
-    inside the run at its end; `rdpo.export --merge` of the run answers the same."""
+    inside the run at its end; `rdpo.tools.export --merge` of the run answers the same."""
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    from rdpo.export import main as export_main
     from rdpo.model import load_base, load_processor
+    from rdpo.tools.export import main as export_main
 
     cfg = load_config(zero3 / "config.yaml")
     records = load_pool(cfg.data.heldout_pool)[:2]

@@ -7,7 +7,7 @@ import pytest
 from fake_openai_server import FakeOpenAIServer
 
 from rdpo.demo import toy
-from rdpo.evaluate import load_preferences, main, wilson
+from rdpo.tools.evaluate import load_preferences, main, wilson
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_judge_options_are_checked_by_the_schema(data, capsys):
 
 def test_judge_options_default_to_the_config(data):
     from rdpo.config import JudgeConfig
-    from rdpo.evaluate import build_parser
+    from rdpo.tools.evaluate import build_parser
 
     args = build_parser().parse_args(["judge", "--data", str(data)])
     for name in ("concurrency", "timeout", "max_retries", "max_tokens", "batch_size",

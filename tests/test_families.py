@@ -7,14 +7,14 @@ import re
 import pytest
 import torch
 
-from rdpo import image_slots, packing
-from rdpo.collate import collate_sequences, encode_prompt, pad_batch
 from rdpo.config import RolloutConfig
 from rdpo.demo import toy
 from rdpo.demo.tiny import FAMILIES, TOY_IMAGE_PIXELS, build_tiny_vlm
+from rdpo.engine import image_slots, packing
+from rdpo.engine.encode import collate_sequences, encode_prompt, pad_batch
+from rdpo.engine.logps import sequence_logps, unwrap
+from rdpo.engine.packing import pack_pairs, packed_logps, packing_support
 from rdpo.families import end_of_turn_id, family_of, processor_family, vision_token_ids
-from rdpo.logps import sequence_logps, unwrap
-from rdpo.packing import pack_pairs, packed_logps, packing_support
 from rdpo.pool import load_pool
 from rdpo.rollout import generate
 
@@ -108,7 +108,7 @@ def separate(model, processor, prompts, chosen, rejected):
 
 def test_batched_prompts_equal_each_alone(built, mixed_pools):
     """Two images, one image (a video for Qwen) in one batch: padding the per-image fields
-    (image counts differ) changes no log-prob (Mllama: through `rdpo.image_slots`)."""
+    (image counts differ) changes no log-prob (Mllama: through `rdpo.engine.image_slots`)."""
     name, model, processor = built
     prompts, chosen = mixed_prompts(processor, mixed_pools), CHOSEN
     with torch.no_grad():
@@ -202,7 +202,7 @@ def test_packed_cross_attention_rows_for_mllama(built, mixed_pools):
 
 @contextlib.contextmanager
 def slot_hook_off(model):
-    """Mllama's own forward for the duration: `rdpo.image_slots`' hook removed, and none
+    """Mllama's own forward for the duration: `rdpo.engine.image_slots`' hook removed, and none
     installed meanwhile by the log-prob functions."""
     language_model = unwrap(model).model.language_model
     assert image_slots.isolate_image_slots(model)
@@ -217,7 +217,7 @@ def slot_hook_off(model):
 
 def test_mllama_log_probs_do_not_depend_on_the_batch(built, mixed_pools):
     """Mllama's text rows blind to every image (the prompt's header) attend to their own image
-    slots only (`rdpo.image_slots`): a one-image prompt batched with a two-image one (its second
+    slots only (`rdpo.engine.image_slots`): a one-image prompt batched with a two-image one (its second
     slot padded), plain and packed, has the log-probs it has alone; without the hook they move
     (transformers lets those rows average over the padded slot too)."""
     name, model, processor = built

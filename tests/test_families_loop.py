@@ -85,7 +85,7 @@ def toy_paths(family, cache):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_two_rounds(family, cache, tmp_path, caplog):
     """The loop on a pool that mixes one- and two-image records (Qwen: and video records).
-    Mllama's step 0 at ln 2 there needs `rdpo.image_slots`: the reference pass and the steps
+    Mllama's step 0 at ln 2 there needs `rdpo.engine.image_slots`: the reference pass and the steps
     batch a prompt with different image counts."""
     from family_pools import reshape_pool
 
@@ -108,10 +108,10 @@ def test_qlora_step_and_adapter_reload(family, cache, tmp_path):
     import bitsandbytes as bnb
     from peft import PeftModel
 
-    from rdpo.batches import PairCollator
     from rdpo.config import ModelConfig, RolloutConfig
+    from rdpo.engine.collate import PairCollator
+    from rdpo.engine.packing import packing_support, pair_logps
     from rdpo.model import load_base, load_policy
-    from rdpo.packing import packing_support, pair_logps
     from rdpo.pool import load_pool
     from rdpo.rollout import generate
 
@@ -149,7 +149,7 @@ def test_qlora_step_and_adapter_reload(family, cache, tmp_path):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_transformers_judge(family, cache):
     from rdpo.config import JudgeConfig
-    from rdpo.judges import TransformersJudge
+    from rdpo.judging.judges import TransformersJudge
     from rdpo.pool import load_pool
 
     paths = toy_paths(family, cache)
@@ -168,12 +168,12 @@ def test_selective_checkpointing_is_exact(family, cache):
     """`model.gradient_checkpointing: selective` on each family's language model (its own
     decoder layers: Gemma 3's sliding window, Mllama's cross-attention layers, Qwen3-VL's
     deepstack): the same log-probs and gradients as without checkpointing, less kept."""
-    from rdpo.batches import PairCollator
     from rdpo.config import ModelConfig
+    from rdpo.engine.collate import PairCollator
+    from rdpo.engine.packing import packing_support, pair_logps
+    from rdpo.engine.saved_memory import SavedTensorMeter
     from rdpo.model import load_policy
-    from rdpo.packing import packing_support, pair_logps
     from rdpo.pool import load_pool
-    from rdpo.saved_memory import SavedTensorMeter
 
     paths = toy_paths(family, cache)
     records = load_pool(paths.train_pool)[:2]

@@ -8,10 +8,11 @@ import torch
 from fake_openai_server import FakeOpenAIServer
 from scale_runs import fit_cli, jsonl, log_text
 
-from rdpo.batches import PairCollator, TrainPair
 from rdpo.config import ModelConfig
+from rdpo.engine.collate import PairCollator
 from rdpo.model import load_policy
 from rdpo.module import RubricDPOModule
+from rdpo.pairs import TrainPair
 from rdpo.pool import load_pool
 
 

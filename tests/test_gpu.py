@@ -3,13 +3,14 @@
 import pytest
 import torch
 
-from rdpo.batches import PairCollator, TrainPair
-from rdpo.collate import collate_sequences, encode_prompt
 from rdpo.config import DPOConfig, ModelConfig, RolloutConfig, load_config
-from rdpo.logps import sequence_logps
+from rdpo.engine.collate import PairCollator
+from rdpo.engine.encode import collate_sequences, encode_prompt
+from rdpo.engine.logps import sequence_logps
+from rdpo.engine.packing import pack_pairs, packed_logps
 from rdpo.model import load_policy
 from rdpo.module import RubricDPOModule
-from rdpo.packing import pack_pairs, packed_logps
+from rdpo.pairs import TrainPair
 from rdpo.pool import load_pool
 from rdpo.rollout import generate
 

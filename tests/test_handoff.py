@@ -1,4 +1,4 @@
-"""rdpo.handoff and rdpo.lmms_task: the lmms-eval / VLMEvalKit hand-off of an exported policy,
+"""rdpo.tools.handoff and rdpo.tools.lmms_task: the lmms-eval / VLMEvalKit hand-off of an exported policy,
 and (slow) lmms-eval itself scoring the exported toy policy as rdpo does.
 
 lmms-eval runs from .venv-eval (scripts/eval_env.sh: lmms-eval layered over the project venv;
@@ -16,11 +16,12 @@ import pytest
 import torch
 from small_toy import QUICKSTART, ROOT, build_small_toy
 
-from rdpo.config import RolloutConfig, load_config, save_config
-from rdpo.evaluate import main as evaluate_main
-from rdpo.handoff import make_handoff, template_system_prompt
-from rdpo.lmms_task import Scorer, task_scorer, write_task
+from rdpo.config import RolloutConfig, load_config
 from rdpo.pool import load_pool
+from rdpo.rundir import save_config
+from rdpo.tools.evaluate import main as evaluate_main
+from rdpo.tools.handoff import make_handoff, template_system_prompt
+from rdpo.tools.lmms_task import Scorer, task_scorer, write_task
 
 # Real Qwen2-VL's template: a default system turn when the prompt has none.
 QWEN_TEMPLATE = (
@@ -183,8 +184,8 @@ def eval_python():
 def exported(small_toy_cache, tmp_path_factory):
     """The quickstart's tiny Qwen2.5-VL policy after two DPO steps, exported merged (bfloat16:
     the dtype lmms-eval's qwen2_5_vl loads)."""
-    from rdpo.export import export
     from rdpo.fit import fit
+    from rdpo.tools.export import export
 
     toy = build_small_toy(small_toy_cache, "toy.family=qwen2_5_vl")
     root = tmp_path_factory.mktemp("handoff")

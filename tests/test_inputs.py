@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 
 from rdpo import config as schema
-from rdpo.chat import data_url
 from rdpo.config import ConfigError, JudgeConfig, load_config
 from rdpo.confighelp import add_options, section_from_args
+from rdpo.judging.chat import data_url
 from rdpo.pool import PoolError, check_pool, load_images, load_pool
 
 RUBRIC = {"essential": [{"id": "E1", "text": "Says red."}]}
@@ -151,16 +151,17 @@ def test_preflight_refuses_an_outside_path_with_its_setting(outside_pool, checkp
 
 
 def test_the_data_module_loads_with_the_run_settings(outside_pool):
+    from rdpo.config import DataConfig
     from rdpo.data import OnPolicyDataModule
 
     with pytest.raises(PoolError, match="outside the pool's folder"):
-        OnPolicyDataModule(str(outside_pool))._load_pools()
-    dm = OnPolicyDataModule(str(outside_pool), allow_outside_paths=True)
+        OnPolicyDataModule(DataConfig(str(outside_pool)))._load_pools()
+    dm = OnPolicyDataModule(DataConfig(str(outside_pool), allow_outside_paths=True))
     dm._load_pools()
     assert len(dm.records) == 1
     with pytest.raises(PoolError, match="above the bound of 10 pixels"):
-        OnPolicyDataModule(str(outside_pool), allow_outside_paths=True,
-                           max_image_pixels=10)._load_pools()
+        OnPolicyDataModule(DataConfig(str(outside_pool), allow_outside_paths=True,
+                                      max_image_pixels=10))._load_pools()
 
 
 # -- held-out contamination -----------------------------------------------------------------

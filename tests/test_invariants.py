@@ -22,9 +22,9 @@ import torch
 from small_toy import QUICKSTART
 
 from rdpo.config import load_config
+from rdpo.engine.packing import CHOSEN, REJECTED
 from rdpo.fit import fit
 from rdpo.module import RubricDPOModule
-from rdpo.packing import CHOSEN, REJECTED
 
 pytestmark = pytest.mark.slow
 

@@ -7,10 +7,10 @@ import shutil
 import pytest
 from fake_openai_server import FakeOpenAIServer
 
-from rdpo.chat import ChatRequest
 from rdpo.config import JudgeConfig
-from rdpo.judge_cache import JudgeCache, judgment_key
-from rdpo.judges import PARSER_VERSION, TEMPLATE_VERSION, OpenAIJudge
+from rdpo.judging.cache import JudgeCache, judgment_key
+from rdpo.judging.chat import ChatRequest
+from rdpo.judging.judges import PARSER_VERSION, TEMPLATE_VERSION, OpenAIJudge
 from rdpo.pool import Criterion, load_pool
 
 

@@ -15,7 +15,7 @@ from fake_openai_server import FakeOpenAIServer, criterion_ids, response_of
 from rdpo.config import JudgeConfig
 from rdpo.demo import toy
 from rdpo.demo.tiny import FAMILIES, build_tiny_vlm
-from rdpo.judges import OpenAIJudge, RuleJudge, TransformersJudge, escape_response
+from rdpo.judging.judges import OpenAIJudge, RuleJudge, TransformersJudge, escape_response
 from rdpo.pool import load_pool
 
 ALL_MET = '{"verdicts": [{"id": "E1", "met": true}, {"id": "E2", "met": true}, ' \
@@ -161,8 +161,8 @@ def test_transformers_judge_feeds_no_special_token_from_the_response(family_judg
 def test_transformers_judge_prompt_order(family_judge, records):
     """Instructions first (a system turn where the template renders one with images), then the
     question and criteria, the response last."""
-    from rdpo.chat import judge_messages
-    from rdpo.judges import rubric_request
+    from rdpo.judging.chat import judge_messages
+    from rdpo.judging.judges import rubric_request
 
     family, judge, processor = family_judge
     record = records[0]
@@ -180,5 +180,18 @@ def test_transformers_judge_prompt_order(family_judge, records):
 
 
 def test_escape_response_ends_on_any_token_list():
-    assert escape_response("xab #1", special_tokens=["xa", "ab", "#", "1", ""]) == \
-        "&#120;&#97;b #1"
+    tokens = ["xa", "ab", "#", "1", ""]
+    shown = escape_response("xab #1", special_tokens=tokens)
+    assert shown == "x&#97;b #1" and not any(t in shown for t in ("xa", "ab"))
+
+
+def test_escape_response_is_the_same_text_in_every_process():
+    """The escaped text is a judge cache key: it must not depend on the hash seed."""
+    import subprocess
+    import sys
+
+    code = ("from rdpo.judging.judges import escape_response as e; "
+            "print(e('xab cd xa', special_tokens=['xa', 'ab', 'cd', 'dx']))")
+    outs = {subprocess.run([sys.executable, "-c", code], env={"PYTHONHASHSEED": str(seed)},
+                           capture_output=True, text=True, check=True).stdout for seed in range(6)}
+    assert len(outs) == 1, outs

@@ -8,9 +8,9 @@ import time
 import pytest
 from fake_openai_server import FakeOpenAIServer
 
-from rdpo.chat import ChatError, ChatTimeout, make_chat
 from rdpo.config import ConfigError, JudgeConfig
-from rdpo.judges import OpenAIJudge, judge_round, make_judge
+from rdpo.judging.chat import ChatError, ChatTimeout, make_chat
+from rdpo.judging.judges import OpenAIJudge, judge_round, make_judge
 from rdpo.pool import load_pool
 
 

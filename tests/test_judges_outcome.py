@@ -9,7 +9,7 @@ import pytest
 from rdpo.config import load_config
 from rdpo.demo import toy
 from rdpo.fit import fit
-from rdpo.judges import OUTCOME_FAIL, OUTCOME_PASS, RuleJudge
+from rdpo.judging.judges import OUTCOME_FAIL, OUTCOME_PASS, RuleJudge
 from rdpo.pool import load_pool
 from rdpo.rollout import Rollout
 from rdpo.rounds import outcome_score, score_rollouts, select_pairs

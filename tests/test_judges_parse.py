@@ -2,8 +2,8 @@
 
 import pytest
 
-from rdpo.chat import extract_json
-from rdpo.judges import parse_score, parse_verdicts
+from rdpo.judging.chat import extract_json
+from rdpo.judging.judges import parse_score, parse_verdicts
 
 IDS = ["E1", "E2", "A1"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from rdpo.config import JudgeConfig
-from rdpo.judges import OpenAIJudge
+from rdpo.judging.judges import OpenAIJudge
 from rdpo.pool import load_pool
 
 pytest.importorskip("fastapi")

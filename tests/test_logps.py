@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rdpo.collate import collate_sequences, encode_prompt
-from rdpo.logps import completion_logps, sequence_logps, token_logps
+from rdpo.engine.encode import collate_sequences, encode_prompt
+from rdpo.engine.logps import completion_logps, sequence_logps, token_logps
 from rdpo.pool import load_pool
 
 COMPLETIONS = ["There is a red circle on the left.", "Blue.", "The square is on the right. I hope this helps."]
@@ -130,17 +130,17 @@ def test_gradients_match_naive(tiny_model_and_processor, batch, chunk_size):
 
 def test_checkpointed_chunks_under_autograd(tiny_model_and_processor, batch, monkeypatch):
     # With grad enabled and hidden requiring grad, every chunk goes through checkpoint.
-    import rdpo.logps
+    import rdpo.engine.logps
 
     model, _ = tiny_model_and_processor
     calls = []
-    real = rdpo.logps.checkpoint
+    real = rdpo.engine.logps.checkpoint
 
     def spy(fn, *args, **kwargs):
         calls.append(args[0].shape[0])
         return real(fn, *args, **kwargs)
 
-    monkeypatch.setattr(rdpo.logps, "checkpoint", spy)
+    monkeypatch.setattr(rdpo.engine.logps, "checkpoint", spy)
     n_tokens = int(batch["completion_mask"][:, 1:].sum())
     out = sequence_logps(model, batch, chunk_size=4)
     assert out.requires_grad
@@ -195,13 +195,13 @@ def test_frozen_output_layer_gradient_precomputed(tiny_model_and_processor, batc
                                                   monkeypatch):
     # LoRA/QLoRA: the output layer does not train, so each chunk's input gradient is computed
     # in the forward pass (no checkpoint, no recomputed logits); same log-probs, same gradients.
-    import rdpo.logps
+    import rdpo.engine.logps
 
     model, _ = tiny_model_and_processor
     weights = torch.tensor([1.0, -0.5, 2.0])
     embed = model.model.language_model.embed_tokens.weight
     calls = []
-    monkeypatch.setattr(rdpo.logps, "checkpoint", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(rdpo.engine.logps, "checkpoint", lambda *a, **k: calls.append(1))
     model.lm_head.weight.requires_grad_(False)
     try:
         expected_logps = naive_logps(model, batch)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rdpo.loss import LOSSES, dpo_loss
+from rdpo.engine.loss import LOSSES, dpo_loss
 
 BETA = 0.1
 

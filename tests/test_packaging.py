@@ -15,7 +15,7 @@ def test_editable_install_maps_callbacks():
     from rdpo.callbacks import RubricScoringCallback
 
     assert Path(rdpo.callbacks.__file__).resolve() == ROOT / "callbacks" / "__init__.py"
-    assert RubricScoringCallback.__module__ == "rdpo.callbacks.scoring"
+    assert RubricScoringCallback.__module__ == "rdpo.callbacks.round"
 
 
 @pytest.mark.slow  # builds and installs a wheel with pip in subprocesses
@@ -24,8 +24,11 @@ def test_wheel_installs_callbacks(tmp_path):
                     "-q", "-w", str(tmp_path / "dist"), str(ROOT)], check=True)
     wheel = next((tmp_path / "dist").glob("rdpo-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert "rdpo/callbacks/__init__.py" in names and "rdpo/callbacks/scoring.py" in names
+    assert "rdpo/callbacks/__init__.py" in names and "rdpo/callbacks/round.py" in names
     assert not any(n.startswith("callbacks/") for n in names)
+    # every module of the source tree ships (a subpackage missing from pyproject's list would not)
+    source = {f"rdpo/{p.relative_to(ROOT / 'rdpo').as_posix()}" for p in (ROOT / "rdpo").rglob("*.py")}
+    assert source <= set(names), sorted(source - set(names))
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
                     str(site), str(wheel)], check=True)

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from rdpo.collate import collate_sequences, encode_prompt
 from rdpo.demo import toy
 from rdpo.demo.tiny import build_tiny_vlm
-from rdpo.logps import sequence_logps
-from rdpo.packing import (
+from rdpo.engine.encode import collate_sequences, encode_prompt
+from rdpo.engine.logps import sequence_logps
+from rdpo.engine.packing import (
     CHOSEN,
     PROMPT,
     REJECTED,

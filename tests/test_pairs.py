@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from rdpo.judging.scoring import Score
 from rdpo.pairs import DROP_REASONS, Pair, build_pairs, select_pair
-from rdpo.scoring import Score
 
 
 def sc(value: float, passes: bool | None = True, unknown_essential: int = 0) -> Score:

@@ -15,7 +15,7 @@ from rdpo.pool import (
     load_pool,
     write_pool,
 )
-from rdpo.rubrics import main
+from rdpo.tools.rubrics import main
 
 
 def record(rid: str = "p0", **over) -> dict:

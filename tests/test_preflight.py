@@ -195,7 +195,7 @@ def test_transformers_judge_checked_too(tmp_path):
 
 
 def test_bad_pool_lines_as_rubrics_validate_prints_them(tmp_path, capsys):
-    from rdpo.rubrics import main as rubrics_main
+    from rdpo.tools.rubrics import main as rubrics_main
 
     bad = pool(tmp_path / "bad" / "pool.jsonl",
                [record("p1"), "{not json", record("p3", rubric={"essential": []}),
@@ -261,7 +261,7 @@ def test_cli_missing_train_pool_before_any_model_loads(tmp_path, monkeypatch, ca
 
 def test_cli_bad_pool(tmp_path, monkeypatch, capsys):
     from rdpo.fit import main
-    from rdpo.rubrics import main as rubrics_main
+    from rdpo.tools.rubrics import main as rubrics_main
 
     fail_if_loaded(monkeypatch)
     bad = pool(tmp_path / "pool.jsonl", [record("p1"), record("p2", rubric={"essential": "x"})])

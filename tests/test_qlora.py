@@ -3,8 +3,8 @@ across the eval (sampling) / train alternation of a round."""
 
 import torch
 
-from rdpo.batches import PairCollator
 from rdpo.config import ModelConfig, RolloutConfig
+from rdpo.engine.collate import PairCollator
 from rdpo.model import load_policy
 from rdpo.pool import load_pool
 from rdpo.rollout import generate
@@ -28,7 +28,7 @@ def test_nf4_policy_trains_after_sampling(tiny_dir, toy_pools):
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert lora and all("lora_" in n for n in lora)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    from rdpo.logps import sequence_logps
+    from rdpo.engine.logps import sequence_logps
 
     batch = PairCollator(processor).sequences(records, [r.reference for r in records])
     for _ in range(2):

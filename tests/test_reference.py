@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
-from rdpo.batches import PairCollator
-from rdpo.collate import collate_sequences, encode_prompt
 from rdpo.config import ModelConfig
-from rdpo.logps import sequence_logps
+from rdpo.engine.collate import PairCollator
+from rdpo.engine.encode import collate_sequences, encode_prompt
+from rdpo.engine.logps import sequence_logps
 from rdpo.model import load_policy
 from rdpo.pairs import Pair, PairSelection
 from rdpo.pool import load_pool

@@ -10,10 +10,11 @@ import shutil
 import pytest
 import torch
 
-from rdpo.batches import PairCollator, TrainPair
-from rdpo.collate import PromptCache, completion_ids, end_of_turn_id
 from rdpo.config import LoraConfig, ModelConfig, RolloutConfig
-from rdpo.packing import CHOSEN, REJECTED
+from rdpo.engine.collate import PairCollator
+from rdpo.engine.encode import PromptCache, completion_ids, end_of_turn_id
+from rdpo.engine.packing import CHOSEN, REJECTED
+from rdpo.pairs import TrainPair
 from rdpo.pool import load_pool
 from rdpo.rollout import LENGTH, STOP, generate, split_sample, stop_token_ids
 
@@ -153,10 +154,11 @@ def test_prompt_cache_is_bounded_lru(tiny_model_and_processor, records):
 
 
 def test_pair_usage_and_unused_warning(toy_pools, caplog):
+    from rdpo.config import DataConfig
     from rdpo.data import OnPolicyDataModule
 
     recs = load_pool(toy_pools.train)
-    dm = OnPolicyDataModule(str(toy_pools.train), batch_size=2, steps_per_round=3)
+    dm = OnPolicyDataModule(DataConfig(str(toy_pools.train), batch_size=2), steps_per_round=3)
     pairs = [TrainPair(recs[i % len(recs)], f"c{i}", "r", -1.0, -2.0) for i in range(10)]
     with caplog.at_level(logging.WARNING, logger="rdpo"):
         dm.set_pairs(pairs, 0)

@@ -169,7 +169,7 @@ def test_fit_rounds_sample_on_the_server(small_toy, vllm_server, tmp_path, monke
     assert result.eval["after"]["responses"] == result.eval["before"]["responses"] > 0
     assert not any(str(tmp_path) in root for root in _adapters(vllm_server).values())  # unloaded
     # The saved adapter records its base, and the base checks out against it.
-    from rdpo.export import check_base, find_weights
+    from rdpo.tools.export import check_base, find_weights
 
     saved = find_weights(tmp_path / "vllm")
     assert json.loads((saved.weights / "rdpo_adapter.json").read_text())["base"] == str(
@@ -227,8 +227,8 @@ def test_qlora_logprob_gap(small_toy, vllm_server, tmp_path):
     by the trainer on the 4-bit base. The gap per token is measured (and printed); with the
     same float32 base as the server it is rounding only."""
     pytest.importorskip("bitsandbytes")
-    from rdpo.collate import PromptCache, collate_sequences
-    from rdpo.logps import sequence_logps
+    from rdpo.engine.encode import PromptCache, collate_sequences
+    from rdpo.engine.logps import sequence_logps
     from rdpo.model import load_policy
     from rdpo.pool import load_pool
     from rdpo.rollout import stop_token_ids
@@ -249,7 +249,7 @@ def test_qlora_logprob_gap(small_toy, vllm_server, tmp_path):
     prompts = PromptCache(proc, max_mb=0)
     gaps = {"float32": [], "nf4": []}
     for record in load_pool(cfg.data.heldout_pool):
-        from rdpo.chat import data_url
+        from rdpo.judging.chat import data_url
 
         content = [{"type": "image_url", "image_url": {"url": data_url(p)}} for p in record.images]
         resp = server._client.chat.completions.create(

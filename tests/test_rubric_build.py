@@ -6,7 +6,7 @@ import pytest
 from fake_openai_server import DEFAULT_RUBRIC, FakeOpenAIServer
 
 from rdpo.pool import load_pool
-from rdpo.rubrics import main
+from rdpo.tools.rubrics import main
 
 
 @pytest.fixture
@@ -126,7 +126,7 @@ def test_validate_imports_neither_torch_nor_lightning(toy_pools):
     import sys
 
     code = ("import sys\n"
-            "from rdpo.rubrics import main\n"
+            "from rdpo.tools.rubrics import main\n"
             f"assert main(['validate', {str(toy_pools.train)!r}]) == 0\n"
             "heavy = {m.split('.')[0] for m in sys.modules} & {'torch', 'lightning', 'transformers'}\n"
             "assert not heavy, heavy\n")

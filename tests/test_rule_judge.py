@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from rdpo.judges import RuleJudge
+from rdpo.judging.judges import RuleJudge
+from rdpo.judging.scoring import lexicographic
 from rdpo.pool import Criterion, PromptRecord, Rubric
-from rdpo.scoring import lexicographic
 
 
 def make_record(*criteria: Criterion, n_essential: int = 1) -> PromptRecord:
@@ -57,7 +57,7 @@ def test_judge_many_responses_and_no_check():
         {"E1": False, "A1": None, "A2": True},
     ]
     # The verdicts feed scoring directly; A1 stays unknown (scoring's unknown policy decides
-    # what that is worth, rdpo.scoring).
+    # what that is worth, rdpo.judging.scoring).
     score = lexicographic(record.rubric, verdicts[0])
     assert score.unknown == 1 and score.essential_pass is True
     assert RuleJudge().judge(record, []) == []
@@ -81,7 +81,7 @@ def test_bad_check_raises():
 
 def test_many_is_one_protocol():
     """RuleJudge follows the whole `Judge` protocol: *_many equal the per-prompt calls."""
-    from rdpo.judges import Judge
+    from rdpo.judging.judges import Judge
 
     records = [make_record(Criterion("E1", "red", check={"any": [r"\bred\b"]})),
                make_record(Criterion("E1", "blue", check={"any": ["blue"]}))]

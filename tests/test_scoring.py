@@ -2,8 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from rdpo.pool import Criterion, Rubric
-from rdpo.scoring import (
+from rdpo.judging.scoring import (
     AGGREGATIONS,
     ESSENTIAL_WEIGHT,
     Score,
@@ -11,6 +10,7 @@ from rdpo.scoring import (
     score_response,
     weighted,
 )
+from rdpo.pool import Criterion, Rubric
 
 RUBRIC = Rubric(
     essential=(Criterion("E1", "e1"), Criterion("E2", "e2"), Criterion("E3", "e3")),

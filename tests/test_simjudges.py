@@ -10,10 +10,10 @@ from small_toy import QUICKSTART, ROOT
 
 from rdpo.config import ConfigError, load_config
 from rdpo.demo import hardtoy, toy
-from rdpo.judges import RuleJudge, make_judge
+from rdpo.demo.simjudges import SimulatedJudge, answer_set, calibrate, make_simulated, style_flaws
+from rdpo.judging.judges import RuleJudge, make_judge
+from rdpo.judging.scoring import score_response
 from rdpo.pool import load_pool
-from rdpo.scoring import score_response
-from rdpo.simjudges import SimulatedJudge, answer_set, calibrate, style_flaws
 
 HARD_RECIPE = ROOT / "configs/ablation_hard.yaml"
 
@@ -63,13 +63,13 @@ def test_hard_task_has_more_criteria_per_prompt(hard_pools):
 
 def test_noise_zero_is_the_exact_rule_judge():
     cfg = _cfg("judge.noise=0", "judge.outcome=check")
-    assert type(make_judge(cfg.judge, toy=cfg.toy)) is RuleJudge
+    assert type(make_simulated(cfg.judge, cfg.toy, 0, "rubric")) is RuleJudge
 
 
 def test_noise_flips_that_share_of_verdicts_the_same_way_every_time():
     cfg = _cfg("judge.noise=0.1")
     items = answer_set(cfg.toy)
-    exact, noisy = RuleJudge(), make_judge(cfg.judge, toy=cfg.toy, seed=3)
+    exact, noisy = RuleJudge(), make_simulated(cfg.judge, cfg.toy, 3, "rubric")
     assert isinstance(noisy, SimulatedJudge)
     flips = total = 0
     for rec, answers in items:
@@ -78,7 +78,7 @@ def test_noise_flips_that_share_of_verdicts_the_same_way_every_time():
         flips += sum(x[k] != y[k] for x, y in zip(a, b, strict=True) for k in x)
         total += sum(len(x) for x in a)
     assert total > 2500 and 0.08 < flips / total < 0.12
-    other_seed = make_judge(cfg.judge, toy=cfg.toy, seed=4)
+    other_seed = make_simulated(cfg.judge, cfg.toy, 4, "rubric")
     assert [other_seed.judge(r, a) for r, a in items[:10]] != [noisy.judge(r, a) for r, a in items[:10]]
 
 
@@ -86,7 +86,7 @@ def test_holistic_judge_sees_every_flaw():
     """Noise off: the reference scores 10; every hallucination, wrong fact, terse and rambling
     answer scores lower. The old pass/fail check passes the hallucinations."""
     cfg = _cfg("judge.outcome_noise=0")
-    judge = make_judge(cfg.judge, "outcome", toy=cfg.toy)
+    judge = make_simulated(cfg.judge, cfg.toy, 0, "outcome")
     ids = [f"train-{i:05d}" for i in range(cfg.toy.n_train)]
     raws = {r["id"]: r for r, _, _ in hardtoy.draw_records(ids, cfg.toy.task_seed)}
     lower, check_passes, n = Counter(), 0, 0
@@ -151,3 +151,13 @@ def test_warm_start_weights_do_not_depend_on_the_callers_threads(tmp_path):
     finally:
         torch.set_num_threads(before)
     assert hashes[0] == hashes[1]
+
+
+def test_make_judge_refuses_a_rule_judge_with_simulated_errors():
+    """make_judge knows nothing of the simulation: asked for one, it says who builds it rather
+    than returning the exact rule judge (a silently error-free 'noisy' judge)."""
+    for override in ("judge.noise=0.1", "judge.outcome=holistic"):
+        cfg = _cfg(override)
+        with pytest.raises(ConfigError, match="rdpo.demo.simjudges.make_simulated"):
+            make_judge(cfg.judge)
+    assert type(make_judge(_cfg("judge.noise=0", "judge.outcome=check").judge)) is RuleJudge

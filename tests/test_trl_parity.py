@@ -2,7 +2,7 @@
 
 TRL's DPOTrainer collates a vision batch and computes its loss with its own forward (fused LM
 head, reference = the PEFT model with adapters disabled). rdpo computes log-probs of the same
-batch with its chunked projection and the loss with `rdpo.loss.dpo_objective`. Packed pairs are
+batch with its chunked projection and the loss with `rdpo.engine.loss.dpo_objective`. Packed pairs are
 shown equal to this plain batch in test_packing.py.
 
 TRL 1.16's sigmoid loss ignores ``label_smoothing`` (it went to its robust and EXO losses);
@@ -16,8 +16,8 @@ trl = pytest.importorskip("trl")
 pytestmark = pytest.mark.slow  # TRL's DPOTrainer training steps
 
 from rdpo.config import ModelConfig  # noqa: E402
-from rdpo.logps import sequence_logps  # noqa: E402
-from rdpo.loss import dpo_objective  # noqa: E402
+from rdpo.engine.logps import sequence_logps  # noqa: E402
+from rdpo.engine.loss import dpo_objective  # noqa: E402
 from rdpo.model import load_base, load_processor, lora_target  # noqa: E402
 from rdpo.pool import load_images, load_pool  # noqa: E402
 

@@ -9,9 +9,9 @@ from PIL import Image
 
 from rdpo.demo import hardtoy, toy
 from rdpo.demo.truth import GroundTruth, Question, check, parse_claims
-from rdpo.judges import RuleJudge
+from rdpo.judging.judges import RuleJudge
+from rdpo.judging.scoring import score_response
 from rdpo.pool import load_pool
-from rdpo.scoring import score_response
 
 EASY = SimpleNamespace(task="easy", n_train=40, n_heldout=20, task_seed=5)
 HARD = SimpleNamespace(task="hard", n_train=40, n_heldout=20, task_seed=5)

@@ -7,13 +7,14 @@ import logging
 import pytest
 import torch
 
-from rdpo.batches import PairCollator, TrainPair
 from rdpo.demo import toy
 from rdpo.demo.tiny import build_tiny_vlm
+from rdpo.engine.collate import PairCollator
+from rdpo.engine.packing import pair_logps
+from rdpo.engine.vision_cache import VisionCache, trunk_inputs, vision_cache_support
 from rdpo.families import family_of
-from rdpo.packing import pair_logps
+from rdpo.pairs import TrainPair
 from rdpo.pool import load_pool
-from rdpo.vision_cache import VisionCache, trunk_inputs, vision_cache_support
 
 CHOSEN = ["There is a red circle on the left.", "Blue.", "Two shapes: a green square."]
 REJECTED = ["A purple triangle and a dog and a blue square on the right side.", "Red red red.", "No."]
@@ -107,7 +108,7 @@ def test_a_trainable_vision_tower_falls_back_with_a_reason(tmp_path, toy_pools, 
     pairs = [TrainPair(r, c, j, 0.0, 0.0) for r, c, j in zip(records, CHOSEN, REJECTED, strict=False)]
     cache = VisionCache()
     batch = PairCollator(processor, vision=cache)(pairs)
-    with caplog.at_level(logging.WARNING, logger="rdpo.vision_cache"):
+    with caplog.at_level(logging.WARNING, logger="rdpo.engine.vision_cache"):
         inputs = trunk_inputs(model, dict(batch["packed"]))
     assert "pixel_values" in inputs and "mm_encoder_outputs" not in inputs and len(cache) == 0
     assert "vision cache off" in caplog.text

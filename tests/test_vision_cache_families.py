@@ -12,12 +12,13 @@ import torch
 from test_families import slot_hook_off
 from test_vision_cache import CHOSEN, REJECTED, logps_and_grads, lora_model, visual
 
-from rdpo.batches import PairCollator, TrainPair
-from rdpo.collate import encode_prompt
 from rdpo.demo.tiny import FAMILIES, TOY_IMAGE_PIXELS
-from rdpo.packing import pair_logps
+from rdpo.engine.collate import PairCollator
+from rdpo.engine.encode import encode_prompt
+from rdpo.engine.packing import pair_logps
+from rdpo.engine.vision_cache import VisionCache, vision_cache_support
+from rdpo.pairs import TrainPair
 from rdpo.pool import load_pool
-from rdpo.vision_cache import VisionCache, vision_cache_support
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +167,7 @@ def test_mllama_tiles(tmp_path, mixed_records, packed):
 def assert_batched_equal_alone(model, processor, records, packed: bool, cache) -> float:
     """Each pair's log-probs in one batch of `records` (image counts differ: padded slots) equal
     its own batch's, as a round's reference pass and its steps batch a prompt differently
-    (`rdpo.image_slots`); returns the largest difference."""
+    (`rdpo.engine.image_slots`); returns the largest difference."""
     pairs = [TrainPair(r, c, j, 0.0, 0.0) for r, c, j in zip(records, CHOSEN, REJECTED, strict=True)]
     collator = PairCollator(processor, packed=packed, vision=cache)
     with torch.no_grad():

@@ -9,58 +9,23 @@ spread a rubric judge can sort into DPO pairs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # rdpo.config imports this module (toy paths): no import back at run time
+from rdpo.demo.paths import TOY_VERSION, ToyPaths, toy_paths  # noqa: F401  (the toy's paths)
+
+if TYPE_CHECKING:
     from rdpo.config import ToyConfig
 
 log = logging.getLogger("rdpo")
 
-# Bump when the task, the tiny model or the warm start changes in a way the settings don't show.
-TOY_VERSION = 5  # 3: records carry an `outcome` check (outcome baseline); 4: toy.head_dim;
-# 5: tiny Qwen3-VL with a deepstack layer, tiny Qwen video processor at the image pixel budget
-
-
 WARM_THREADS = 2
 """CPU threads of every warm start (its weights depend on them: see `warm_start`)."""
-
-
-@dataclass(frozen=True)
-class ToyPaths:
-    task: Path
-    train_pool: Path
-    heldout_pool: Path
-    warmstart_pool: Path
-    model: Path
-    policy: Path
-
-
-def _key(settings: dict) -> str:
-    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-
-
-def toy_paths(toy: ToyConfig) -> ToyPaths:
-    """Where the toy's pools, base model and warm-started policy live (built or not)."""
-    s = asdict(toy)
-    root = Path(s.pop("cache_dir")).expanduser().resolve()
-    # The easy task's key leaves `task` out, so caches built before toy.task existed still match.
-    task_key = _key({k: s[k] for k in ("n_train", "n_heldout", "task_seed")} | {"v": TOY_VERSION}
-                    | ({"task": s["task"]} if s["task"] != "easy" else {}))
-    task = root / "tasks" / task_key
-    model_key = _key({k: s[k] for k in ("family", "hidden_size", "layers", "head_dim")}
-                     | {"task": task_key})
-    warm_key = _key({k: s[k] for k in ("warmstart_steps", "warmstart_lr", "flaw_rate")})
-    model = root / "models" / model_key / "base"
-    return ToyPaths(task, task / "train.jsonl", task / "heldout.jsonl", task / "warmstart.jsonl", model,
-                    model.parent / f"warm-{warm_key}")
 
 
 def _build_atomically(target: Path, build) -> None:
@@ -139,9 +104,9 @@ def _warm_start(model_dir, out_dir, pool, *, steps, lr, flaw_rate, seed, batch_s
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from rdpo.batches import PairCollator
     from rdpo.demo import toy as task
-    from rdpo.logps import sequence_logps
+    from rdpo.engine.collate import PairCollator
+    from rdpo.engine.logps import sequence_logps
     from rdpo.pool import load_pool
 
     torch.manual_seed(seed)

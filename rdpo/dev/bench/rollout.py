@@ -59,8 +59,8 @@ def rollout(args) -> dict:
     """Build once; time `generate` and the server on the same prompts, K and lengths."""
     import torch
 
-    from rdpo.bench import _model_config, build
     from rdpo.config import RolloutConfig
+    from rdpo.dev.bench.fixtures import build, model_config
     from rdpo.model import load_policy
     from rdpo.pool import load_pool
     from rdpo.rollout import generate, stop_token_ids, suppressed_token_ids
@@ -71,7 +71,7 @@ def rollout(args) -> dict:
         build(work, args.shape, args.prompts, 8, args.image_side, seed=0)
     device = args.device
     precision = "bf16" if device == "cuda" else "fp32"
-    model, processor = load_policy(_model_config(work, precision))
+    model, processor = load_policy(model_config(work, precision))
     model.to(device)
     torch.manual_seed(0)
     with torch.no_grad():  # a trained-looking adapter: B = 0 would make it a no-op

@@ -26,11 +26,17 @@ from collections.abc import Sequence
 
 import torch
 
-from rdpo.collate import TOKEN_FIELDS, Completion, completion_ids, extend_token_field, stack_field
+from rdpo.engine.encode import (
+    TOKEN_FIELDS,
+    Completion,
+    completion_ids,
+    extend_token_field,
+    stack_field,
+)
+from rdpo.engine.image_slots import isolate_image_slots
+from rdpo.engine.logps import sequence_logps, token_logps, unwrap
+from rdpo.engine.vision_cache import trunk_inputs
 from rdpo.families import PLAIN, ROPE_INDEX, family_of
-from rdpo.image_slots import isolate_image_slots
-from rdpo.logps import sequence_logps, token_logps, unwrap
-from rdpo.vision_cache import trunk_inputs
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +86,7 @@ def pack_pairs(processor, prompts: Sequence[dict], chosen: Sequence[Completion],
     0, Mllama's ``cross_attention_mask`` rows the prompt's last row, since each row only gates
     that token's view of the images), and ``segments`` [B, T] (PAD, PROMPT, CHOSEN, REJECTED).
     Completions are token ids as sampled, or texts given the end-of-turn token
-    (`rdpo.collate.completion_ids`).
+    (`rdpo.engine.encode.completion_ids`).
     """
     tok = processor.tokenizer
     rows, segs = [], []
@@ -192,7 +198,7 @@ def packed_logps(model, batch: dict, *, average: bool = False,
     """(chosen, rejected) completion log-probs, each [B], from one forward of packed pairs.
 
     `batch` comes from `pack_pairs`. Only completion positions are projected through the
-    output layer (in chunks, as in `rdpo.logps`); with ``average`` the sums are divided by the
+    output layer (in chunks, as in `rdpo.engine.logps`); with ``average`` the sums are divided by the
     completion lengths.
     """
     base = unwrap(model)

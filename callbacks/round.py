@@ -20,11 +20,10 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from rdpo.callbacks.progress import phase
 
-from rdpo.batches import TrainPair
-from rdpo.collate import end_of_turn_id
 from rdpo.config import PairsConfig, RolloutConfig
-from rdpo.judges import judge_round
-from rdpo.pairs import PairSelection
+from rdpo.engine.encode import end_of_turn_id
+from rdpo.judging.judges import judge_round
+from rdpo.pairs import PairSelection, TrainPair
 from rdpo.rollout import generate
 from rdpo.rounds import (
     RoundSummary,
@@ -143,7 +142,7 @@ class RubricScoringCallback(L.Callback):
                                           progress=shown.update)
         dm.set_pairs(train_pairs, index)
         # Every rank gets every rank's results: the numbers are the whole round's on each rank.
-        parts = _all_gather(trainer, (scored, selection, train_pairs, dm.pair_usage()))
+        parts = gather_objects(trainer, (scored, selection, train_pairs, dm.pair_usage()))
         scored_all = [s for part in parts for s in part[0]]
         selection_all = merge_selections([part[1] for part in parts])
         pairs_all = [p for part in parts for p in part[2]]
@@ -241,7 +240,8 @@ def _sample_on_server(trainer, pl_module, records, rollout, *, seed, num_samples
                          num_samples=num_samples, prompts=prompts)
 
 
-def _all_gather(trainer: L.Trainer, obj) -> list:
+def gather_objects(trainer: L.Trainer, obj) -> list:
+    """Every rank's `obj`, in rank order (picklable objects; `[obj]` on one process)."""
     if trainer.world_size == 1:
         return [obj]
     out = [None] * trainer.world_size
@@ -262,7 +262,7 @@ def _write_once(directory: Path, scored, selection, train_pairs, summary) -> Non
 def score_chunks(judge, rollouts, aggregation: str, chunk: int, *, strategy: str | None = None,
                  progress=None) -> list[ScoredRollout]:
     """`score_rollouts` over `chunk` prompts per judge call (0: all at once), in one judge round
-    (`rdpo.judges.judge_round`: one deadline, judge.round_timeout, over every call)."""
+    (`rdpo.judging.judges.judge_round`: one deadline, judge.round_timeout, over every call)."""
     size = chunk or len(rollouts) or 1
     scored: list[ScoredRollout] = []
     with judge_round(judge):

@@ -35,7 +35,7 @@ from torch.utils.checkpoint import (
     create_selective_checkpoint_contexts,
 )
 
-from rdpo import saved_memory
+from rdpo.engine import saved_memory
 
 _aten = torch.ops.aten
 _ATTENTION = {getattr(_aten, name) for name in (
@@ -68,7 +68,7 @@ def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 
 
 class _MeterKept(TorchDispatchMode):
-    """Reports the outputs selective checkpointing keeps to a `rdpo.saved_memory` meter, held
+    """Reports the outputs selective checkpointing keeps to a `rdpo.engine.saved_memory` meter, held
     until the region's recomputation has used them."""
 
     def __init__(self, meter: saved_memory.SavedTensorMeter):
@@ -119,6 +119,6 @@ def selective_checkpoint_kwargs() -> dict:
     kwargs: dict = {"context_fn": selective_contexts}
     if "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters:
         # What it keeps stays outside autograd's saved-tensor hooks, as on older torch (which
-        # has no choice): `rdpo.saved_memory` meters it through `_MeterKept`.
+        # has no choice): `rdpo.engine.saved_memory` meters it through `_MeterKept`.
         kwargs["respect_saved_tensors_hooks"] = False
     return kwargs

@@ -1,7 +1,7 @@
-"""The ablation's tables, figure and README section, all rendered from its JSON (`rdpo.ablation`).
+"""The ablation's tables, figure and docs section, all rendered from its JSON (`rdpo.dev.ablation.run`).
 
-The README section between `BEGIN` and `END` is `readme_section(json)`, nothing else, so a test
-can tell when the README is stale against the committed ``docs/ablation/ablation.json``.
+The section of docs/ablation.md between `BEGIN` and `END` is `readme_section(json)`, nothing else,
+so a test can tell when that page is stale against the committed ``docs/ablation/ablation.json``.
 """
 
 from __future__ import annotations
@@ -98,7 +98,8 @@ def _pairs(pairs: dict) -> list[str]:
 
 
 def readme_section(data: dict) -> str:
-    """The README's generated ablation section (between `BEGIN` and `END`)."""
+    """docs/ablation.md's generated ablation section (between `BEGIN` and `END`); its figure
+    link is relative to docs/, where that page sits beside the docs/ablation/ folder."""
     m, s = data["machine"], data["settings"]
     secs = data.get("seconds")
     lines = [BEGIN, "", f"`{data['command']}`", "",
@@ -115,7 +116,7 @@ def readme_section(data: dict) -> str:
              f"`{data.get('warm_start_sha256', 'n/a')[:16]}`"
              + (f"; wall time {secs:.0f} s." if secs else "."), "",
              render_markdown(data).rstrip(), "",
-             "![ablation: base vs outcome vs rubric filtering](docs/ablation/ablation.png)"]
+             "![ablation: base vs outcome vs rubric filtering](ablation/ablation.png)"]
     if "pairs" in data:
         lines += [""] + _pairs(data["pairs"])
     if "calibration" in data:
@@ -125,7 +126,7 @@ def readme_section(data: dict) -> str:
 
 
 def update_readme(readme: Path, data: dict) -> None:
-    """Replace the README's section between the markers with `readme_section(data)`."""
+    """Replace the page's section between the markers with `readme_section(data)`."""
     text = Path(readme).read_text()
     if BEGIN not in text or END not in text:
         raise ValueError(f"{readme}: no ablation markers ({BEGIN!r} ... {END!r})")

@@ -1,7 +1,7 @@
 """Mllama: a prompt's log-probs do not depend on the image slots its batch pads.
 
 Llama 3.2 Vision's text tokens read the images through cross-attention layers. The processor
-(and `rdpo.collate.pad_to`) pads a batch's image slots to its largest image count:
+(and `rdpo.engine.encode.pad_to`) pads a batch's image slots to its largest image count:
 ``cross_attention_mask`` [batch, tokens, images, tiles] and ``pixel_values`` [batch, images,
 tiles, ...] get zero slots for the prompts with fewer images. A text token that sees no image
 (the prompt's header, before ``<|image|>``) has an all-zero mask row, and transformers
@@ -29,7 +29,7 @@ would be skipped, which no mask can imitate.
 Why a hook rather than padding every batch to one slot count for the run: the prompt's numbers
 become those of the prompt alone (the model's own single-prompt forward), whatever the batch,
 in every place rdpo runs the model (`rdpo.rollout.generate`, the reference pass and the steps,
-packed or plain, with or without `rdpo.vision_cache`), and nothing needs to know the pool's
+packed or plain, with or without `rdpo.engine.vision_cache`), and nothing needs to know the pool's
 largest image count. The hook only rewrites a mask that ``MllamaModel.forward`` has just built
 for this call; the model's own forward, ``generate`` and PEFT wrappers stay as they are.
 """

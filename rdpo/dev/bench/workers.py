@@ -1,19 +1,19 @@
 """One benchmark run, in its own process: rdpo's DPO steps or TRL 1.16's DPOTrainer on the
-pairs `rdpo.bench` built, with one setting (gradient checkpointing; for rdpo also the vision
+pairs `rdpo.dev.bench.dpo` built, with one setting (gradient checkpointing; for rdpo also the vision
 cache and packing). Both sides get the same model, pairs, order, LoRA, loss, optimizer and
 initial adapter; the result is pairs/s, per-step losses, resident memory and the bytes one
-training step saves for its backward pass (`rdpo.saved_memory`, metered the same way on both
+training step saves for its backward pass (`rdpo.engine.saved_memory`, metered the same way on both
 sides, at step `METER_STEP`).
 """
 
 from __future__ import annotations
 
-import json
 import resource
 import time
 from pathlib import Path
 
-LORA = dict(r=16, alpha=32, target=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+from rdpo.dev.bench.fixtures import LORA, model_config, pool
+
 METER_STEP = 1
 """The metered step: not the first, which may allocate lazily."""
 
@@ -46,22 +46,6 @@ def _lora_init(model, path: Path) -> None:
                 v.copy_(saved[key(k)])
     else:
         torch.save({key(k): v.detach().cpu() for k, v in state.items()}, path)
-
-
-def _pool(work: Path, n: int):
-    from rdpo.pool import load_pool
-
-    lines = [json.loads(x) for x in (work / "responses.jsonl").read_text().splitlines()][:n]
-    return (load_pool(work / "pool.jsonl")[:n], [x["chosen"] for x in lines],
-            [x["rejected"] for x in lines])
-
-
-def _model_config(work: Path, precision: str, gc: bool | str):
-    from rdpo.config import LoraConfig, ModelConfig
-
-    return ModelConfig(path=str(work / "model"), dtype="bfloat16" if precision == "bf16" else "float32",
-                       lora=LoraConfig(r=LORA["r"], alpha=LORA["alpha"], target_modules=LORA["target"]),
-                       gradient_checkpointing=gc)
 
 
 class VocabFlops:
@@ -106,13 +90,13 @@ class VocabFlops:
 
 
 def _vocab_size(model) -> int:
-    from rdpo.logps import unwrap
+    from rdpo.engine.logps import unwrap
 
     return unwrap(model).get_output_embeddings().weight.shape[0]
 
 
 def _vision_module(model):
-    from rdpo.logps import unwrap
+    from rdpo.engine.logps import unwrap
 
     trunk = unwrap(model).model
     return next(getattr(trunk, n) for n in ("visual", "vision_tower", "vision_model") if hasattr(trunk, n))
@@ -139,17 +123,18 @@ def _run_rdpo(spec: dict, work: Path) -> dict:
     from torch.utils.data import DataLoader
     from torch.utils.flop_counter import FlopCounterMode
 
-    from rdpo.batches import PairCollator, TrainPair
     from rdpo.config import DPOConfig
+    from rdpo.engine.collate import PairCollator
+    from rdpo.engine.saved_memory import SavedTensorMeter
+    from rdpo.engine.vision_cache import VisionCache
     from rdpo.model import load_policy
     from rdpo.module import RubricDPOModule
+    from rdpo.pairs import TrainPair
     from rdpo.rounds import with_reference_logps
-    from rdpo.saved_memory import SavedTensorMeter
-    from rdpo.vision_cache import VisionCache
 
     steps, batch, device = spec["steps"], spec["batch"], spec["device"]
-    records, chosen, rejected = _pool(work, steps * batch)
-    model, processor = load_policy(_model_config(work, spec["precision"], spec["gc"]))
+    records, chosen, rejected = pool(work, steps * batch)
+    model, processor = load_policy(model_config(work, spec["precision"], spec["gc"]))
     _lora_init(model, work / "lora_init.pt")
     model.to(device)
     base_rss = _rss_mb()
@@ -221,14 +206,14 @@ def _run_trl(spec: dict, work: Path) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
     from trl import DPOConfig, DPOTrainer
 
-    from rdpo.collate import chat_text
+    from rdpo.engine.encode import chat_text
+    from rdpo.engine.saved_memory import SavedTensorMeter
     from rdpo.model import load_base, load_processor
     from rdpo.pool import load_images
-    from rdpo.saved_memory import SavedTensorMeter
 
     steps, batch, device, precision = spec["steps"], spec["batch"], spec["device"], spec["precision"]
-    records, chosen, rejected = _pool(work, steps * batch)
-    cfg = _model_config(work, precision, False)
+    records, chosen, rejected = pool(work, steps * batch)
+    cfg = model_config(work, precision, False)
     processor = load_processor(cfg.path)
     base = load_base(cfg)
     # The same token sequences as rdpo's: the templated prompt, each response + end of turn.

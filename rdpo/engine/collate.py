@@ -1,50 +1,27 @@
-"""A round's DPO pairs and their collation into model batches (no Lightning here)."""
+"""A round's DPO pairs (`rdpo.pairs.TrainPair`) collated into model batches: packed
+``[prompt, chosen, rejected]`` rows or two padded sequences per pair (no Lightning here)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
-from rdpo.collate import Completion, PromptCache, collate_sequences
-from rdpo.packing import pack_pairs
+from rdpo.engine.encode import Completion, PromptCache, collate_sequences
+from rdpo.engine.packing import pack_pairs
+from rdpo.engine.vision_cache import BatchImages, VisionCache
+from rdpo.pairs import TrainPair
 from rdpo.pool import PromptRecord
-from rdpo.vision_cache import BatchImages, VisionCache
-
-
-@dataclass(frozen=True)
-class TrainPair:
-    """One DPO pair of a round, with its reference log-probs computed when the round built it.
-
-    `chosen_ids`/`rejected_ids` are the token ids the policy sampled; the pair trains on them.
-    Pairs written as text (tests, benchmarks) leave them None and are tokenized, with the
-    end-of-turn token appended.
-    """
-
-    record: PromptRecord
-    chosen: str
-    rejected: str
-    ref_chosen_logp: float
-    ref_rejected_logp: float
-    chosen_ids: tuple[int, ...] | None = None
-    rejected_ids: tuple[int, ...] | None = None
-
-    @property
-    def completions(self) -> tuple[Completion, Completion]:
-        """What the pair trains on: the sampled ids, or the texts."""
-        return (self.chosen if self.chosen_ids is None else self.chosen_ids,
-                self.rejected if self.rejected_ids is None else self.rejected_ids)
 
 
 class PairCollator:
     """Collates `TrainPair`s into one DPO batch.
 
     With ``packed`` (the default) each pair is one row ``[prompt, chosen, rejected]`` that
-    carries the image and the prompt once (`rdpo.packing`); otherwise the batch holds 2B
+    carries the image and the prompt once (`rdpo.engine.packing`); otherwise the batch holds 2B
     sequences, the chosen ones then the rejected. Prompt encodings come from `prompts`, a
     bounded cache shared with the rollout (a round reuses each prompt for several steps).
-    With `vision` (`rdpo.vision_cache.VisionCache`) a batch also says which prompt each row
+    With `vision` (`rdpo.engine.vision_cache.VisionCache`) a batch also says which prompt each row
     shows, and the log-prob functions reuse those prompts' image features: the reference pass
     encodes each image once and the steps never run the vision tower.
     """
@@ -97,19 +74,3 @@ def reference_tensors(batch: dict, like: torch.Tensor) -> tuple[torch.Tensor, to
     """The batch's reference log-probs (chosen, rejected) as float32 tensors on `like`'s device."""
     return tuple(torch.tensor(batch[k], dtype=torch.float32, device=like.device)
                  for k in ("ref_chosen_logps", "ref_rejected_logps"))
-
-
-def pair_to_dict(pair: TrainPair) -> dict:
-    """A `TrainPair` as plain data (the prompt by id) for checkpoints."""
-    return {"id": pair.record.id, "chosen": pair.chosen, "rejected": pair.rejected,
-            "ref_chosen_logp": pair.ref_chosen_logp, "ref_rejected_logp": pair.ref_rejected_logp,
-            "chosen_ids": None if pair.chosen_ids is None else list(pair.chosen_ids),
-            "rejected_ids": None if pair.rejected_ids is None else list(pair.rejected_ids)}
-
-
-def pair_from_dict(d: dict, records: dict[str, PromptRecord]) -> TrainPair:
-    if d["id"] not in records:
-        raise ValueError(f"checkpoint pair for prompt {d['id']!r}: no such prompt in the pool")
-    ids = [None if d.get(k) is None else tuple(d[k]) for k in ("chosen_ids", "rejected_ids")]
-    return TrainPair(records[d["id"]], d["chosen"], d["rejected"], d["ref_chosen_logp"],
-                     d["ref_rejected_logp"], *ids)

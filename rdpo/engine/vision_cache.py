@@ -21,7 +21,7 @@ step lays the blocks out as the batch's pixels are. An image slot a prompt lacks
 prompts with different image counts) gets what the tower computes for an empty slot (zero
 pixels, aspect ratio id 0), encoded once, so a cached batch holds what the uncached one does.
 No token reads that block: the processor's mask closes the slot to the tokens that see an image,
-and `rdpo.image_slots` closes it to the tokens blind to every image (which transformers would
+and `rdpo.engine.image_slots` closes it to the tokens blind to every image (which transformers would
 let average over every slot of their row, empty ones included).
 
 A model that cannot use precomputed features (no ``get_image_features``, a forward without
@@ -262,7 +262,7 @@ def trunk_inputs(model, inputs: dict) -> dict:
 
 def _cross_attention_inputs(trunk, images: BatchImages, inputs: dict) -> dict:
     """Mllama: the rows' cached [images, tiles, patches, hidden] blocks laid out as the batch's
-    pixels are (`rdpo.collate.pad_to`: a prompt's missing image slots at the end, given the
+    pixels are (`rdpo.engine.encode.pad_to`: a prompt's missing image slots at the end, given the
     empty slot's block), as the ``cross_attention_states`` the trunk would compute from them."""
     pixels = inputs["pixel_values"]  # [rows, images, tiles, channels, height, width]
     if sum("pixel_values" in e for e in images.encodings) != pixels.shape[0]:

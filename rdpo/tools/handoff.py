@@ -21,7 +21,7 @@ measured on the tiny builds):
 `make_handoff` builds a `Handoff` from a run and the folder it is (or will be) exported to;
 `write_handoff` writes ``handoff.json``, ``HANDOFF.md`` and ``vlmevalkit.json`` there;
 ``python -m rdpo.evaluate handoff RUN`` prints the same for a run still training.
-The lmms-eval task that checks the hand-off on a pool is `rdpo.lmms_task`.
+The lmms-eval task that checks the hand-off on a pool is `rdpo.tools.lmms_task`.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ offline: ``NAME.yaml`` (``dataset_path: json`` over a local ``docs.jsonl``: id, 
 paths, instruction), ``task.json`` (the pool, the toy settings) and ``utils.py``, which only
 imports the functions below, so the metric lmms-eval reports is rdpo's own code:
 
-- ``rubric_score``: the rubric's own checks (`rdpo.judges.RuleJudge`) aggregated by
-  `rdpo.scoring`, as the held-out evaluation of a run with ``judge.kind=rule``;
+- ``rubric_score``: the rubric's own checks (`rdpo.judging.judges.RuleJudge`) aggregated by
+  `rdpo.judging.scoring`, as the held-out evaluation of a run with ``judge.kind=rule``;
 - ``truth_score``, ``truth_correct`` (toy pools only): the toy's ground truth
   (`rdpo.demo.truth`), the yardstick of the quickstart's held-out evaluation.
 
@@ -23,10 +23,10 @@ from dataclasses import asdict
 from functools import cache
 from pathlib import Path
 
-UTILS = '''"""Written by rdpo.lmms_task.write_task: the task's functions are rdpo's."""
+UTILS = '''"""Written by rdpo.tools.lmms_task.write_task: the task's functions are rdpo's."""
 from pathlib import Path
 
-from rdpo.lmms_task import doc_to_text, doc_to_visual, task_scorer
+from rdpo.tools.lmms_task import doc_to_text, doc_to_visual, task_scorer
 
 process_results = task_scorer(Path(__file__).with_name("task.json"))
 '''
@@ -78,7 +78,7 @@ def write_task(out_dir: str | Path, pool: str | Path, *, name: str, max_new_toke
         "metric_list:",
         *[line for m in metrics for line in (f"  - metric: {m}", "    aggregation: mean",
                                              "    higher_is_better: true")],
-        f"metadata:\n  source: rdpo.lmms_task ({Path(pool).name}, {len(records)} prompts)",
+        f"metadata:\n  source: rdpo.tools.lmms_task ({Path(pool).name}, {len(records)} prompts)",
     ]) + "\n")
     return yaml
 
@@ -115,8 +115,8 @@ class Scorer:
             self.truth = GroundTruth.for_toy(toy)
 
     def score(self, record_id: str, answer: str) -> dict[str, float]:
-        from rdpo.judges import RuleJudge
-        from rdpo.scoring import score_response
+        from rdpo.judging.judges import RuleJudge
+        from rdpo.judging.scoring import score_response
 
         record = self.records[record_id]
         verdicts = RuleJudge().judge(record, [answer])[0]

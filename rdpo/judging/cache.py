@@ -23,7 +23,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from rdpo.chat import ChatRequest, image_hash
+from rdpo.judging.chat import ChatRequest, image_hash
 
 
 def judgment_key(identity: Mapping[str, object], request: ChatRequest) -> str:

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from rdpo.families import unwrap  # noqa: F401  (public here: callers import it from rdpo.logps)
-from rdpo.image_slots import isolate_image_slots
-from rdpo.vision_cache import trunk_inputs
+from rdpo.engine.image_slots import isolate_image_slots
+from rdpo.engine.vision_cache import trunk_inputs
+from rdpo.families import unwrap  # noqa: F401  (public here: callers import it from rdpo.engine.logps)
 
 
 def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -121,9 +121,9 @@ def sequence_logps(model: nn.Module, batch: dict, *, average: bool = False,
 
     Runs the multimodal trunk (``model.model`` of a transformers VLM, LoRA layers included) and
     projects only the completion positions, never the full logits. A batch that says which
-    prompts it shows (``images``, `rdpo.vision_cache.BatchImages`) gets their cached image
+    prompts it shows (``images``, `rdpo.engine.vision_cache.BatchImages`) gets their cached image
     features instead of running the vision tower. Mllama's log-probs do not depend on the image
-    slots the batch pads (`rdpo.image_slots`).
+    slots the batch pads (`rdpo.engine.image_slots`).
     """
     inputs = {k: v for k, v in batch.items() if k not in ("completion_mask",)}
     base = unwrap(model)

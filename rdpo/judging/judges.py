@@ -26,8 +26,8 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Protocol
 
-from rdpo.chat import ChatRequest, ChatTimeout, extract_json, make_chat
 from rdpo.config import ConfigError, JudgeConfig, PairsConfig, check
+from rdpo.judging.chat import ChatRequest, ChatTimeout, extract_json, make_chat
 from rdpo.pool import PromptRecord
 
 log = logging.getLogger("rdpo")
@@ -102,8 +102,10 @@ def escape_response(text: str, special_tokens: Iterable[str] = ()) -> str:
     text = _BRACKET_TOKEN.sub(lambda m: f"&#{ord(m.group()[0])};{m.group()[1:]}", text)
     # A token made only of what a reference is written with cannot be broken by one (nor
     # formed by one); a replacement can expose another token ("xab" with "xa" and "ab").
-    tokens = sorted({t for t in special_tokens if t.strip("&#;0123456789")}, key=len,
-                    reverse=True)
+    # Longest first, then by text: a set's order changes with PYTHONHASHSEED, and the same
+    # response must reach the judge (and its cache key) as the same text in every process.
+    tokens = sorted({t for t in special_tokens if t.strip("&#;0123456789")},
+                    key=lambda t: (-len(t), t))
     for _ in range(4):
         found = [t for t in tokens if t in text]
         if not found:
@@ -326,7 +328,7 @@ class ChatJudge:
         """Answer requests through cache, chat and ``parse(index, answer)``.
 
         None for an item whose answer stayed unparseable."""
-        from rdpo.judge_cache import judgment_key
+        from rdpo.judging.cache import judgment_key
 
         with self.round():
             keys = [judgment_key(self.identity, req) for req in requests]
@@ -449,7 +451,7 @@ class OpenAIJudge(ChatJudge):
 
 
 def _open_cache(cfg: JudgeConfig):
-    from rdpo.judge_cache import JudgeCache
+    from rdpo.judging.cache import JudgeCache
 
     if cfg.cache and "${" in cfg.cache:
         raise ConfigError([f"judge.cache: {cfg.cache!r} is filled in by rdpo.config.load_config; "
@@ -460,16 +462,17 @@ def _open_cache(cfg: JudgeConfig):
 JUDGES = {"rule": RuleJudge, "transformers": TransformersJudge, "openai": OpenAIJudge}
 
 
-def make_judge(cfg: JudgeConfig, strategy: str = PairsConfig.strategy, *, toy=None,
-               seed: int = 0) -> Judge:
+def make_judge(cfg: JudgeConfig, strategy: str = PairsConfig.strategy) -> Judge:
     """The judge a `JudgeConfig` describes, checked first (`ConfigError` naming each key);
-    `strategy` is pairs.strategy. A rule judge with ``noise`` or ``outcome=holistic`` is a
-    `rdpo.simjudges.SimulatedJudge` (seeded by `seed`; the holistic one reads the `toy`)."""
+    `strategy` is pairs.strategy. A rule judge with simulated errors (``judge.noise``,
+    ``judge.outcome=holistic``) is the toy's `rdpo.demo.simjudges.make_simulated`, which
+    `rdpo.fit` chooses: here it is refused rather than built without its errors."""
     problems = check(cfg, "judge.{}".format)
+    if cfg.kind == "rule" and (cfg.noise or cfg.outcome != "check"):
+        problems.append("judge.noise, judge.outcome: a rule judge that simulates errors is built "
+                        "by rdpo.demo.simjudges.make_simulated (as rdpo.fit does), not make_judge")
     if problems:
         raise ConfigError(problems)
     if cfg.kind == "rule":
-        from rdpo.simjudges import make_simulated  # it builds on RuleJudge: imported late
-
-        return make_simulated(cfg, toy, seed, strategy)
+        return RuleJudge(strategy)
     return JUDGES[cfg.kind](cfg, strategy=strategy)

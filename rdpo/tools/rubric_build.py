@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rdpo.chat import ChatRequest, extract_json
+from rdpo.judging.chat import ChatRequest, extract_json
 from rdpo.pool import (
     PromptRecord,
     _Collector,

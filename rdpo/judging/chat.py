@@ -298,7 +298,7 @@ class _Prompts:
         messages = judge_messages(self.processor, self.requests[int(record.id)])
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True,
                                                   tokenize=False)
-        # The template writes every special token itself (see rdpo.collate.encode_prompt).
+        # The template writes every special token itself (see rdpo.engine.encode.encode_prompt).
         return dict(self.processor(text=[text], images=load_images(record) or None,
                                    return_tensors="pt", add_special_tokens=False))
 

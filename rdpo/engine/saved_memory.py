@@ -10,7 +10,7 @@ held at any moment, normally reached when the forward pass ends.
 
 Gradient checkpointing shows as it should: a checkpointed region saves only its inputs (its
 own hooks take over inside it, and what it recomputes during the backward lives one region at
-a time, outside this count). Selective checkpointing (`rdpo.recompute`) also keeps the outputs
+a time, outside this count). Selective checkpointing (`rdpo.engine.recompute`) also keeps the outputs
 of the ops it does not recompute, outside autograd's saved tensors; it reports them to the
 active meter (`active`, `hold`), so they are counted too.
 """

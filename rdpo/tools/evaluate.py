@@ -1,0 +1,248 @@
+"""A judge's accuracy on pairwise preference data, and the hand-off to lmms-eval / VLMEvalKit
+(a policy's held-out rubric score is `rdpo.rounds.evaluate_policy`).
+
+    python -m rdpo.evaluate judge --data PAIRS.jsonl [--kind openai --model M --base-url URL ...]
+    python -m rdpo.evaluate handoff RUN [--out DIR] [--lmms-task DIR]   (`rdpo.tools.handoff`)
+
+The judge options are the fields of the config's `JudgeConfig` (names, defaults, help).
+
+Preference records: ``id``, ``images`` (paths relative to the file), ``instruction``,
+``responses`` (two strings), ``preferred`` (0 or 1), optional ``rubric`` (pool schema). Each
+response is scored with the rubric (records that have one) and without it (a holistic 1-10
+score); the pair counts as correct when the preferred response scores strictly higher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rdpo.config import JudgeConfig, PairsConfig
+from rdpo.judging.scoring import score_response
+from rdpo.pool import (
+    PromptRecord,
+    Rubric,
+    check_id_and_instruction,
+    check_images,
+    check_rubric,
+    jsonl_objects,
+)
+
+# -- judge evaluation ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One pairwise preference record; `record` carries images, instruction and rubric."""
+
+    record: PromptRecord
+    responses: tuple[str, str]
+    preferred: int
+    has_rubric: bool
+
+
+PAIR_KEYS = frozenset({"id", "images", "instruction", "responses", "preferred", "rubric"})
+
+
+def load_preferences(path: str | Path) -> list[PreferencePair]:
+    """Read and validate a preference file; raise ValueError listing every FILE:LINE problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: preference data file not found")
+    base, problems, out, seen = path.resolve().parent, [], [], {}
+    for lineno, raw, report in jsonl_objects(path, problems):
+        extra = sorted(set(raw) - PAIR_KEYS)
+        if extra:
+            report("record", f"unknown key(s) {extra}; allowed: {', '.join(sorted(PAIR_KEYS))}")
+        check_id_and_instruction(raw, lineno, seen, report)
+        responses = raw.get("responses")
+        if (not isinstance(responses, list) or len(responses) != 2
+                or not all(isinstance(r, str) for r in responses)):
+            report("responses", "must be a list of exactly two strings")
+        preferred = raw.get("preferred")
+        if isinstance(preferred, bool) or preferred not in (0, 1):
+            report("preferred", f"must be 0 or 1, got {preferred!r}")
+        images = check_images(raw.get("images"), base, True, report)
+        rubric = None
+        if raw.get("rubric") is not None:
+            rubric = check_rubric(raw["rubric"], report)
+        if report.count:
+            continue
+        record = PromptRecord(id=raw["id"], images=images, instruction=raw["instruction"],
+                              rubric=rubric or Rubric(essential=(), additional=()),
+                              source=f"{path}:{lineno}")
+        out.append(PreferencePair(record, tuple(responses), preferred, rubric is not None))
+    if problems:
+        raise ValueError("\n".join(str(p) for p in problems))
+    if not out:
+        raise ValueError(f"{path}: no preference records")
+    return out
+
+
+def wilson(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score 95% interval of a binomial proportion (sound near 0, 1 and for small n)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+@dataclass(frozen=True)
+class ModeResult:
+    """Accuracy of one judging mode: ties and unknowns count as not correct in `accuracy`."""
+
+    n: int
+    correct: int
+    ties: int
+    unknown: int
+    accuracy: float
+    ci95: tuple[float, float]
+    accuracy_decided: float | None
+    """Accuracy over pairs that were neither tied nor unknown (None if there are none)."""
+
+
+def _tally(outcomes: list[str]) -> ModeResult:
+    n, correct = len(outcomes), outcomes.count("correct")
+    ties, unknown = outcomes.count("tie"), outcomes.count("unknown")
+    decided = n - ties - unknown
+    return ModeResult(n, correct, ties, unknown, correct / n if n else 0.0, wilson(correct, n),
+                      correct / decided if decided else None)
+
+
+def _compare(a: float | None, b: float | None, preferred: int) -> str:
+    if a is None or b is None:
+        return "unknown"
+    if a == b:
+        return "tie"
+    return "correct" if (a > b) == (preferred == 0) else "wrong"
+
+
+def evaluate_judge(judge, pairs: Sequence[PreferencePair],
+                   aggregation: str = PairsConfig.aggregation) -> dict:
+    """Accuracy with the rubric (pairs that have one) and without it, ties, unknowns, 95% CI.
+
+    With the rubric, a response whose essential verdicts are not all known is unknown (its
+    score could hide a failed essential criterion, as in pair selection). Without the rubric,
+    the judge's holistic score decides; a score it could not give is unknown.
+    """
+    with_rubric = [p for p in pairs if p.has_rubric]
+    rubric_outcomes = []
+    if with_rubric:
+        verdicts = judge.judge_many([(p.record, p.responses) for p in with_rubric])
+        for p, vs in zip(with_rubric, verdicts, strict=True):
+            scores = [score_response(p.record.rubric, v, aggregation) for v in vs]
+            a, b = (None if s.unknown_essential else s.value for s in scores)
+            rubric_outcomes.append(_compare(a, b, p.preferred))
+    holistic = judge.outcome_many([(p.record, p.responses) for p in pairs])
+    plain_outcomes = [_compare(s[0], s[1], p.preferred) for p, s in zip(pairs, holistic, strict=True)]
+    return {"pairs": len(pairs), "interval": "wilson",
+            "with_rubric": asdict(_tally(rubric_outcomes)),
+            "without_rubric": asdict(_tally(plain_outcomes))}
+
+
+JUDGE_OPTIONS = ("kind", "model", "base_url", "api_key_env", "concurrency", "timeout",
+                 "max_retries", "max_tokens", "batch_size", "parse_retries", "cache")
+"""The `JudgeConfig` fields `evaluate judge` takes as options."""
+JUDGE_DEFAULTS = {"kind": "openai", "cache": None}
+"""Where this CLI's defaults differ from a training run's: a model judge, and no cache file
+unless asked for (a run keeps it in run.dir)."""
+
+
+def _cmd_judge(args: argparse.Namespace) -> int:
+    from rdpo.confighelp import section_from_args
+    from rdpo.judging.chat import ChatError
+    from rdpo.judging.judges import make_judge
+
+    cfg, problems = section_from_args(JudgeConfig, args, JUDGE_OPTIONS, JUDGE_DEFAULTS)
+    if problems:
+        print("error: " + "\n  ".join(problems), file=sys.stderr)
+        return 2
+    try:
+        pairs = load_preferences(args.data)
+        judge = make_judge(cfg)
+        result = evaluate_judge(judge, pairs, args.aggregation)
+    except (ValueError, ChatError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    result = {"data": str(args.data), "judge": {"kind": cfg.kind, "model": cfg.model},
+              **result, "judge_stats": getattr(judge, "stats", {})}
+    text = json.dumps(result, indent=2)
+    print(text)
+    out = Path(args.out or Path(args.data).with_suffix(".judge_eval.json"))
+    out.write_text(text + "\n")
+    print(f"written to {out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_handoff(args: argparse.Namespace) -> int:
+    from rdpo.config import load_config
+    from rdpo.tools.handoff import markdown, run_handoff
+
+    try:
+        h = run_handoff(args.run_dir, args.out, args.dtype)
+        if args.lmms_task:
+            from rdpo.tools.lmms_task import write_task
+
+            cfg = load_config(Path(args.run_dir) / "config.yaml")
+            if not cfg.data.heldout_pool:
+                raise ValueError(f"{args.run_dir}: data.heldout_pool is not set: no pool for "
+                                 f"--lmms-task")
+            write_task(args.lmms_task, cfg.data.heldout_pool, name="rdpo_heldout",
+                       max_new_tokens=cfg.rollout.max_new_tokens,
+                       toy=cfg.toy if cfg.toy.enabled else None,
+                       aggregation=cfg.pairs.aggregation)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(asdict(h), indent=2) if args.json else markdown(h), end="")
+    if args.lmms_task:
+        print(f"\nlmms-eval task rdpo_heldout written to {args.lmms_task}: add --include_path "
+              f"{args.lmms_task} --tasks rdpo_heldout", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from rdpo.confighelp import add_options
+
+    parser = argparse.ArgumentParser(prog="python -m rdpo.evaluate",
+                                     description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("judge", help="judge accuracy on pairwise preference data",
+                       description="Judge accuracy with and without the rubric on pairwise "
+                       "preference data; ties and unknowns count as not correct; 95%% Wilson "
+                       "interval. Prints JSON and writes it to --out.")
+    p.add_argument("--data", required=True, help="preference JSONL (id, images, instruction, "
+                   "responses, preferred, optional rubric)")
+    p.add_argument("--out", help="result JSON (default: DATA with suffix .judge_eval.json)")
+    add_options(p, JudgeConfig, JUDGE_OPTIONS, JUDGE_DEFAULTS)
+    add_options(p, PairsConfig, ("aggregation",))
+    p.set_defaults(func=_cmd_judge)
+    p = sub.add_parser("handoff", help="lmms-eval / VLMEvalKit commands for a run's policy",
+                       description="How to evaluate RUN's policy in lmms-eval and VLMEvalKit as "
+                       "it was trained (pixel bounds, system turn, generation), for a run still "
+                       "training: what python -m rdpo.export RUN --out DIR --merge writes to "
+                       "DIR/HANDOFF.md. Exports nothing.")
+    p.add_argument("run_dir", metavar="RUN", help="a run's run.dir (finished or training)")
+    p.add_argument("--out", help="the folder the policy will be exported to (default: RUN/export)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="the export's dtype (default: the run's model.dtype)")
+    p.add_argument("--json", action="store_true", help="print handoff.json instead")
+    p.add_argument("--lmms-task", metavar="DIR", help="also write an lmms-eval task over the "
+                   "run's held-out pool (rdpo's rubric score; the toy's ground truth) to DIR")
+    p.set_defaults(func=_cmd_handoff)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
