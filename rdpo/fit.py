@@ -16,9 +16,19 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rdpo import console, rundir
 from rdpo.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:  # the heavy imports happen in `build`, after the inputs are checked
+    import lightning as L
+    import torch
+
+    from rdpo.callbacks import HeldoutEvaluation, RubricScoringCallback
+    from rdpo.callbacks.checkpoint import RoundCheckpoint
+    from rdpo.data import OnPolicyDataModule
+    from rdpo.module import RubricDPOModule
 
 log = logging.getLogger("rdpo")
 
@@ -194,14 +204,15 @@ class Run:
     cfg: Config
     run_dir: Path
     checkpoint: Path | None
-    model: object
+    model: torch.nn.Module
     processor: object
-    module: object
-    datamodule: object
-    trainer: object
-    scoring: object
-    heldout: object
-    checkpointer: object
+    """The model's transformers processor (any `ProcessorMixin`)."""
+    module: RubricDPOModule
+    datamodule: OnPolicyDataModule
+    trainer: L.Trainer
+    scoring: RubricScoringCallback
+    heldout: HeldoutEvaluation
+    checkpointer: RoundCheckpoint
     adapter_base: dict | None = None
     """LoRA: the base the adapter trains on, for rdpo_adapter.json (`rdpo.model.base_record`),
     taken before training shards the weights."""
