@@ -2,7 +2,7 @@
 
 Every setting is written once, beside its field: default, docstring and allowed values
 (`setting(default, choices=... | ge=/gt=/le=/lt=...)`, in the field's metadata). Validation,
-``--help``, the README's config reference and the judge CLIs' options (`rdpo.confighelp`) are
+``--help``, the config reference (docs/configuration.md) and the judge CLIs' options (`rdpo.confighelp`) are
 derived from the fields. A misspelt key, a wrong type, a missing or out-of-range value fails at
 start, naming every offending key at once (``ConfigError``).
 

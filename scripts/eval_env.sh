@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates (or reuses) .venv-eval: lmms-eval (rdpo's `eval` extra) for tests/test_handoff.py and
-# the README's "After training" commands. Idempotent: a finished install leaves a stamp and the
+# the "After training" commands of docs/tools.md. Idempotent: a finished install leaves a stamp and the
 # script exits at once.
 #
 #   scripts/eval_env.sh            # create or reuse; prints the venv's python

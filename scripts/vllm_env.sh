@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates (or reuses) .venv-vllm: the CPU build of vLLM that serves the policy for
-# rollout.engine=vllm in the tests, the README's examples and the benchmark. Idempotent: a
+# rollout.engine=vllm in the tests, docs/rollout.md's examples and the benchmark. Idempotent: a
 # finished install leaves a stamp and the script exits at once.
 #
 #   scripts/vllm_env.sh            # create or reuse; prints the venv's python
