@@ -18,7 +18,7 @@ COMMANDS = {
     "confighelp": ("rdpo.confighelp", "the configuration reference, rendered from the schema"),
     "report": ("rdpo.report", "a run's report.png and summary from its run directory"),
     "export": ("rdpo.tools.export", "a finished run as a PEFT adapter or a merged checkpoint"),
-    "generate": ("rdpo.tools.generate", "try a policy: sample answers for an image and a prompt, judged"),
+    "generate": ("rdpo.tools.try_policy", "try a policy: sample answers for an image and a prompt, judged"),
     "rubrics": ("rdpo.tools.rubrics", "rubric pools: build, validate, stats, convert"),
     "evaluate": ("rdpo.tools.evaluate", "a judge's accuracy on preference pairs; lmms-eval hand-off"),
     "bench": ("rdpo.dev.bench", "benchmarks: the DPO step against TRL, a round's sampling"),

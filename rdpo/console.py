@@ -1,6 +1,6 @@
 """What the command-line tools print: every message once, no third-party noise, three levels.
 
-``setup(verbosity)`` configures logging for a CLI (`rdpo.fit`, `rdpo.tools.generate`, `rdpo.tools.export`):
+``setup(verbosity)`` configures logging for a CLI (`rdpo.fit`, `rdpo.tools.try_policy`, `rdpo.tools.export`):
 one handler on the root logger, so a message reaches the terminal once. Lightning adds its own
 console handler to the ``lightning`` logger when it is imported and still lets records
 propagate to the root: with a root handler too, every Lightning message was printed twice

@@ -95,7 +95,7 @@ def test_every_logger_holds_the_run(cli_run):
 
 def test_the_fitted_run_exports_and_answers(cli_run, capsys):
     """The trained run (not a made-up one): merged export answers as the run's policy does,
-    and rdpo.tools.generate judges its answers against a held-out rubric."""
+    and rdpo.tools.try_policy judges its answers against a held-out rubric."""
     import torch
     from transformers import AutoModelForImageTextToText
 
@@ -103,8 +103,8 @@ def test_the_fitted_run_exports_and_answers(cli_run, capsys):
     from rdpo.pool import load_pool
     from rdpo.rollout import generate
     from rdpo.tools.export import export
-    from rdpo.tools.generate import load_run_policy
-    from rdpo.tools.generate import main as generate_main
+    from rdpo.tools.try_policy import load_run_policy
+    from rdpo.tools.try_policy import main as generate_main
 
     run_dir, tmp, _ = cli_run
     out = export(run_dir, tmp / "export", merge=True)

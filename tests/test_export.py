@@ -1,4 +1,4 @@
-"""rdpo.tools.export and rdpo.tools.generate on a made-up finished run: the tiny Qwen2-VL with a LoRA
+"""rdpo.tools.export and rdpo.tools.try_policy on a made-up finished run: the tiny Qwen2-VL with a LoRA
 adapter whose weights are random (a fresh adapter is the identity and would hide a bad merge)."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from rdpo.rollout import generate
 from rdpo.rundir import save_config
 from rdpo.tools.export import BaseMismatch, ExportError, check_base, export, find_weights
 from rdpo.tools.export import main as export_main
-from rdpo.tools.generate import main as generate_main
+from rdpo.tools.try_policy import main as generate_main
 
 GREEDY = RolloutConfig(temperature=0.0, max_new_tokens=12, samples_per_prompt=1)
 EVAL = {"before": {"rubric_score": 0.25, "essential_pass_rate": 0.125, "prompts": 8,
@@ -248,7 +248,7 @@ def test_full_finetune_run_exports_its_model(tiny_dir, toy_pools, tmp_path):
 
 
 def test_generate_prints_answers_verdicts_and_scores(lora_run, toy_pools, capsys):
-    from rdpo.tools.generate import load_run_policy, sample
+    from rdpo.tools.try_policy import load_run_policy, sample
 
     run_dir, _, _ = lora_run
     record = load_pool(toy_pools.heldout)[0]

@@ -18,7 +18,7 @@ base weights, so the merged model is close to, not bit-equal with, the 4-bit pol
 ``--out`` must be new or empty (``--force`` empties it first), and never the run directory or
 the base model's folder, nor inside them. A run's adapter records its base (``rdpo_adapter.json``
 beside adapter_config.json: the base's path and a fingerprint of its weights, written when the
-run saves the adapter); ``--merge`` and `rdpo.tools.generate` refuse a base whose weights differ
+run saves the adapter); ``--merge`` and `rdpo.tools.try_policy` refuse a base whose weights differ
 (a model.path that now holds another model), unless ``--allow-base-mismatch``.
 """
 
