@@ -327,9 +327,11 @@ class JudgeConfig:
 
 @dataclass
 class PairsConfig:
-    strategy: str = setting("rubric", choices=("rubric", "outcome"))
+    strategy: str = setting("rubric", choices=("rubric", "outcome", "rubric_holistic"))
     """rubric: pairs from the per-criterion rubric score; outcome: from one holistic judge score
-    per response (the paper's outcome-filtering baseline), same selection rules."""
+    per response (the paper's outcome-filtering baseline); rubric_holistic: from one 1-10 score
+    per response by a judge shown the rubric as context (no per-criterion verdicts; the
+    selection-vs-structure arm). Same selection rules."""
     aggregation: str = setting("lexicographic", choices=tuple(AGGREGATIONS))
     """How verdicts aggregate to a score (`rdpo.judging.scoring`): lexicographic (essential first) or
     weighted."""

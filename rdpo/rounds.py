@@ -32,6 +32,11 @@ class ScoredRollout:
     scores: list[Score]
 
 
+ONE_SCORE = ("outcome", "rubric_holistic")
+"""pairs.strategy values whose pairs come from one 1-10 judge score per response (`outcome_score`):
+no per-criterion verdicts, so the essential gate passes vacuously."""
+
+
 def outcome_score(score: int | None) -> Score:
     """A holistic 1-10 judge score as a `Score`: value (score-1)/9; None is unknown.
 
@@ -47,7 +52,8 @@ def outcome_score(score: int | None) -> Score:
 def score_rollouts(judge, rollouts: Iterable[Rollout], aggregation: str,
                    strategy: str | None = None) -> list[ScoredRollout]:
     """Judge every response and score it: against its prompt's rubric (strategy ``rubric``), or
-    with one holistic verdict (``outcome``; verdicts are then ``{"outcome": score}``).
+    with one holistic 1-10 verdict (``outcome``: without the rubric; ``rubric_holistic``: with
+    the rubric as context; verdicts are then ``{strategy: score}``).
 
     `strategy` defaults to the judge's own. Every judge (`rdpo.judging.judges.Judge`) takes all prompts
     at once through ``judge_many``/``outcome_many`` (remote judges then run them concurrently).
@@ -56,14 +62,17 @@ def score_rollouts(judge, rollouts: Iterable[Rollout], aggregation: str,
     strategy = strategy or judge.strategy
     items = [(r.record, r.responses) for r in rollouts]
     scored = []
-    if strategy == "outcome":
-        outcomes = judge.outcome_many(items)
-        for rollout, values in zip(rollouts, outcomes, strict=True):
-            scored.append(ScoredRollout(rollout, [{"outcome": v} for v in values],
+    if strategy in ONE_SCORE:
+        # outcome: the judge without the rubric; rubric_holistic: with it as context. Either way
+        # one 1-10 score per response, recorded as {strategy: score}.
+        ask = judge.outcome_many if strategy == "outcome" else judge.rubric_holistic_many
+        for rollout, values in zip(rollouts, ask(items), strict=True):
+            scored.append(ScoredRollout(rollout, [{strategy: v} for v in values],
                                         [outcome_score(v) for v in values]))
         return scored
     if strategy != "rubric":
-        raise ValueError(f"pairs.strategy: {strategy!r} is not one of rubric, outcome")
+        raise ValueError(f"pairs.strategy: {strategy!r} is not one of rubric, "
+                         f"{', '.join(ONE_SCORE)}")
     all_verdicts = judge.judge_many(items)
     for rollout, verdicts in zip(rollouts, all_verdicts, strict=True):
         scores = [score_response(rollout.record.rubric, v, aggregation) for v in verdicts]

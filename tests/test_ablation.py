@@ -12,11 +12,20 @@ import pytest
 from PIL import Image
 from small_toy import ROOT
 
-from rdpo.dev.ablation.report import BEGIN, END, METRICS, readme_is_current, readme_section
+from rdpo.dev.ablation.report import (
+    BEGIN,
+    END,
+    METRICS,
+    STRATEGIES,
+    readme_is_current,
+    readme_section,
+    split,
+)
 from rdpo.dev.ablation.run import collect, export_runs, main, round_summaries, run_dir
 
 BEFORE = {0: 0.40, 1: 0.42, 2: 0.38}
 AFTER = {("rubric", 0): 0.60, ("rubric", 1): 0.62, ("rubric", 2): 0.58,
+         ("rubric_holistic", 0): 0.55, ("rubric_holistic", 1): 0.52, ("rubric_holistic", 2): 0.55,
          ("outcome", 0): 0.50, ("outcome", 1): 0.47, ("outcome", 2): 0.61}
 FACTS = {"command": "python -m rdpo.ablation --seeds 0 1 2", "seconds": 100.0, "seeds": [0, 1, 2],
          "settings": {"toy.task": "hard", "judge.noise": 0.05, "judge.outcome": "holistic",
@@ -36,7 +45,7 @@ def _metrics(x: float) -> dict:
 def _write(runs, strategy, seed, before=None):
     d = run_dir(runs, strategy, seed)
     d.mkdir(parents=True)
-    kept = 3 if strategy == "rubric" else 5
+    kept = {"rubric": 3, "rubric_holistic": 4, "outcome": 5}[strategy]
     (d / "rounds.json").write_text(json.dumps([
         {"round": i, "prompts": 6, "kept": kept, "dropped": {"tie": 6 - kept, "truncated": 0}}
         for i in range(2)]))
@@ -51,7 +60,7 @@ def _write(runs, strategy, seed, before=None):
 def docs(tmp_path):
     docs = tmp_path / "docs"
     for seed in BEFORE:
-        for strategy in ("rubric", "outcome"):
+        for strategy in STRATEGIES:
             _write(docs / "runs", strategy, seed)
     (docs / "ablation.json").write_text(json.dumps(FACTS))
     return docs
@@ -69,8 +78,10 @@ def test_arms_from_the_runs(docs):
 
 def test_unequal_start_is_an_error(tmp_path):
     _write(tmp_path, "rubric", 0)
-    _write(tmp_path, "outcome", 0, before=0.41)
-    with pytest.raises(ValueError, match="seed 0: the runs' 'before' truth_score differ"):
+    _write(tmp_path, "outcome", 0)
+    _write(tmp_path, "rubric_holistic", 0, before=0.41)
+    with pytest.raises(ValueError, match="seed 0: the runs' 'before' truth_score differ "
+                       r"\(outcome 0.4, rubric_holistic 0.41, rubric 0.4\)"):
         collect(tmp_path, [0])
 
 
@@ -93,14 +104,24 @@ def test_collect_only_writes_json_table_figure_and_page(docs, tmp_path):
             "62.0 ± 2.0 (60.0–64.0) | 0.630 ± 0.020 (0.610–0.650) | 64.0 ± 2.0 (62.0–66.0) |") in md
     # per-seed differences +0.10, +0.15, -0.03: the verdict counts the seed the outcome arm won
     assert "rubric − outcome, ground truth score: +0.073 ± 0.093 (rubric ahead on 2 of 3 seeds)" in md
-    assert "| 2 | 0.380 / 0.410 | 0.610 / 0.640 | 0.580 / 0.610 |" in md
+    # holistic − outcome +0.05, +0.05, -0.06; rubric − holistic +0.05, +0.10, +0.03
+    assert ("rubric_holistic − outcome, ground truth score: +0.013 ± 0.064 (rubric_holistic "
+            "ahead on 2 of 3 seeds)") in md
+    assert "rubric − rubric_holistic, ground truth score: +0.060 ± 0.036 (rubric ahead on 3 of 3" in md
+    # fewer hallucinating answers is better: a positive difference is not 'ahead'
+    assert ("rubric − outcome, hallucinating answers: +7.3 ± 9.3 points (rubric ahead on 1 of 3 "
+            "seeds)") in md
+    # columns: base | outcome | holistic | rubric
+    assert "| 2 | 0.380 / 0.410 | 0.610 / 0.640 | 0.550 / 0.580 | 0.580 / 0.610 |" in md
+    assert "| holistic score, rubric as context | 0.540 ± 0.017 (0.520–0.550) |" in md
     with Image.open(docs / "ablation.png") as im:
-        assert im.format == "PNG" and im.size == (1300, 450)
+        assert im.format == "PNG" and im.size == (1600, 480)
     text = readme.read_text()
     assert "old table" not in text and text.startswith("# x\n\nintro\n\n") and text.endswith("after\n")
     assert readme_is_current(readme, data)
     assert "`python -m rdpo.ablation --seeds 0 1 2`" in text and "commit `0123456789ab`" in text
     assert "| rubric | 3.0 / 6 | tie 18 |" in text  # 2 rounds x 3 seeds x 3 ties
+    assert "| rubric_holistic | 4.0 / 6 | tie 12 |" in text
     assert "](ablation/ablation.png)" in text  # relative to docs/, beside docs/ablation/
     data["arms"]["rubric"]["values"]["truth_score"][0] = 0.9
     assert not readme_is_current(readme, data)
@@ -120,8 +141,9 @@ def test_round_summaries_and_export(tmp_path):
     assert [(r["round"], r["kept"], r["dropped"]["tie"], r["truncated_responses"]) for r in rounds] \
         == [(0, 3, 3, 0), (1, 5, 1, 1)]
     assert rounds[1]["mean_judged_score"] == pytest.approx(0.4)
-    _write(out, "outcome", 0)
-    (run_dir(out, "outcome", 0) / "rounds").mkdir()
+    for strategy in ("outcome", "rubric_holistic"):
+        _write(out, strategy, 0)
+        (run_dir(out, strategy, 0) / "rounds").mkdir()
     export_runs(out, tmp_path / "docs", [0])
     copied = run_dir(tmp_path / "docs" / "runs", "rubric", 0)
     assert json.loads((copied / "rounds.json").read_text()) == rounds
@@ -151,8 +173,23 @@ def test_committed_page_is_current():
     assert readme_is_current(ROOT / "docs/ablation.md", data), "docs/ablation.md's section is stale"
     assert readme_section(data).count(BEGIN) == 1
     for seed in data["seeds"]:  # every run behind the table is committed
-        for strategy in ("outcome", "rubric"):
+        for strategy in STRATEGIES:
             d = run_dir(ROOT / "docs/ablation/runs", strategy, seed)
             assert {"eval.json", "config.yaml", "rounds.json"} <= {p.name for p in d.iterdir()}
     arms = collect(ROOT / "docs/ablation/runs", data["seeds"])  # and the JSON is theirs
     assert {a: s.values for a, s in arms.items()} == {a: v["values"] for a, v in data["arms"].items()}
+
+
+def test_split_of_the_effect():
+    """outcome -> rubric on the mean, split at the holistic arm: knowing the criteria, then the
+    checklist structure; shares of the whole."""
+    data = {"arms": {a: {"summary": {"hallucination_rate": {"mean": m}}}
+                     for a, m in (("outcome", 0.50), ("rubric_holistic", 0.40), ("rubric", 0.30))}}
+    assert split(data, "hallucination_rate") == (
+        "Hallucinating answers, outcome → rubric filtering: -20.0 points (mean over seeds), of "
+        "which the judge knowing the criteria (outcome → holistic score with the rubric as "
+        "context) -10.0 points (50% of it) and the checklist structure (holistic → rubric) "
+        "-10.0 points (50% of it).")
+    data["arms"]["rubric"]["summary"]["hallucination_rate"]["mean"] = 0.50  # no effect: no shares
+    assert "-10.0 points and the checklist structure (holistic → rubric) +10.0 points." \
+        in split(data, "hallucination_rate")

@@ -8,7 +8,20 @@ outcome baseline is not blind by construction and the rubric judge is not perfec
   at the image would see: the answer's facts checked against the scene (`rdpo.demo.truth`:
   wrong facts, hallucinations), minus a penalty for a terse answer (no full sentence) and for a
   rambling one (more than one sentence), mapped onto 1-10, plus Gaussian noise of SD
-  ``judge.outcome_noise`` points, rounded and clipped: coarse and noisy, like a real one.
+  ``judge.outcome_noise`` points, rounded and clipped: coarse and noisy, like a real one;
+- rubric_holistic mode (``pairs.strategy=rubric_holistic``, `RuleJudge.rubric_holistic_many`
+  over the noisy verdicts): one 1-10 score per answer from a judge that is shown the rubric but
+  grades as a whole. It perceives each criterion exactly as the rubric judge does (the same
+  noisy verdicts, the same flips) and then, instead of the checklist's rules, forms one
+  impression: the weighted share of criteria met (essentials twice, additional criteria their
+  weight; `rdpo.judging.judges.holistic_from_verdicts`), 1 + 9 x share rounded to an integer.
+  So it knows what the rubric judge knows and errs where it errs; it lacks only the checklist
+  structure: verdicts aggregated by rule (essentials first), a fine-grained score instead of
+  ten levels, and the gate that never lets a response failing an essential criterion be chosen
+  (a one-score strategy passes it vacuously). No score noise is added on top: the outcome
+  judge's (SD 1.25 in the ablation) would make it the judge that agrees least with the ground
+  truth (0.720 of pairs against 0.848 for the noisy rubric judge and 0.860 for the outcome
+  judge, `calibrate`), mixing a noise level chosen here into what the arm measures.
 
 Every random draw is a function of (run seed, prompt id, response, criterion), never of call
 order: the same answer gets the same verdicts in every round, on every rank, after a resume.
@@ -146,8 +159,8 @@ def agreement(truth, items, scores: list[list[float]]) -> dict:
 
 def calibrate(toy, cfg: JudgeConfig, seeds: Sequence[int] = (0,), draws: int = 2) -> dict:
     """Pairwise agreement with the ground truth of: the exact RuleJudge's rubric score, the
-    noisy rubric judge (``cfg.noise``), the toy's outcome check and the holistic judge
-    (``cfg.outcome_noise``), per seed and on average; ``holds``: the holistic judge agrees at
+    noisy rubric judge (``cfg.noise``), the toy's outcome check, the holistic judge
+    (``cfg.outcome_noise``) and the rubric_holistic judge (both noises), per seed and on average; ``holds``: the holistic judge agrees at
     least as often as the noisy rubric judge (on average over `seeds`)."""
     from dataclasses import replace
 
@@ -168,8 +181,9 @@ def calibrate(toy, cfg: JudgeConfig, seeds: Sequence[int] = (0,), draws: int = 2
         sim = SimulatedJudge(replace(cfg, outcome="holistic"), truth=truth, seed=seed)
         result["per_seed"][seed] = {
             "rubric_noisy": agreement(truth, items, rubric_scores(sim)),
-            "outcome_holistic": agreement(truth, items, [sim.outcome(r, a) for r, a in items])}
-    for key in ("rubric_noisy", "outcome_holistic"):
+            "outcome_holistic": agreement(truth, items, [sim.outcome(r, a) for r, a in items]),
+            "rubric_holistic": agreement(truth, items, sim.rubric_holistic_many(items))}
+    for key in ("rubric_noisy", "outcome_holistic", "rubric_holistic"):
         result[key] = {k: statistics.fmean(s[key][k] for s in result["per_seed"].values())
                        for k in ("pairs", "agree", "ties")}
     result["holds"] = result["outcome_holistic"]["agree"] >= result["rubric_noisy"]["agree"]

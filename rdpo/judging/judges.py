@@ -4,9 +4,10 @@ A verdict is True (met), False (not met) or None (the judge cannot tell). Every 
 one protocol, `Judge`: `judge(record, responses)` (rubric mode: one ``{criterion id: verdict}``
 dict per response), `outcome(record, responses)` (the outcome baseline: one score 1-10 or None
 per response) and their `judge_many` / `outcome_many` over several prompts at once (a remote
-judge then sees them all concurrently), so the scoring code does not care which judge it holds.
-`strategy` says which of the two a training round builds its pairs from. `make_judge` builds
-the judge a `JudgeConfig` section describes. None of this needs Lightning.
+judge then sees them all concurrently), so the scoring code does not care which judge it holds;
+`rubric_holistic_many` gives one 1-10 score per response with the rubric shown as context.
+`strategy` (pairs.strategy) says which of them a training round builds its pairs from.
+`make_judge` builds the judge a `JudgeConfig` section describes. None of this needs Lightning.
 
 The policy's answer reaches a model judge as data, never as instructions: the grading
 instructions come first (a system message where the backend has one), then the question and
@@ -28,6 +29,7 @@ from typing import Protocol
 
 from rdpo.config import ConfigError, JudgeConfig, PairsConfig, check
 from rdpo.judging.chat import ChatRequest, ChatTimeout, extract_json, make_chat
+from rdpo.judging.scoring import weighted
 from rdpo.pool import PromptRecord
 
 log = logging.getLogger("rdpo")
@@ -36,8 +38,9 @@ Verdicts = dict[str, bool | None]
 Items = Sequence[tuple[PromptRecord, Sequence[str]]]
 
 # Bump when a template below (or escape_response) changes: it is part of every judgment's cache
-# key. 2: instructions first (system message), the response last and escaped.
-TEMPLATE_VERSION = 2
+# key. 2: instructions first (system message), the response last and escaped; 3: the
+# rubric_holistic template (its own system text, so its keys differ from outcome's anyway).
+TEMPLATE_VERSION = 3
 # Bump when parsing reads an answer differently: also part of the cache key. 2: NaN, Infinity,
 # overflowing numbers and over-deep nesting are not JSON (unknown, asked again).
 PARSER_VERSION = 2
@@ -76,6 +79,32 @@ Answer with JSON only: {{"score": N}}"""
 
 OUTCOME_TEMPLATE = """Question: {instruction}
 {reference}
+Response{cut}:
+<<<RESPONSE
+{response}
+RESPONSE>>>"""
+
+# rubric_holistic: the rubric as context, one score; no per-criterion verdicts are asked for, so
+# what differs from the rubric strategy is only the checklist structure (verdicts, their
+# aggregation, the essential gate), not what the judge knows.
+HOLISTIC_SYSTEM = f"""You grade a response to a question about the image(s) as a whole.
+
+{_DATA}
+
+The criteria listed with the question say what a good answer contains and avoids: the \
+essential ones a good answer must meet, the additional ones (with their weights) are worth \
+having. Use them as context for one overall judgment; do not grade them one by one.
+Rate the response as a whole from 1 (fails what matters) to 10 (meets every criterion).
+Answer with JSON only: {{"score": N}}"""
+
+HOLISTIC_TEMPLATE = """Question: {instruction}
+
+Essential criteria:
+{essential}
+
+Additional criteria:
+{additional}
+
 Response{cut}:
 <<<RESPONSE
 {response}
@@ -145,6 +174,19 @@ def outcome_request(record: PromptRecord, response: str, *, max_chars: int,
     return ChatRequest(record.visuals, text, OUTCOME_SYSTEM)
 
 
+def holistic_request(record: PromptRecord, response: str, *, max_chars: int,
+                     special_tokens: Iterable[str] = ()) -> ChatRequest:
+    """The rubric_holistic request: the rubric's criteria as context (essential, then
+    additional with their weights; no ids, no verdicts asked), the response, one 1-10 score."""
+    essential = "\n".join(f"- {c.text}" for c in record.rubric.essential) or "- (none)"
+    additional = "\n".join(f"- {c.text} (weight {c.weight:g})"
+                           for c in record.rubric.additional) or "- (none)"
+    shown, cut = _shown(response, max_chars, special_tokens)
+    text = HOLISTIC_TEMPLATE.format(instruction=record.instruction, essential=essential,
+                                    additional=additional, response=shown, cut=cut)
+    return ChatRequest(record.visuals, text, HOLISTIC_SYSTEM)
+
+
 _BOOL = {"true": True, "yes": True, "met": True, "false": False, "no": False, "not met": False}
 
 
@@ -207,6 +249,10 @@ class Judge(Protocol):
     def outcome_many(self, items: Items) -> list[list[int | None]]:
         """`outcome` over several (record, responses) items, in order."""
 
+    def rubric_holistic_many(self, items: Items) -> list[list[int | None]]:
+        """One 1-10 score (or None) per response, the rubric shown as context
+        (pairs.strategy=rubric_holistic; only that strategy asks for it)."""
+
 
 class RuleJudge:
     """Judges responses with the regex `check` written in the rubric; a criterion without `check` is unknown (None).
@@ -216,7 +262,8 @@ class RuleJudge:
     matches; the keys present combine with AND. Needs no model, so it is the judge of the
     CPU quickstart and of tests, and a cheap first pass for checkable facts. Its outcome score
     is `OUTCOME_PASS` (10) when the record's ``outcome.check`` passes, else `OUTCOME_FAIL`
-    (1), and None for a record without one.
+    (1), and None for a record without one. Its rubric_holistic score is `holistic_from_verdicts`
+    of its verdicts: what a judge that knows the criteria but grades as a whole would give.
     """
 
     name = "rule"
@@ -272,6 +319,23 @@ class RuleJudge:
     def outcome_many(self, items: Items) -> list[list[int | None]]:
         """`outcome` over several prompts."""
         return [self.outcome(record, responses) for record, responses in items]
+
+    def rubric_holistic_many(self, items: Items) -> list[list[int | None]]:
+        """`holistic_from_verdicts` of this judge's own verdicts (`judge`), per response."""
+        return [[holistic_from_verdicts(record.rubric, v) for v in self.judge(record, responses)]
+                for record, responses in items]
+
+
+def holistic_from_verdicts(rubric, verdicts: Mapping[str, bool | None],
+                           noise: float = 0.0) -> int | None:
+    """A 1-10 score from per-criterion verdicts without the checklist's rules: the weighted
+    share of criteria met (`rdpo.judging.scoring.weighted`: essentials count twice, additional
+    criteria their weight; no essential-first threshold, no essential gate), mapped to 1 + 9 x
+    share, plus `noise` (points), rounded and clipped to 1..10. None when no criterion is known."""
+    if rubric.criteria() and all(verdicts.get(c.id) is None for c in rubric.criteria()):
+        return None
+    share = weighted(rubric, verdicts).value
+    return min(10, max(1, round(1 + 9 * share + noise)))
 
 
 class ChatJudge:
@@ -432,6 +496,20 @@ def judge_round(judge) -> contextlib.AbstractContextManager:
     judge without one (rule judges, a user's own): nothing."""
     round_ = getattr(judge, "round", None)
     return round_() if callable(round_) else contextlib.nullcontext()
+
+    def rubric_holistic_many(self, items: Sequence[tuple[PromptRecord, Sequence[str]]]
+                             ) -> list[list[int | None]]:
+        """One 1-10 score (or None) per response, asked with the rubric as context
+        (`holistic_request`)."""
+        requests = [holistic_request(record, r, max_chars=self.max_response_chars,
+                                     special_tokens=self.special_tokens)
+                    for record, rs in items for r in rs]
+        flat = self._ask(requests, lambda i, text: parse_score(text))
+        out, pos = [], 0
+        for _, responses in items:
+            out.append(flat[pos:pos + len(responses)])
+            pos += len(responses)
+        return out
 
 
 class TransformersJudge(ChatJudge):

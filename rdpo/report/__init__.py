@@ -156,7 +156,7 @@ def render_markdown(runs: list[RunData], moves: list[tuple[str, list[CriterionMo
             f"| {_before_after(run, 'rubric_score', _num)} "
             f"| {_before_after(run, 'essential_pass_rate', _pct)} "
             f"| {_num(last.mean_score if last else None)} "
-            f"| {_pct(last.essential_pass_rate if last and run.strategy != 'outcome' else None)} "
+            f"| {_pct(last.essential_pass_rate if last and run.strategy == 'rubric' else None)} "
             f"| {kept}/{prompts} | {sum(r.unknown_verdicts for r in run.rounds)} |")
     for run, (source, run_moves) in zip(runs, moves, strict=True):
         out += ["", f"## {run.name}", ""]
@@ -168,8 +168,8 @@ def render_markdown(runs: list[RunData], moves: list[tuple[str, list[CriterionMo
                    + (", ".join(f"{k} {v}" for k, v in sorted(drops.items(), key=lambda kv: -kv[1]))
                       if drops else "none") + ".")
         if not run_moves:
-            out.append("\nOutcome-mode rounds judge one holistic verdict per response: no "
-                       "per-criterion pass rates." if run.strategy == "outcome" else
+            out.append(f"\n{run.strategy} rounds judge one holistic verdict per response: no "
+                       "per-criterion pass rates." if run.strategy != "rubric" else
                        f"\nNo criterion judged at least {MIN_JUDGED} times in both rounds yet.")
             continue
         out += ["", f"Criteria whose pass rate moved most ({source}):", "",

@@ -42,9 +42,9 @@ def _after_step(run: RunData) -> int | None:
 def _score_panel(ax, runs: list[RunData], key: str, eval_key: str, title: str) -> None:
     drawn = False
     for color, run in zip(COLORS, runs, strict=False):
-        # Outcome-mode rounds have no essential criteria (every known verdict passes them
-        # vacuously): their round pass rate says nothing, only the held-out one does.
-        vacuous = key == "essential_pass_rate" and run.strategy == "outcome"
+        # One-score rounds (outcome, rubric_holistic) have no essential verdicts (every known
+        # score passes them vacuously): their round pass rate says nothing, only the held-out one does.
+        vacuous = key == "essential_pass_rate" and run.strategy != "rubric"
         if run.rounds and not vacuous:
             ax.plot([r.step for r in run.rounds], [getattr(r, key) for r in run.rounds], "o-",
                     color=color, ms=4, lw=1.5)
@@ -148,8 +148,8 @@ def _criteria_panel(ax, runs: list[RunData], moves: list[tuple[str, list]]) -> N
             best[m.text] = max(best.get(m.text, 0.0), abs(m.z))
     texts = sorted(best, key=lambda t: (-best[t], t))[:TOP_CRITERIA]
     if not texts:
-        outcome = all(run.strategy == "outcome" for run in runs)
-        _empty(ax, "outcome-mode rounds: one holistic verdict per response, no criteria" if outcome
+        outcome = all(run.strategy != "rubric" for run in runs)
+        _empty(ax, "one-score rounds: one holistic verdict per response, no criteria" if outcome
                else "no criterion judged often enough yet")
         ax.set_axis_off()
         return

@@ -1,12 +1,15 @@
-"""The ablation: base policy vs outcome-based vs rubric-based filtering, equal compute.
+"""The ablation: base policy vs outcome vs holistic-with-rubric vs rubric filtering, equal compute.
 
     python -m rdpo.ablation [--config configs/ablation_hard.yaml] [--seeds 0 1 2 3 4]
                             [--out runs/ablation] [--docs docs/ablation] [--reuse]
                             [--collect-only] [key=value ...]
 
-For every seed, two runs that differ only in ``pairs.strategy`` (rubric | outcome): same policy,
-steps, rounds, prompts and samples per prompt, same seed, same judge settings. The base policy is
-the ``before`` evaluation of those runs (the warm-started policy, no DPO). Every arm is measured
+For every seed, three runs that differ only in ``pairs.strategy`` (outcome | rubric_holistic |
+rubric): same policy, steps, rounds, prompts and samples per prompt, same seed, same judge
+settings. rubric_holistic (one 1-10 score from a judge shown the rubric, no per-criterion
+verdicts) splits rubric filtering's effect into what the judge knowing the criteria gives and
+what the checklist structure adds. The base policy is the ``before`` evaluation of those runs
+(the warm-started policy, no DPO). Every arm is measured
 the same way on the held-out prompts, on two yardsticks: the toy's ground truth
 (`rdpo.demo.truth`: the answer's claims checked against the scene, no rubric) and the exact
 RuleJudge's rubric score (the rubric arm's own reward, without the simulated judge's noise).
@@ -125,13 +128,15 @@ def collect(runs: Path, seeds: list[int]) -> dict[str, ArmStats]:
             evals[strategy] = json.loads(path.read_text())
             for key in values[strategy]:
                 values[strategy][key].append(evals[strategy]["after"].get(key, float("nan")))
-        # Both runs of a seed start from the same policy and sample the evaluation with the
+        # The runs of a seed start from the same policy and sample the evaluation with the
         # same seed, so their 'before' numbers must agree: otherwise compute was not equal.
         before = [evals[s]["before"] for s in STRATEGIES]
         for key in values["base"]:
-            a, b = (x.get(key, float("nan")) for x in before)
-            if abs(a - b) > 1e-9:
-                raise ValueError(f"seed {seed}: the runs' 'before' {key} differ ({a} vs {b}): "
+            a, *others = (x.get(key, float("nan")) for x in before)
+            if any(abs(a - b) > 1e-9 for b in others):
+                found = ", ".join(f"{s} {x.get(key, float('nan'))}"
+                                  for s, x in zip(STRATEGIES, before, strict=True))
+                raise ValueError(f"seed {seed}: the runs' 'before' {key} differ ({found}): "
                                  "not the same start")
             values["base"][key].append(a)
     return {a: ArmStats(a, list(seeds), v) for a, v in values.items()}
