@@ -1,7 +1,10 @@
-"""A judge's accuracy on pairwise preference data, and the hand-off to lmms-eval / VLMEvalKit
-(a policy's held-out rubric score is `rdpo.rounds.evaluate_policy`).
+"""A judge's accuracy on pairwise preference data, two judges' agreement, and the hand-off to
+lmms-eval / VLMEvalKit (a policy's held-out rubric score is `rdpo.rounds.evaluate_policy`).
 
     python -m rdpo.evaluate judge --data PAIRS.jsonl [--kind openai --model M --base-url URL ...]
+    python -m rdpo.evaluate agreement (--run RUN | --data PAIRS.jsonl) [--a.kind K --a.model M ...
+                                      | --a JUDGE.yaml] (--b.OPTION ... | --b JUDGE.yaml)
+                                      [--consistency] [--out FILE]   (`rdpo.tools.agreement`)
     python -m rdpo.evaluate handoff RUN [--out DIR] [--lmms-task DIR]   (`rdpo.tools.handoff`)
 
 The judge options are the fields of the config's `JudgeConfig` (names, defaults, help).
@@ -180,6 +183,178 @@ def _cmd_judge(args: argparse.Namespace) -> int:
     return 0
 
 
+AGREEMENT_OPTIONS = (*JUDGE_OPTIONS, "noise")
+"""The `JudgeConfig` fields each judge of `agreement` takes (``--a.kind``, ``--b.base-url``, ...);
+``noise`` simulates a rule judge that errs (`rdpo.demo.simjudges`)."""
+JUDGES = ("a", "b")
+
+
+def split_judge_options(argv: Sequence[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """(`argv` without the ``--a.OPTION VALUE`` / ``--b.OPTION=VALUE`` tokens, those tokens per
+    judge as plain ``--OPTION VALUE``)."""
+    rest, tokens = [], {j: [] for j in JUDGES}
+    argv, i = list(argv), 0
+    while i < len(argv):
+        tok = argv[i]
+        judge = next((j for j in JUDGES if tok.startswith(f"--{j}.")), None)
+        if judge is None:
+            rest.append(tok)
+            i += 1
+            continue
+        name, eq, value = tok[len(judge) + 3:].partition("=")
+        tokens[judge].append(f"--{name}")
+        if eq:
+            tokens[judge].append(value)
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            tokens[judge].append(argv[i + 1])
+            i += 1
+        i += 1
+    return rest, tokens
+
+
+def agreement_judge_config(name: str, path: str | None, tokens: Sequence[str]
+                           ) -> tuple[JudgeConfig, int | None]:
+    """Judge `name`'s `JudgeConfig`: `evaluate judge`'s defaults, then the YAML at `path` (its
+    ``judge`` section when it has one: a run's config.yaml works), then the ``--NAME.OPTION``
+    tokens; and the YAML's ``run.seed`` if any. `ConfigError` lists every problem, each named
+    by its option or file."""
+    from omegaconf import OmegaConf
+
+    from rdpo.config import ConfigError, check
+    from rdpo.confighelp import add_options, option
+    from rdpo.settings import merge_errors
+
+    base = OmegaConf.structured(JudgeConfig(**JUDGE_DEFAULTS))
+    sources, seed, problems = [], None, []
+    if path:
+        if not Path(path).is_file():
+            raise ConfigError([f"--{name}: no such file: {path}"])
+        raw = OmegaConf.load(path)
+        section = raw.judge if OmegaConf.is_dict(raw) and "judge" in raw else raw
+        if not OmegaConf.is_dict(section):
+            raise ConfigError([f"--{name} {path}: expected a mapping of judge settings"])
+        sources.append((path, section))
+        seed = OmegaConf.select(raw, "run.seed", default=None)
+    parser = argparse.ArgumentParser(prog=f"--{name}.", add_help=False, allow_abbrev=False)
+    add_options(parser, JudgeConfig, AGREEMENT_OPTIONS)
+    given, unknown = parser.parse_known_args(list(tokens))
+    problems += [f"--{name}.{u.lstrip('-')}: unknown judge option (options: "
+                 f"{', '.join(option(o)[2:] for o in AGREEMENT_OPTIONS)})"
+                 for u in unknown if u.startswith("--")]
+    named = {o for o in AGREEMENT_OPTIONS if option(o) in tokens}
+    sources.append((f"--{name}.OPTION", OmegaConf.create({o: getattr(given, o) for o in named})))
+    problems += merge_errors(base, sources)  # a bad value is reported and left unmerged
+    cfg = OmegaConf.to_object(base)
+    problems += check(cfg, lambda k: f"--{name}.{k.replace('_', '-')}")
+    if problems:
+        raise ConfigError(problems)
+    return cfg, seed
+
+
+def build_judge(cfg: JudgeConfig, seed: int = 0):
+    """The judge of `cfg` asked for per-criterion verdicts: a rule judge simulates errors
+    (``noise``) like the toy's (`rdpo.demo.simjudges.make_simulated`), seeded by `seed`."""
+    if cfg.kind == "rule":
+        from rdpo.demo.simjudges import make_simulated
+
+        return make_simulated(cfg, None, seed, "rubric")
+    from rdpo.judging.judges import make_judge
+
+    return make_judge(cfg, "rubric")
+
+
+class Recorded:
+    """The verdicts a run's judge recorded in its rollouts.jsonl, as a judge of `agreement`."""
+
+    name = "recorded"
+
+    def __init__(self, responses):
+        self.by_text = {(r.id, t): v for r, t, v in
+                        zip(responses.records, responses.responses, responses.recorded,
+                            strict=True)}
+
+    def judge_many(self, items):
+        return [[dict(self.by_text[(record.id, t)]) for t in texts] for record, texts in items]
+
+
+def _cmd_agreement(args: argparse.Namespace) -> int:
+    from rdpo.config import ConfigError
+    from rdpo.judging.chat import ChatError
+    from rdpo.tools import agreement as ag
+
+    if bool(args.run) == bool(args.data):
+        print("error: give the responses: --run RUN (its rounds) or --data PAIRS.jsonl",
+              file=sys.stderr)
+        return 2
+    try:
+        specs = {}
+        for j in JUDGES:
+            path, tokens = getattr(args, j), args.judge_tokens[j]
+            specs[j] = agreement_judge_config(j, path, tokens) if path or tokens else None
+        if specs["b"] is None or (specs["a"] is None and not args.run):
+            raise ConfigError(["name both judges: --a.kind ... / --a JUDGE.yaml and --b.kind ... "
+                               "/ --b JUDGE.yaml (with --run, judge a may be left out: the "
+                               "verdicts the run recorded)"])
+        responses = (ag.responses_from_run(args.run, args.rounds, args.pool) if args.run
+                     else ag.responses_from_preferences(args.data))
+        responses = responses.sample(args.max_responses, args.seed)
+        if specs["a"] is None and any(v is None for v in responses.recorded):
+            raise ValueError(f"{args.run}: its rounds recorded no per-criterion verdicts "
+                             "(pairs.strategy outcome or rubric_holistic): name judge a")
+        judges = {j: Recorded(responses) if spec is None else build_judge(
+            spec[0], spec[1] if spec[1] is not None else args.seed) for j, spec in specs.items()}
+        verdicts = {j: ag.judge_all(judges[j], responses.records, responses.responses)
+                    for j in JUDGES}
+        pairs = ag.verdict_pairs(responses.records, verdicts["a"], verdicts["b"])
+        result = {"source": responses.source, "responses": len(responses.responses),
+                  "prompts": len({r.id for r in responses.records}),
+                  "judges": {j: _describe(specs[j], judges[j]) for j in JUDGES},
+                  **ag.agreement_report(pairs, resamples=args.resamples, seed=args.seed)}
+        if args.consistency:
+            result["consistency"] = _consistency(args, judges, specs, responses, verdicts)
+        result["judge_stats"] = {j: dict(getattr(judges[j], "stats", {})) for j in JUDGES}
+    except (ConfigError, ValueError, ChatError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ConfigError) else 1
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+        print(f"written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _describe(spec, judge) -> dict:
+    if spec is None:
+        return {"kind": "recorded", "name": "the verdicts the run's judge recorded"}
+    cfg = spec[0]
+    return {"kind": cfg.kind, "model": cfg.model, "base_url": cfg.base_url, "noise": cfg.noise,
+            "name": getattr(judge, "name", type(judge).__name__)}
+
+
+def _consistency(args, judges, specs, responses, verdicts) -> dict:
+    """Judge `args.consistency` asked again with every rubric reordered (seeded)."""
+    from rdpo.tools import agreement as ag
+
+    who = args.consistency
+    if specs[who] is None:
+        raise ValueError(f"--consistency {who}: judge {who} is the run's recorded verdicts, "
+                         "which cannot be asked again; name a live judge")
+    shuffled, keep = {}, []
+    for i, record in enumerate(responses.records):
+        if record.id not in shuffled:
+            shuffled[record.id] = ag.reordered(record, args.seed)
+        if shuffled[record.id] is not None:
+            keep.append(i)
+    again = ag.judge_all(judges[who], [shuffled[responses.records[i].id] for i in keep],
+                         [responses.responses[i] for i in keep])
+    pairs = ag.verdict_pairs([responses.records[i] for i in keep],
+                             [verdicts[who][i] for i in keep], again)
+    return {"judge": who, "order": f"criteria shuffled per prompt (seed {args.seed})",
+            "responses": len(keep), "skipped_single_criterion": len(responses.records) - len(keep),
+            **ag.flip_report(pairs, resamples=args.resamples, seed=args.seed)}
+
+
 def _cmd_handoff(args: argparse.Namespace) -> int:
     from rdpo.config import load_config
     from rdpo.tools.handoff import markdown, run_handoff
@@ -223,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(p, JudgeConfig, JUDGE_OPTIONS, JUDGE_DEFAULTS)
     add_options(p, PairsConfig, ("aggregation",))
     p.set_defaults(func=_cmd_judge)
+    _add_agreement(sub)
     p = sub.add_parser("handoff", help="lmms-eval / VLMEvalKit commands for a run's policy",
                        description="How to evaluate RUN's policy in lmms-eval and VLMEvalKit as "
                        "it was trained (pixel bounds, system turn, generation), for a run still "
@@ -239,8 +415,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_agreement(sub) -> None:
+    from rdpo.confighelp import option
+
+    p = sub.add_parser(
+        "agreement", help="two judges' agreement (Cohen's kappa) on the same responses",
+        allow_abbrev=False,
+        description="Two judges on the same responses, criterion by criterion: Cohen's kappa "
+        "and raw agreement over all criteria, essential, additional and per criterion, with a "
+        "seeded bootstrap 95%% interval (resampling prompts), and each judge's unknown rate. "
+        "Each judge is --a.OPTION / --b.OPTION (options: "
+        + ", ".join(option(o)[2:] for o in AGREEMENT_OPTIONS) + "; kind defaults to openai) "
+        "and/or --a / --b YAML (a judge section or a run's config.yaml). With --run, judge a "
+        "left out is the verdicts the run recorded. Prints JSON (and writes --out).")
+    p.add_argument("--run", help="a run directory: the responses of its rounds/NNNN/rollouts.jsonl")
+    p.add_argument("--rounds", type=int, nargs="+", help="only these rounds (default: all)")
+    p.add_argument("--pool", help="the run's prompts (default: data.train_pool of RUN/config.yaml)")
+    p.add_argument("--data", help="or a preference JSONL with rubrics (evaluate judge's format): "
+                   "both responses of each record")
+    for j in JUDGES:
+        p.add_argument(f"--{j}", metavar="JUDGE.yaml",
+                       help=f"judge {j}'s settings from a YAML file (--{j}.OPTION overrides)")
+    p.add_argument("--consistency", nargs="?", const="a", choices=JUDGES,
+                   help="also ask judge a (or b) again with each rubric's criteria shuffled "
+                   "(seeded) and count the verdicts that flip (position bias)")
+    p.add_argument("--max-responses", type=int, help="judge a seeded sample of this many "
+                   "distinct responses (default: all)")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap, the sample, the "
+                   "shuffles and a noisy rule judge (default 0; a run's YAML gives its run.seed)")
+    p.add_argument("--out", help="also write the JSON here")
+    p.set_defaults(func=_cmd_agreement)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    rest, tokens = split_judge_options(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(rest)
+    if args.command != "agreement" and any(tokens.values()):
+        build_parser().error("--a.OPTION / --b.OPTION belong to the agreement command")
+    args.judge_tokens = tokens
     return args.func(args)
 
 
