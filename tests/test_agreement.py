@@ -23,7 +23,8 @@ from rdpo.tools.agreement import (
     raw_agreement,
     reordered,
 )
-from rdpo.tools.evaluate import main, split_judge_options
+from rdpo.tools.evaluate import main
+from rdpo.tools.judge_options import split_judge_options
 
 
 def test_kappa_hand_computed():
@@ -126,7 +127,7 @@ def test_reordered_rubric(toy_pools):
 def test_split_judge_options():
     rest, tokens = split_judge_options(["agreement", "--run", "r", "--a.kind", "openai",
                                         "--a.base-url=http://x/v1", "--b.kind", "rule",
-                                        "--b.noise", "0.1", "--consistency"])
+                                        "--b.noise", "0.1", "--consistency"], ("a", "b"))
     assert rest == ["agreement", "--run", "r", "--consistency"]
     assert tokens == {"a": ["--kind", "openai", "--base-url", "http://x/v1"],
                       "b": ["--kind", "rule", "--noise", "0.1"]}

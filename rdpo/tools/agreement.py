@@ -362,8 +362,8 @@ def responses_from_run(run: str | Path, rounds: Sequence[int] | None = None,
 
 def responses_from_preferences(path: str | Path) -> Responses:
     """Both responses of every record of a preference file that has a rubric
-    (`rdpo.tools.evaluate.load_preferences`)."""
-    from rdpo.tools.evaluate import load_preferences
+    (`rdpo.tools.preferences.load_preferences`)."""
+    from rdpo.tools.preferences import load_preferences
 
     out = Responses([], [], [], str(path))
     for p in load_preferences(path):
@@ -376,6 +376,20 @@ def responses_from_preferences(path: str | Path) -> Responses:
     if not out.responses:
         raise ValueError(f"{path}: no record with a rubric: nothing to judge criterion by criterion")
     return out
+
+
+class Recorded:
+    """The verdicts a run's judge recorded in its rollouts.jsonl, as a judge of `agreement`."""
+
+    name = "recorded"
+
+    def __init__(self, responses):
+        self.by_text = {(r.id, t): v for r, t, v in
+                        zip(responses.records, responses.responses, responses.recorded,
+                            strict=True)}
+
+    def judge_many(self, items):
+        return [[dict(self.by_text[(record.id, t)]) for t in texts] for record, texts in items]
 
 
 def judge_all(judge, records: Sequence[PromptRecord], responses: Sequence[str]) -> list[dict]:

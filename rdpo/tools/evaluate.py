@@ -27,64 +27,18 @@ from pathlib import Path
 
 from rdpo.config import JudgeConfig, PairsConfig
 from rdpo.judging.scoring import score_response
-from rdpo.pool import (
-    PromptRecord,
-    Rubric,
-    check_id_and_instruction,
-    check_images,
-    check_rubric,
-    jsonl_objects,
+from rdpo.tools.judge_options import (
+    JUDGE_DEFAULTS,
+    JUDGE_OPTIONS,
+    SPEC_OPTIONS,
+    split_judge_options,
 )
+from rdpo.tools.preferences import PreferencePair, load_preferences  # noqa: F401  (public names)
+
+JUDGES = ("a", "b")
+"""The two judges of `agreement`: ``--a.OPTION``, ``--b.OPTION``."""
 
 # -- judge evaluation ----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class PreferencePair:
-    """One pairwise preference record; `record` carries images, instruction and rubric."""
-
-    record: PromptRecord
-    responses: tuple[str, str]
-    preferred: int
-    has_rubric: bool
-
-
-PAIR_KEYS = frozenset({"id", "images", "instruction", "responses", "preferred", "rubric"})
-
-
-def load_preferences(path: str | Path) -> list[PreferencePair]:
-    """Read and validate a preference file; raise ValueError listing every FILE:LINE problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: preference data file not found")
-    base, problems, out, seen = path.resolve().parent, [], [], {}
-    for lineno, raw, report in jsonl_objects(path, problems):
-        extra = sorted(set(raw) - PAIR_KEYS)
-        if extra:
-            report("record", f"unknown key(s) {extra}; allowed: {', '.join(sorted(PAIR_KEYS))}")
-        check_id_and_instruction(raw, lineno, seen, report)
-        responses = raw.get("responses")
-        if (not isinstance(responses, list) or len(responses) != 2
-                or not all(isinstance(r, str) for r in responses)):
-            report("responses", "must be a list of exactly two strings")
-        preferred = raw.get("preferred")
-        if isinstance(preferred, bool) or preferred not in (0, 1):
-            report("preferred", f"must be 0 or 1, got {preferred!r}")
-        images = check_images(raw.get("images"), base, True, report)
-        rubric = None
-        if raw.get("rubric") is not None:
-            rubric = check_rubric(raw["rubric"], report)
-        if report.count:
-            continue
-        record = PromptRecord(id=raw["id"], images=images, instruction=raw["instruction"],
-                              rubric=rubric or Rubric(essential=(), additional=()),
-                              source=f"{path}:{lineno}")
-        out.append(PreferencePair(record, tuple(responses), preferred, rubric is not None))
-    if problems:
-        raise ValueError("\n".join(str(p) for p in problems))
-    if not out:
-        raise ValueError(f"{path}: no preference records")
-    return out
-
 
 def wilson(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     """Wilson score 95% interval of a binomial proportion (sound near 0, 1 and for small n)."""
@@ -149,14 +103,6 @@ def evaluate_judge(judge, pairs: Sequence[PreferencePair],
             "without_rubric": asdict(_tally(plain_outcomes))}
 
 
-JUDGE_OPTIONS = ("kind", "model", "base_url", "api_key_env", "concurrency", "timeout",
-                 "max_retries", "max_tokens", "batch_size", "parse_retries", "cache")
-"""The `JudgeConfig` fields `evaluate judge` takes as options."""
-JUDGE_DEFAULTS = {"kind": "openai", "cache": None}
-"""Where this CLI's defaults differ from a training run's: a model judge, and no cache file
-unless asked for (a run keeps it in run.dir)."""
-
-
 def _cmd_judge(args: argparse.Namespace) -> int:
     from rdpo.confighelp import section_from_args
     from rdpo.judging.chat import ChatError
@@ -183,104 +129,11 @@ def _cmd_judge(args: argparse.Namespace) -> int:
     return 0
 
 
-AGREEMENT_OPTIONS = (*JUDGE_OPTIONS, "noise")
-"""The `JudgeConfig` fields each judge of `agreement` takes (``--a.kind``, ``--b.base-url``, ...);
-``noise`` simulates a rule judge that errs (`rdpo.demo.simjudges`)."""
-JUDGES = ("a", "b")
-
-
-def split_judge_options(argv: Sequence[str]) -> tuple[list[str], dict[str, list[str]]]:
-    """(`argv` without the ``--a.OPTION VALUE`` / ``--b.OPTION=VALUE`` tokens, those tokens per
-    judge as plain ``--OPTION VALUE``)."""
-    rest, tokens = [], {j: [] for j in JUDGES}
-    argv, i = list(argv), 0
-    while i < len(argv):
-        tok = argv[i]
-        judge = next((j for j in JUDGES if tok.startswith(f"--{j}.")), None)
-        if judge is None:
-            rest.append(tok)
-            i += 1
-            continue
-        name, eq, value = tok[len(judge) + 3:].partition("=")
-        tokens[judge].append(f"--{name}")
-        if eq:
-            tokens[judge].append(value)
-        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            tokens[judge].append(argv[i + 1])
-            i += 1
-        i += 1
-    return rest, tokens
-
-
-def agreement_judge_config(name: str, path: str | None, tokens: Sequence[str]
-                           ) -> tuple[JudgeConfig, int | None]:
-    """Judge `name`'s `JudgeConfig`: `evaluate judge`'s defaults, then the YAML at `path` (its
-    ``judge`` section when it has one: a run's config.yaml works), then the ``--NAME.OPTION``
-    tokens; and the YAML's ``run.seed`` if any. `ConfigError` lists every problem, each named
-    by its option or file."""
-    from omegaconf import OmegaConf
-
-    from rdpo.config import ConfigError, check
-    from rdpo.confighelp import add_options, option
-    from rdpo.settings import merge_errors
-
-    base = OmegaConf.structured(JudgeConfig(**JUDGE_DEFAULTS))
-    sources, seed, problems = [], None, []
-    if path:
-        if not Path(path).is_file():
-            raise ConfigError([f"--{name}: no such file: {path}"])
-        raw = OmegaConf.load(path)
-        section = raw.judge if OmegaConf.is_dict(raw) and "judge" in raw else raw
-        if not OmegaConf.is_dict(section):
-            raise ConfigError([f"--{name} {path}: expected a mapping of judge settings"])
-        sources.append((path, section))
-        seed = OmegaConf.select(raw, "run.seed", default=None)
-    parser = argparse.ArgumentParser(prog=f"--{name}.", add_help=False, allow_abbrev=False)
-    add_options(parser, JudgeConfig, AGREEMENT_OPTIONS)
-    given, unknown = parser.parse_known_args(list(tokens))
-    problems += [f"--{name}.{u.lstrip('-')}: unknown judge option (options: "
-                 f"{', '.join(option(o)[2:] for o in AGREEMENT_OPTIONS)})"
-                 for u in unknown if u.startswith("--")]
-    named = {o for o in AGREEMENT_OPTIONS if option(o) in tokens}
-    sources.append((f"--{name}.OPTION", OmegaConf.create({o: getattr(given, o) for o in named})))
-    problems += merge_errors(base, sources)  # a bad value is reported and left unmerged
-    cfg = OmegaConf.to_object(base)
-    problems += check(cfg, lambda k: f"--{name}.{k.replace('_', '-')}")
-    if problems:
-        raise ConfigError(problems)
-    return cfg, seed
-
-
-def build_judge(cfg: JudgeConfig, seed: int = 0):
-    """The judge of `cfg` asked for per-criterion verdicts: a rule judge simulates errors
-    (``noise``) like the toy's (`rdpo.demo.simjudges.make_simulated`), seeded by `seed`."""
-    if cfg.kind == "rule":
-        from rdpo.demo.simjudges import make_simulated
-
-        return make_simulated(cfg, None, seed, "rubric")
-    from rdpo.judging.judges import make_judge
-
-    return make_judge(cfg, "rubric")
-
-
-class Recorded:
-    """The verdicts a run's judge recorded in its rollouts.jsonl, as a judge of `agreement`."""
-
-    name = "recorded"
-
-    def __init__(self, responses):
-        self.by_text = {(r.id, t): v for r, t, v in
-                        zip(responses.records, responses.responses, responses.recorded,
-                            strict=True)}
-
-    def judge_many(self, items):
-        return [[dict(self.by_text[(record.id, t)]) for t in texts] for record, texts in items]
-
-
 def _cmd_agreement(args: argparse.Namespace) -> int:
     from rdpo.config import ConfigError
     from rdpo.judging.chat import ChatError
     from rdpo.tools import agreement as ag
+    from rdpo.tools.judge_options import build_judge, judge_config
 
     if bool(args.run) == bool(args.data):
         print("error: give the responses: --run RUN (its rounds) or --data PAIRS.jsonl",
@@ -290,7 +143,7 @@ def _cmd_agreement(args: argparse.Namespace) -> int:
         specs = {}
         for j in JUDGES:
             path, tokens = getattr(args, j), args.judge_tokens[j]
-            specs[j] = agreement_judge_config(j, path, tokens) if path or tokens else None
+            specs[j] = judge_config(j, path, tokens) if path or tokens else None
         if specs["b"] is None or (specs["a"] is None and not args.run):
             raise ConfigError(["name both judges: --a.kind ... / --a JUDGE.yaml and --b.kind ... "
                                "/ --b JUDGE.yaml (with --run, judge a may be left out: the "
@@ -301,7 +154,7 @@ def _cmd_agreement(args: argparse.Namespace) -> int:
         if specs["a"] is None and any(v is None for v in responses.recorded):
             raise ValueError(f"{args.run}: its rounds recorded no per-criterion verdicts "
                              "(pairs.strategy outcome or rubric_holistic): name judge a")
-        judges = {j: Recorded(responses) if spec is None else build_judge(
+        judges = {j: ag.Recorded(responses) if spec is None else build_judge(
             spec[0], spec[1] if spec[1] is not None else args.seed) for j, spec in specs.items()}
         verdicts = {j: ag.judge_all(judges[j], responses.records, responses.responses)
                     for j in JUDGES}
@@ -425,7 +278,7 @@ def _add_agreement(sub) -> None:
         "and raw agreement over all criteria, essential, additional and per criterion, with a "
         "seeded bootstrap 95%% interval (resampling prompts), and each judge's unknown rate. "
         "Each judge is --a.OPTION / --b.OPTION (options: "
-        + ", ".join(option(o)[2:] for o in AGREEMENT_OPTIONS) + "; kind defaults to openai) "
+        + ", ".join(option(o)[2:] for o in SPEC_OPTIONS) + "; kind defaults to openai) "
         "and/or --a / --b YAML (a judge section or a run's config.yaml). With --run, judge a "
         "left out is the verdicts the run recorded. Prints JSON (and writes --out).")
     p.add_argument("--run", help="a run directory: the responses of its rounds/NNNN/rollouts.jsonl")
@@ -449,7 +302,7 @@ def _add_agreement(sub) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    rest, tokens = split_judge_options(sys.argv[1:] if argv is None else argv)
+    rest, tokens = split_judge_options(sys.argv[1:] if argv is None else argv, JUDGES)
     args = build_parser().parse_args(rest)
     if args.command != "agreement" and any(tokens.values()):
         build_parser().error("--a.OPTION / --b.OPTION belong to the agreement command")

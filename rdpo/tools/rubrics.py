@@ -6,6 +6,11 @@ Subcommands:
     build --input PROMPTS.jsonl --out POOL.jsonl [generator options]
                                         write a rubric per prompt with a generator model
     stats POOL.jsonl [--json]           counts and distribution of criteria
+    audit POOL.jsonl --run RUN [--out DIR]
+                                        criteria that never vary, are almost always unknown or
+                                        saturated in a run's rounds; records that never yield a
+                                        pair; discrimination on preference records
+                                        (`rdpo.tools.audit`)
 
 Each subcommand is a `_cmd_*` function of the parsed arguments returning the exit code, added
 to the parser by its own `_add_*` function, so new subcommands slot in beside it.
@@ -17,7 +22,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from rdpo.config import JudgeConfig
 from rdpo.pool import PromptRecord, check_pool
@@ -155,6 +160,113 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_audit(subparsers: argparse._SubParsersAction) -> None:
+    from rdpo.tools.audit import Thresholds
+
+    t = Thresholds()
+    p = subparsers.add_parser(
+        "audit", help="what a run's rounds got from each criterion and record of a pool",
+        description="From a run's round files: criteria that never vary across a prompt's K "
+        "samples, criteria almost always unknown, criteria met by nearly every response of a "
+        "round (saturated), records that never yield a pair and why (drop reasons). When POOL "
+        "is a preference file with rubrics (responses + preferred), also whether each rubric "
+        "ranks the preferred response higher (discrimination), judged by the run's judge. "
+        "Prints Markdown; --out DIR writes audit.md and audit.json.")
+    p.add_argument("pool", help="the rubric pool, or a preference file with rubrics (JSON Lines)")
+    p.add_argument("--run", help="the run directory whose rounds/NNNN files are audited")
+    p.add_argument("--rounds", type=int, nargs="+", help="only these rounds (default: all)")
+    p.add_argument("--judge", metavar="YAML", help="the judge of the discrimination check: a "
+                   "YAML with a judge section (default: RUN/config.yaml, the run's own judge)")
+    p.add_argument("--aggregation", help="score aggregation of the discrimination check "
+                   "(default: the run's pairs.aggregation, else lexicographic)")
+    p.add_argument("--saturated", type=float, default=t.saturated,
+                   help=f"share of a round's responses meeting a criterion at or above which it "
+                   f"is saturated (default {t.saturated})")
+    p.add_argument("--unknown", type=float, default=t.unknown,
+                   help=f"share of unknown verdicts at or above which a criterion is almost "
+                   f"always unknown (default {t.unknown})")
+    p.add_argument("--min-samples", type=int, default=t.min_samples,
+                   help="known verdicts a prompt needs in a round to show whether a criterion "
+                   f"varies (default {t.min_samples})")
+    p.add_argument("--top", type=int, default=20, help="rows per Markdown table (default 20)")
+    p.add_argument("--out", metavar="DIR", help="write audit.md and audit.json here")
+    p.add_argument("--json", action="store_true", help="print the JSON instead of Markdown")
+    p.set_defaults(func=_cmd_audit)
+
+
+def _audit_pool(path: str):
+    """(records with a rubric by id, preference pairs or None): a preference file when its
+    first record has ``responses``."""
+    from pathlib import Path
+
+    from rdpo.pool import load_pool
+    from rdpo.tools.agreement import read_jsonl
+
+    first = next(iter(read_jsonl(Path(path))), (0, {}))[1] if Path(path).is_file() else {}
+    if "responses" in first:
+        from rdpo.tools.preferences import load_preferences
+
+        prefs = load_preferences(path)
+        return {p.record.id: p.record for p in prefs if p.has_rubric}, prefs
+    return {r.id: r for r in load_pool(path, open_images=False)}, None
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from rdpo.config import ConfigError
+    from rdpo.judging.chat import ChatError
+    from rdpo.tools import audit
+
+    problems = [f"--{k.replace('_', '-')}: must be in [0, 1], got {getattr(args, k)}"
+                for k in ("saturated", "unknown") if not 0 <= getattr(args, k) <= 1]
+    if args.min_samples < 2:
+        problems.append(f"--min-samples: at least 2 (one verdict cannot vary), got {args.min_samples}")
+    if problems:
+        print("error: " + "\n  ".join(problems), file=sys.stderr)
+        return 2
+    try:
+        records, prefs = _audit_pool(args.pool)
+        if not args.run and not prefs:
+            raise ValueError("give --run RUN (its rounds are audited), or a preference file "
+                             "as POOL (discrimination only)")
+        result: dict = {"pool": args.pool, "run_dir": args.run}
+        thresholds = audit.Thresholds(args.saturated, args.unknown, args.min_samples)
+        result["thresholds"] = asdict(thresholds)
+        run_cfg = Path(args.run) / "config.yaml" if args.run else None
+        if args.run:
+            result["run"] = audit.audit_run(records, audit.read_rounds(args.run, args.rounds),
+                                            thresholds)
+        if prefs:
+            from rdpo.tools.judge_options import build_judge, judge_config
+
+            judge_yaml = args.judge or (str(run_cfg) if run_cfg and run_cfg.is_file() else None)
+            if judge_yaml is None:
+                raise ValueError("the discrimination check needs a judge: --judge YAML or --run")
+            cfg, seed = judge_config("judge", judge_yaml, [])
+            aggregation = args.aggregation or (
+                OmegaConf.select(OmegaConf.load(judge_yaml), "pairs.aggregation", default=None)
+                or "lexicographic")
+            judge = build_judge(cfg, seed or 0)
+            result["judge"] = f"{cfg.kind} judge" + (f" {cfg.model}" if cfg.model else "") \
+                + f" ({judge_yaml})"
+            result["discrimination"] = audit.discrimination(judge, prefs, aggregation)
+    except (ConfigError, ValueError, ChatError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ConfigError) else 1
+    text = audit.markdown(result, args.top)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "audit.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "audit.md").write_text(text)
+        print(f"wrote {out / 'audit.md'} and {out / 'audit.json'}", file=sys.stderr)
+    print(json.dumps(result, indent=2) if args.json else text, end="\n" if args.json else "")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `rdpo.tools.rubrics` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -164,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_validate(subparsers)
     _add_build(subparsers)
     _add_stats(subparsers)
+    _add_audit(subparsers)
     return parser
 
 
