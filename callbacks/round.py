@@ -9,10 +9,13 @@ rank reports the same numbers and rank 0 writes the artifacts once, complete.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -24,14 +27,17 @@ from rdpo.config import PairsConfig, RolloutConfig
 from rdpo.engine.encode import end_of_turn_id
 from rdpo.judging.judges import judge_round
 from rdpo.pairs import PairSelection, TrainPair
-from rdpo.rollout import generate
+from rdpo.rollout import Rollout, generate
 from rdpo.rounds import (
+    BuiltRound,
+    RoundPipeline,
     RoundSummary,
     ScoredRollout,
     reference_logps,
     score_rollouts,
     select_pairs,
     summarize,
+    with_reference_logps,
     write_round,
 )
 from rdpo.strategy import full_weights, is_deepspeed
@@ -70,10 +76,14 @@ class RubricScoringCallback(L.Callback):
     `rollout` and `pairs` are the config sections of the same names (`rdpo.config`). Sampling
     and the reference pass run in the trainer's precision context, as the training step does.
     Writes ``rounds/NNNN/{rollouts,pairs}.jsonl`` under `run_dir` when given (rank 0, all
-    ranks' rollouts). `judge_chunk`: prompts judged per call (0: the whole round at once);
-    a cached judge stores each call's verdicts, so a run killed mid-judging loses at most the
-    call in flight. `server`: a `rdpo.rollout_server.VLLMRollout` to sample through
-    (rollout.engine=vllm); None samples with ``generate``.
+    ranks' rollouts). `judge_chunk`: prompts judged per call (0: the whole round at once, or,
+    pipelined, ``rollout.batch_size`` per call); a cached judge stores each call's verdicts, so
+    a run killed mid-judging loses at most the call in flight. `server`: a
+    `rdpo.rollout_server.VLLMRollout` to sample through (rollout.engine=vllm); None samples
+    with ``generate``. With ``rollout.pipeline`` (the default) judging runs on a thread while
+    the round samples (`_pipelined`); each rank pipelines its own shard, and the gathers of
+    the round's results stay where they are. History rows carry each phase's busy seconds
+    (``sampling_seconds``, ``judging_seconds``, ``reference_seconds``) beside ``seconds``.
     """
 
     def __init__(self, judge, rollout: RolloutConfig | None = None,
@@ -122,24 +132,10 @@ class RubricScoringCallback(L.Callback):
         dm = trainer.datamodule
         start = time.perf_counter()
         records = dm.round_prompts(index)
-        k = self.rollout.samples_per_prompt
-        with phase(trainer, "sampling", len(records) * k, "responses") as shown:
-            rollouts = sample(trainer, pl_module, records, self.rollout, seed=round_seed(
-                self.seed, index, trainer.global_rank), prompts=dm.prompts, server=self.server,
-                progress=shown.update)
-        with phase(trainer, "judging", len(records) * k, "responses") as shown:
-            scored = self._score(rollouts, shown.update)
-        selection = select_pairs(scored, min_margin=self.pairs.min_margin,
-                                 require_chosen_essential=self.pairs.require_chosen_essential,
-                                 truncated=self.rollout.truncated)
-        # Under ZeRO-3, gathered: each rank computes its own pairs, as many batches as it kept.
-        with phase(trainer, "reference log-probs", len(selection.pairs), "pairs") as shown, \
-                _gathered_for_generation(trainer, pl_module.model):
-            train_pairs = reference_logps(pl_module.model, dm.collator, scored, selection,
-                                          self.ref_batch_size, reference=self.reference,
-                                          reference_model=self.reference_model,
-                                          precision=trainer.precision_plugin,
-                                          progress=shown.update)
+        seed = round_seed(self.seed, index, trainer.global_rank)
+        build = self._pipelined if self.rollout.pipeline else self._sequential
+        built = build(trainer, pl_module, records, seed)
+        scored, selection, train_pairs = built.scored, built.selection, built.train_pairs
         dm.set_pairs(train_pairs, index)
         # Every rank gets every rank's results: the numbers are the whole round's on each rank.
         parts = gather_objects(trainer, (scored, selection, train_pairs, dm.pair_usage()))
@@ -155,8 +151,93 @@ class RubricScoringCallback(L.Callback):
                      [len(part[2]) for part in parts], {
                          "pair_uses_min": min(u["pair_uses_min"] for u in usage),
                          "pair_uses_max": max(u["pair_uses_max"] for u in usage),
-                         "pairs_unused": sum(u["pairs_unused"] for u in usage)})
+                         "pairs_unused": sum(u["pairs_unused"] for u in usage),
+                         **{f"{name}_seconds": s for name, s in built.seconds.items()}})
         return summary
+
+    def _sequential(self, trainer, pl_module, records, seed: int) -> BuiltRound:
+        """Sample every prompt, then judge every response, then the reference pass."""
+        dm = trainer.datamodule
+        k = self.rollout.samples_per_prompt
+        seconds = {}
+        clock = time.perf_counter()
+        with phase(trainer, "sampling", len(records) * k, "responses") as shown:
+            rollouts = sample(trainer, pl_module, records, self.rollout, seed=seed,
+                              prompts=dm.prompts, server=self.server, progress=shown.update)
+        seconds["sampling"], clock = time.perf_counter() - clock, time.perf_counter()
+        with phase(trainer, "judging", len(records) * k, "responses") as shown:
+            scored = self._score(rollouts, shown.update)
+        seconds["judging"], clock = time.perf_counter() - clock, time.perf_counter()
+        selection = self._select(scored)
+        # Under ZeRO-3, gathered: each rank computes its own pairs, as many batches as it kept.
+        with phase(trainer, "reference log-probs", len(selection.pairs), "pairs") as shown, \
+                _gathered_for_generation(trainer, pl_module.model):
+            train_pairs = reference_logps(pl_module.model, dm.collator, scored, selection,
+                                          self.ref_batch_size, reference=self.reference,
+                                          reference_model=self.reference_model,
+                                          precision=trainer.precision_plugin,
+                                          progress=shown.update)
+        seconds["reference"] = time.perf_counter() - clock
+        return BuiltRound(scored, selection, train_pairs, seconds)
+
+    def _pipelined(self, trainer, pl_module, records, seed: int) -> BuiltRound:
+        """The round as a pipeline (`rdpo.rounds.RoundPipeline`): each chunk of prompts is
+        judged on a judge thread as soon as it is sampled; the reference pass, which needs the
+        model, runs on this thread.
+
+        Where the reference pass goes: with the transformers engine this thread samples, so
+        sampling and the reference pass share one device and one thread and cannot overlap
+        each other; running reference batches between generation batches would only reorder
+        that thread's work (and switch the adapters off and on inside a generation) without
+        shortening it. So they run after sampling, while the judge finishes the last chunks:
+        the round takes about max(sampling + reference, judging + the last chunk's reference).
+        With the vLLM engine the server samples and this thread only waits for answers, so
+        reference batches run here between arriving prompts: about max(sampling, judging +
+        reference). Same rollouts, pairs and losses as `_sequential` for the same seed.
+        """
+        dm, model = trainer.datamodule, pl_module.model
+        k = self.rollout.samples_per_prompt
+        # The same batches as `reference_logps`: the pipeline hands `ref_batch_size` pairs.
+        reference = functools.partial(
+            with_reference_logps, model, dm.collator, batch_size=self.ref_batch_size,
+            reference=self.reference, reference_model=self.reference_model,
+            precision=trainer.precision_plugin)
+        pipeline = RoundPipeline(self.judge, self.pairs.aggregation,
+                                 chunk=self.judge_chunk or self.rollout.batch_size,
+                                 select=self._select, reference=reference,
+                                 batch_size=self.ref_batch_size)
+        with pipeline:
+            clock = time.perf_counter()
+            if self.server is None:
+                with phase(trainer, "sampling", len(records) * k, "responses") as shown, \
+                        contextlib.closing(iter_sample(trainer, pl_module, records, self.rollout,
+                                                       seed=seed, prompts=dm.prompts)) as rollouts:
+                    for rollout in rollouts:
+                        pipeline.add(rollout)
+                        shown.update(len(rollout.responses))
+                pipeline.seconds["sampling"] = time.perf_counter() - clock
+                with phase(trainer, "judging, reference log-probs", len(records) * k,
+                           "responses") as shown, _gathered_for_generation(trainer, model):
+                    shown.update(pipeline.judged)
+                    pipeline.on_judged = shown.update
+                    return pipeline.finish()
+            # vLLM: publishing is collective (as in `sample`); then, under ZeRO-3, the weights
+            # stay gathered for the reference batches run between arriving prompts.
+            _publish(trainer, pl_module, self.server)
+            with phase(trainer, "sampling, judging, reference log-probs", len(records) * k,
+                       "responses") as shown, _gathered_for_generation(trainer, model):
+                for rollout in _server_rollouts(pl_module, records, self.rollout, seed=seed,
+                                                prompts=dm.prompts, server=self.server):
+                    pipeline.add(rollout)
+                    pipeline.poll()
+                    shown.update(len(rollout.responses))
+                pipeline.seconds["sampling"] = time.perf_counter() - clock
+                return pipeline.finish()
+
+    def _select(self, scored) -> PairSelection:
+        return select_pairs(scored, min_margin=self.pairs.min_margin,
+                            require_chosen_essential=self.pairs.require_chosen_essential,
+                            truncated=self.rollout.truncated)
 
     def _score(self, rollouts, progress=None) -> list[ScoredRollout]:
         return score_chunks(self.judge, rollouts, self.pairs.aggregation, self.judge_chunk,
@@ -208,36 +289,52 @@ def sample(trainer: L.Trainer, pl_module: L.LightningModule, records, rollout: R
     server (collective: every rank calls this) and the server samples, seeded per prompt.
     `progress(n)` is told of every n responses sampled (the console's progress display)."""
     if server is not None:
-        out = _sample_on_server(trainer, pl_module, records, rollout, seed=seed,
-                                num_samples=num_samples, prompts=prompts, server=server)
-        if progress is not None:
-            progress(sum(len(r.responses) for r in out))
-        return out
-    device = next(pl_module.model.parameters()).device
+        _publish(trainer, pl_module, server)
+        rollouts = _server_rollouts(pl_module, records, rollout, seed=seed,
+                                    num_samples=num_samples, prompts=prompts, server=server)
+    else:
+        rollouts = iter_sample(trainer, pl_module, records, rollout, seed=seed,
+                               num_samples=num_samples, prompts=prompts)
     out = []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
-            _gathered_for_generation(trainer, pl_module.model), \
-            trainer.precision_plugin.forward_context():
-        torch.manual_seed(seed)
-        for r in generate(pl_module.model, pl_module.processor, records, rollout,
-                          num_samples=num_samples, prompts=prompts):
+    with contextlib.closing(rollouts):
+        for r in rollouts:
             out.append(r)
             if progress is not None:
                 progress(len(r.responses))
     return out
 
 
-def _sample_on_server(trainer, pl_module, records, rollout, *, seed, num_samples, prompts,
-                      server) -> list:
+def iter_sample(trainer: L.Trainer, pl_module: L.LightningModule, records,
+                rollout: RolloutConfig, *, seed: int, num_samples: int | None = None,
+                prompts=None) -> Iterator[Rollout]:
+    """`sample` with the transformers engine, one `Rollout` at a time (a generation batch's
+    prompts come together). The precision context, the gathered weights and the seeded
+    generator hold while it is suspended: close it (``contextlib.closing``) if it is left
+    before its end."""
+    device = next(pl_module.model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            _gathered_for_generation(trainer, pl_module.model), \
+            trainer.precision_plugin.forward_context():
+        torch.manual_seed(seed)
+        yield from generate(pl_module.model, pl_module.processor, records, rollout,
+                            num_samples=num_samples, prompts=prompts)
+
+
+def _publish(trainer, pl_module, server) -> None:
+    with _gathered_for_generation(trainer, pl_module.model):
+        server.publish(pl_module.model, trainer.global_step, is_main=trainer.is_global_zero,
+                       barrier=trainer.strategy.barrier)
+
+
+def _server_rollouts(pl_module, records, rollout, *, seed, prompts, server,
+                     num_samples=None) -> Iterator[Rollout]:
     from rdpo.rollout import stop_token_ids, suppressed_token_ids
 
     model, processor = pl_module.model, pl_module.processor
-    with _gathered_for_generation(trainer, model):
-        server.publish(model, trainer.global_step, is_main=trainer.is_global_zero,
-                       barrier=trainer.strategy.barrier)
-    return server.sample(processor, records, rollout, stop_ids=stop_token_ids(processor, model),
-                         suppress_ids=suppressed_token_ids(processor), seed=seed,
-                         num_samples=num_samples, prompts=prompts)
+    return server.iter_sample(processor, records, rollout,
+                              stop_ids=stop_token_ids(processor, model),
+                              suppress_ids=suppressed_token_ids(processor), seed=seed,
+                              num_samples=num_samples, prompts=prompts)
 
 
 def gather_objects(trainer: L.Trainer, obj) -> list:
@@ -280,4 +377,5 @@ def _gathered_for_generation(trainer: L.Trainer, model):
     return full_weights(trainer, model)
 
 
-__all__ = ["RubricScoringCallback", "merge_selections", "round_seed", "sample", "score_chunks"]
+__all__ = ["RubricScoringCallback", "iter_sample", "merge_selections", "round_seed", "sample",
+           "score_chunks"]

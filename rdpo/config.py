@@ -254,6 +254,10 @@ class RolloutConfig:
     checkpoint's generation_config.json is inherited except its end-of-sequence ids."""
     batch_size: int = setting(32, gt=0)
     """Prompts per generation batch."""
+    pipeline: bool = True
+    """Judge a round's prompts while the rest are sampled, and compute reference log-probs as
+    judged prompts yield pairs (false: sample all, then judge all, then the reference pass).
+    Same rollouts, pairs and losses either way; only the round's wall time differs."""
     truncated: str = setting("drop", choices=("drop", "keep"))
     """A response cut at max_new_tokens (finish reason length): drop (never a pair member; its
     prompt may still pair two finished responses) or keep (trained on as sampled, no end of

@@ -38,7 +38,7 @@ import re
 import secrets
 import shutil
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -264,6 +264,17 @@ class VLLMRollout:
         max_new_tokens; the evaluation passes its own); `stop_ids` and `suppress_ids` are the
         transformers engine's (`rdpo.rollout.stop_token_ids`, `suppressed_token_ids`).
         """
+        return list(self.iter_sample(processor, records, settings, stop_ids=stop_ids,
+                                     suppress_ids=suppress_ids, seed=seed,
+                                     num_samples=num_samples, prompts=prompts))
+
+    def iter_sample(self, processor, records: Sequence[PromptRecord], settings: RolloutConfig, *,
+                    stop_ids: Sequence[int], suppress_ids: Sequence[int], seed: int,
+                    num_samples: int | None = None, prompts: PromptCache | None = None
+                    ) -> Iterator[Rollout]:
+        """`sample`, yielding each prompt's `Rollout` in record order as soon as it and those
+        before it are answered (up to ``concurrency`` prompts in flight meanwhile): a
+        pipelined round judges them while the rest are sampled."""
         if self.current is None:
             raise RolloutServerError("no adapter published: call publish() first")
         prompts = prompts if prompts is not None else PromptCache(processor, max_mb=0)
@@ -305,9 +316,10 @@ class VLLMRollout:
             return Rollout(record, [t.strip() for t in texts], ids, reasons)
 
         if len(records) <= 1:
-            return [one(r) for r in records]
+            yield from map(one, records)
+            return
         with ThreadPoolExecutor(max_workers=min(self.settings.concurrency, len(records))) as pool:
-            return list(pool.map(one, records))
+            yield from pool.map(one, records)
 
     def _complete(self, record: PromptRecord, params: dict, seed: int):
         if record.video:  # a video_url of frames would be encoded differently from rdpo's prompt

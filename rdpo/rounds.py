@@ -5,9 +5,12 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
+import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +20,7 @@ import torch
 from rdpo.config import RolloutConfig
 from rdpo.engine.collate import PairCollator
 from rdpo.engine.packing import pair_logps
+from rdpo.judging.judges import judge_round
 from rdpo.judging.scoring import Score, score_response
 from rdpo.pairs import PairSelection, TrainPair, build_pairs
 from rdpo.pool import PromptRecord
@@ -278,3 +282,144 @@ def write_round(directory: Path, scored: Sequence[ScoredRollout], selection: Pai
                                         "dropped": selection.dropped,
                                         "dropped_ids": selection.dropped_ids,
                                         "truncated_responses": summary.truncated}}) + "\n")
+
+
+# -- the pipelined round: judge while sampling, reference passes as pairs appear -------------
+
+@dataclass(frozen=True)
+class BuiltRound:
+    """What a round built on one rank: every prompt's scored responses, the kept pairs and drop
+    counts, the pairs as they train (reference log-probs filled in) and the seconds each phase
+    was busy (``sampling``, ``judging``, ``reference``; in a pipelined round they overlap, so
+    their sum exceeds the round's wall time)."""
+
+    scored: list[ScoredRollout]
+    selection: PairSelection
+    train_pairs: list[TrainPair]
+    seconds: dict[str, float]
+
+
+class RoundPipeline:
+    """Judges a round's prompts while the rest are still being sampled, and computes reference
+    log-probs as soon as judged prompts yield pairs.
+
+    The thread that owns the model `add`s each sampled `Rollout`, in prompt order; every
+    `chunk` prompts become one ``score_rollouts`` call (`judge`, `aggregation`) on a judge
+    thread. One judge thread, one call at a time, in order: a call already sends up to
+    judge.concurrency requests at once (rdpo.fit sizes `chunk` so that one call fills it),
+    so the judge's concurrency bound holds, and a judge object (its stats, its cache, a
+    local model) is never used from two threads at once. Judged chunks are taken in order;
+    `select` (`select_pairs` with the round's settings) keeps their pairs, and `reference`
+    (`with_reference_logps` bound to the model) fills in batches of exactly `batch_size`
+    pairs, the same batches the sequential round computes (`reference_logps` batches the
+    round's kept pairs in order), so the log-probs are bit for bit the same. `poll` runs the
+    batches that are ready, `finish` waits for the rest; both on the model's thread.
+
+    A judge error is raised in the caller's thread at the next `add`, `poll` or `finish`;
+    leaving the context (`with RoundPipeline(...)`) after any error cancels the chunks not yet
+    judged and shuts the judge thread down (waiting only for a judge call that has already
+    ended). Use it as a context manager; it enters the judge's round (`judge_round`: one
+    deadline over its calls) at the first call.
+    """
+
+    def __init__(self, judge, aggregation: str, *, chunk: int, select, reference,
+                 batch_size: int, strategy: str | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.judge, self.aggregation, self.strategy = judge, aggregation, strategy
+        self.chunk, self.batch_size = max(1, chunk), max(1, batch_size)
+        self.select, self.reference = select, reference
+        self.seconds = {"sampling": 0.0, "judging": 0.0, "reference": 0.0}
+        self.judged = 0
+        """Responses judged so far (taken in order by the model's thread)."""
+        self.on_judged = None
+        """Told of every n responses judged (a progress display), on the model's thread."""
+        self._pending: list[Rollout] = []
+        self._futures: collections.deque = collections.deque()
+        self._scored: list[ScoredRollout] = []
+        self._todo: list[TrainPair] = []
+        self._done: list[TrainPair] = []
+        self._stop = threading.Event()
+        self._failed = False
+        self._round = contextlib.ExitStack()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rdpo-judge")
+
+    def __enter__(self) -> RoundPipeline:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self._stop.set()
+        # After a judge error its call has ended: the join is immediate. After an error on the
+        # model's thread (sampling) a judge call may be in flight: it is left to end on its
+        # own (bounded by the judge's timeouts and round deadline), not waited for.
+        self._pool.shutdown(wait=exc_type is None or self._failed, cancel_futures=True)
+        self._round.close()
+
+    def add(self, rollout: Rollout) -> None:
+        """A sampled prompt; a chunk's worth goes to the judge. Raises a judge error."""
+        self._pending.append(rollout)
+        if len(self._pending) >= self.chunk:
+            self._submit()
+        self._collect(block=False)
+
+    def poll(self) -> None:
+        """Take the judged chunks and compute the reference batches that are complete."""
+        self._collect(block=False)
+        self._references(final=False)
+
+    def finish(self) -> BuiltRound:
+        """Judge what is left, wait for every chunk, compute the last reference batches."""
+        self._submit()
+        while self._futures:
+            self._collect(block=True)
+            self._references(final=False)
+        self._references(final=True)
+        # The whole round's selection, as the sequential round builds it (same pairs, same
+        # order; the drop counts summed over the chunks).
+        selection = self.select(self._scored)
+        return BuiltRound(list(self._scored), selection, list(self._done), dict(self.seconds))
+
+    def _submit(self) -> None:
+        if not self._pending:
+            return
+        if not self._futures and not self._scored:
+            self._round.enter_context(judge_round(self.judge))
+        chunk, self._pending = self._pending, []
+        self._futures.append(self._pool.submit(self._judge, chunk))
+
+    def _judge(self, rollouts: list[Rollout]) -> list[ScoredRollout] | None:
+        if self._stop.is_set():
+            return None
+        start = time.perf_counter()
+        try:
+            return score_rollouts(self.judge, rollouts, self.aggregation, self.strategy)
+        except BaseException:
+            self._stop.set()  # the chunks queued behind it are not judged
+            raise
+        finally:
+            self.seconds["judging"] += time.perf_counter() - start
+
+    def _collect(self, *, block: bool) -> None:
+        while self._futures and (block or self._futures[0].done()):
+            future = self._futures.popleft()
+            try:
+                scored = future.result()
+            except BaseException:
+                self._failed = True
+                raise
+            block = False
+            self._scored += scored
+            by_id = {s.rollout.record.id: s.rollout for s in scored}
+            self._todo += [TrainPair.of(by_id[p.prompt_id].record, p, by_id[p.prompt_id].token_ids)
+                           for p in self.select(scored).pairs]
+            n = sum(len(s.rollout.responses) for s in scored)
+            self.judged += n
+            if self.on_judged is not None:
+                self.on_judged(n)
+
+    def _references(self, *, final: bool) -> None:
+        while len(self._todo) >= self.batch_size or (final and self._todo):
+            batch, self._todo = self._todo[:self.batch_size], self._todo[self.batch_size:]
+            start = time.perf_counter()
+            self._done += self.reference(batch)
+            self.seconds["reference"] += time.perf_counter() - start

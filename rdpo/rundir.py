@@ -225,6 +225,7 @@ FREE: dict[str, str] = {
     "rollout.concurrency": "how requests are sent, not what is sampled",
     "rollout.timeout": "how requests are sent, not what is sampled",
     "rollout.max_retries": "how requests are sent, not what is sampled",
+    "rollout.pipeline": "when each phase of a round runs: the same rollouts, pairs and losses",
 }
 """Settings that may change when a run resumes, each with why the run stays the same run
 (a key or a whole section). ``dpo.max_steps`` may change too (to extend or shorten a run),
