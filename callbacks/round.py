@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import logging
 import shutil
 import time
@@ -23,8 +24,11 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from rdpo.callbacks.progress import phase
 
-from rdpo.config import PairsConfig, RolloutConfig
+from rdpo.config import JudgeConfig, PairsConfig, RolloutConfig
+from rdpo.cost import FILE as COST_FILE
+from rdpo.cost import WRITE_EVERY, CostLedger, Prices, RoundCost, round_row, sampled_tokens
 from rdpo.engine.encode import end_of_turn_id
+from rdpo.judging import audit as auditing
 from rdpo.judging.judges import judge_round
 from rdpo.pairs import PairSelection, TrainPair
 from rdpo.rollout import Rollout, generate
@@ -89,7 +93,8 @@ class RubricScoringCallback(L.Callback):
     def __init__(self, judge, rollout: RolloutConfig | None = None,
                  pairs: PairsConfig | None = None, *, run_dir: str | Path | None = None,
                  ref_batch_size: int = 8, reference: str = "base", reference_model=None,
-                 seed: int = 0, judge_chunk: int = 0, server=None):
+                 seed: int = 0, judge_chunk: int = 0, server=None,
+                 judge_settings: JudgeConfig | None = None, audit=None):
         self.judge = judge
         self.server = server
         self.rollout = rollout or RolloutConfig()
@@ -101,6 +106,7 @@ class RubricScoringCallback(L.Callback):
         self.seed = seed
         self.judge_chunk = judge_chunk
         self.history: list[dict] = []
+        self._init_accounts(judge_settings or JudgeConfig(), audit)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dm = trainer.datamodule
@@ -110,8 +116,9 @@ class RubricScoringCallback(L.Callback):
             log.info("round %d: pairs restored from the checkpoint", dm.round)
             if trainer.is_global_zero and self.history:
                 self._emit(trainer, self.history[-1])  # the metrics rows restart at the checkpoint
-            return
-        self.run_round(trainer, pl_module, trainer.current_epoch)
+        else:
+            self.run_round(trainer, pl_module, trainer.current_epoch)
+        self._trained_at = time.perf_counter()  # the round's training seconds start here
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if batch.get("empty") and is_deepspeed(trainer):
@@ -127,11 +134,13 @@ class RubricScoringCallback(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         trainer.datamodule.batches_done = batch_idx + 1
+        self._count_training(trainer)
 
     def run_round(self, trainer: L.Trainer, pl_module: L.LightningModule, index: int) -> RoundSummary:
         dm = trainer.datamodule
         start = time.perf_counter()
         records = dm.round_prompts(index)
+        cost = RoundCost(self.judge, self.audit)  # the judges' counters as the round begins
         seed = round_seed(self.seed, index, trainer.global_rank)
         build = self._pipelined if self.rollout.pipeline else self._sequential
         built = build(trainer, pl_module, records, seed)
@@ -146,9 +155,10 @@ class RubricScoringCallback(L.Callback):
         if self.run_dir is not None and trainer.is_global_zero:
             _write_once(self.run_dir / "rounds" / f"{index:04d}", scored_all, selection_all,
                         pairs_all, summary)
+        accounts = self._account(trainer, index, cost, built, scored_all, summary)
         usage = [part[3] for part in parts]
         self._report(trainer, index, summary, selection_all, time.perf_counter() - start,
-                     [len(part[2]) for part in parts], {
+                     [len(part[2]) for part in parts], {**accounts,
                          "pair_uses_min": min(u["pair_uses_min"] for u in usage),
                          "pair_uses_max": max(u["pair_uses_max"] for u in usage),
                          "pairs_unused": sum(u["pairs_unused"] for u in usage),
@@ -266,14 +276,122 @@ class RubricScoringCallback(L.Callback):
             log.info(line)
         metrics = {f"round/{k}": float(v) for k, v in row.items() if k in ROUND_METRICS}
         metrics |= {f"round/dropped/{k}": float(v) for k, v in row.get("dropped", {}).items()}
+        metrics |= _flat_metrics("round/cost", row.get("cost", {}))
+        metrics |= _flat_metrics("round/audit", row.get("audit", {}))
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
     def state_dict(self) -> dict:
-        return {"history": self.history}
+        return {"history": self.history, "cost": self.ledger.state(),
+                "audit": self.audit_log.state() if self.audit_log else None}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = list(state_dict.get("history", []))
+        self.ledger.load(state_dict.get("cost"))
+        if self.audit_log is not None:
+            self.audit_log.load(state_dict.get("audit"))
+
+    # -- what rounds cost (run.dir/cost.json) and the audit judge's watch (judge_audit.json)
+
+    def _init_accounts(self, settings: JudgeConfig, audit) -> None:
+        self.audit, self.audit_fraction = audit, settings.audit_fraction
+        self.ledger = CostLedger(self.run_dir / COST_FILE if self.run_dir else None,
+                                 Prices.of(settings), Prices.of(settings.audit))
+        self.audit_log = None if audit is None else auditing.AuditLog(
+            self.run_dir / auditing.FILE if self.run_dir else None,
+            getattr(audit, "name", type(audit).__name__), self.audit_fraction)
+        # The judges' work outside rounds (held-out evaluation): all of it, less the rounds'.
+        self._outside = {"start": RoundCost(self.judge, audit), "rounds": []}
+        self._trained_at: float | None = None
+
+    def _account(self, trainer: L.Trainer, index: int, cost: RoundCost, built: BuiltRound,
+                 scored_all: list[ScoredRollout], summary: RoundSummary) -> dict:
+        """The round's cost row and, with an audit judge, its audit (each rank audits a sample
+        of its own pairs, `rdpo.judging.audit`); gathered from every rank; rank 0 writes
+        cost.json, judge_audit.json and rounds/NNNN/judge_audit.json. Returns the history row's
+        ``cost`` and ``audit`` entries (collective: every rank calls it)."""
+        audited, seconds = [], dict(built.seconds)
+        if self.audit is not None:
+            clock = time.perf_counter()
+            sample = auditing.audit_sample(built.selection.pairs, self.audit_fraction,
+                                           seed=self.seed, round_index=index)
+            with phase(trainer, "audit", 2 * len(sample), "responses"):
+                audited = auditing.audit_round(self.audit, built.scored, sample,
+                                               self.pairs.aggregation)
+            seconds["audit"] = time.perf_counter() - clock
+        part = cost.part(seconds)
+        self._outside["rounds"].append(part)
+        parts = gather_objects(trainer, (part, audited))
+        row = round_row(index, trainer.global_step, [p[0] for p in parts],
+                        *sampled_tokens(scored_all), summary.pairs)
+        self.ledger.put(row)
+        out = {"cost": next(r for r in self.ledger.document()["rounds"] if r["round"] == index)}
+        if self.audit_log is not None:
+            audited = [a for p in parts for a in p[1]]
+            out["audit"] = auditing.summarize(index, trainer.global_step, audited)
+            warning = self.audit_log.put(out["audit"])
+            if warning and trainer.is_global_zero:
+                log.warning("round %d: %s", index, warning)
+        if trainer.is_global_zero:
+            self.ledger.write()
+            if self.audit_log is not None:
+                self.audit_log.write()
+                if self.run_dir is not None:
+                    from rdpo.rundir import atomic_write
+
+                    atomic_write(self.run_dir / "rounds" / f"{index:04d}" / auditing.FILE,
+                                 json.dumps({**out["audit"], "judge": self.audit_log.judge,
+                                             "audited": audited}, indent=1) + "\n")
+        return out
+
+    def _count_training(self, trainer: L.Trainer, *, final: bool = False) -> None:
+        """Add the seconds since the last call to the current round's training seconds; rank 0
+        writes cost.json at most every `rdpo.cost.WRITE_EVERY` seconds (`final`: now)."""
+        if self._trained_at is None:
+            return
+        now = time.perf_counter()
+        self.ledger.add_training(trainer.current_epoch, now - self._trained_at)
+        self._trained_at = None if final else now
+        if trainer.is_global_zero:
+            self.ledger.write(at_most_every=0.0 if final else WRITE_EVERY)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._count_training(trainer, final=True)
+        row = next((r for r in self.ledger.rows if r["round"] == trainer.current_epoch), None)
+        if trainer.is_global_zero and row is not None:
+            for logger in trainer.loggers:
+                logger.log_metrics({"round/cost/seconds/training": row["seconds"]["training"]},
+                                   step=trainer.global_step)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.ckpt_path and trainer.is_global_zero:
+            # Resumed: the checkpoint's rows stand; what cost.json holds beyond them is redone.
+            self.ledger.continue_file()
+            self.ledger.write()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The held-out evaluation ran before this (`HeldoutEvaluation` comes first): what the
+        # judges did in this process, less the rounds, over every rank (collective).
+        total = self._outside["start"].part()
+        del total["seconds"]
+        for part in self._outside["rounds"]:
+            total = {k: v - part[k] for k, v in total.items()}
+        parts = gather_objects(trainer, total)
+        if trainer.is_global_zero:
+            self.ledger.add_outside({k: sum(p[k] for p in parts) for k in parts[0]})
+            self.ledger.write()
+
+
+def _flat_metrics(prefix: str, tree: dict) -> dict[str, float]:
+    """Numbers of a nested dict as ``prefix/key/...`` metrics (None and the round's own index
+    and step left out)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= _flat_metrics(f"{prefix}/{key}", value)
+        elif isinstance(value, (int, float)) and key not in ("round", "step"):
+            out[f"{prefix}/{key}"] = float(value)
+    return out
 
 
 ROUND_METRICS = ("mean_score", "essential_pass_rate", "pairs", "unknown_verdicts", "fully_judged",

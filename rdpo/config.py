@@ -328,6 +328,18 @@ class JudgeConfig:
     max_response_chars: int = setting(16000, gt=0)
     """Longest response a model judge is shown (characters); a longer one is cut, and the judge
     prompt says so."""
+    price_input_per_mtok: float | None = None
+    """Price of a million prompt tokens (any currency); with price_output_per_mtok, cost.json and
+    the report give money per round and per kept pair (null: unknown, not free; `rdpo.cost`)."""
+    price_output_per_mtok: float | None = None
+    """Price of a million completion tokens, in the currency of price_input_per_mtok (null: unknown)."""
+    audit: JudgeConfig | None = None
+    """A second judge (its own kind, model, base_url, ... as under judge) that re-judges
+    audit_fraction of each round's pairs against the rubric: agreement, its chosen − rejected
+    margin and a reward-hacking warning in run.dir/judge_audit.json (`rdpo.judging.audit`); it
+    changes no pair. null: no audit."""
+    audit_fraction: float = setting(0.25, gt=0, le=1)
+    """Share of each rank's kept pairs per round the audit judge re-judges (at least one pair)."""
 
 @dataclass
 class PairsConfig:
@@ -439,6 +451,16 @@ def _judge_rules(judge, name: Callable[[str], str]) -> list[str]:
     if judge.kind == "openai" and not judge.base_url:
         problems.append(f"{name('base_url')}: an openai judge needs the server's URL, "
                         "e.g. http://localhost:8000/v1")
+    for key in ("price_input_per_mtok", "price_output_per_mtok"):
+        value = getattr(judge, key)
+        if value is not None and not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
+            problems.append(f"{name(key)}: must be a finite number >= 0 or null, got {value}")
+    if judge.audit is not None:
+        if judge.audit.audit is not None or judge.audit.audit_fraction != JudgeConfig.audit_fraction:
+            problems.append(f"{name('audit.audit')}, {name('audit.audit_fraction')}: an audit "
+                            f"judge has no audit of its own (the share audited is "
+                            f"{name('audit_fraction')})")
+        problems += check(judge.audit, lambda n: name(f"audit.{n}"))
     return problems
 
 

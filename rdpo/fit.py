@@ -59,6 +59,21 @@ def _judge(cfg: Config):
     return make_judge(cfg.judge, strategy=cfg.pairs.strategy)
 
 
+def _audit_judge(cfg: Config):
+    """judge.audit's judge (None without one): rubric verdicts whatever pairs.strategy is; a rule
+    audit may simulate errors as the training judge can, with errors of its own (seed + 1)."""
+    audit = cfg.judge.audit
+    if audit is None:
+        return None
+    if audit.kind == "rule":
+        from rdpo.demo.simjudges import make_simulated
+
+        return make_simulated(audit, cfg.toy, cfg.run.seed + 1, "rubric")
+    from rdpo.judging.judges import make_judge
+
+    return make_judge(audit, strategy="rubric")
+
+
 def _frozen_copy(model):
     """The reference of full fine-tuning: the starting weights, frozen."""
     import copy
@@ -303,7 +318,8 @@ def build(cfg: Config) -> Run:
         judge, cfg.rollout, cfg.pairs, run_dir=run_dir, ref_batch_size=cfg.data.batch_size,
         reference=cfg.dpo.reference,
         reference_model=_frozen_copy(model) if cfg.model.finetune == "full" else None,
-        seed=cfg.run.seed, judge_chunk=_judge_chunk(cfg), server=server)
+        seed=cfg.run.seed, judge_chunk=_judge_chunk(cfg), server=server,
+        judge_settings=cfg.judge, audit=_audit_judge(cfg))
 
     def restored(trainer) -> None:  # training starts: a resume's checkpoint is restored
         if ckpt is not None and trainer.is_global_zero:

@@ -55,6 +55,9 @@ def check_inputs(cfg: Config) -> None:
         problems += _checkpoint_problems("model.path", cfg.model.path)
     if cfg.judge.kind == "transformers" and cfg.judge.model:
         problems += _checkpoint_problems("judge.model", cfg.judge.model)
+    audit = cfg.judge.audit
+    if audit is not None and audit.kind == "transformers" and audit.model:
+        problems += _checkpoint_problems("judge.audit.model", audit.model)
     checked: dict[Path, list] = {}
     records: dict[str, list] = {}
     for key, value in (("data.train_pool", cfg.data.train_pool),

@@ -89,8 +89,8 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 RUN_FILES = ("config.yaml", HISTORY, "eval.json", "eval_before.json", "loggers.json",
-             "report.png", "report.md", "judge_cache.sqlite*", "logs", "rounds", "checkpoints",
-             "adapter", "model", "adapters", "tensorboard", "wandb", "lightning_logs",
+             "report.png", "report.md", "cost.json", "judge_audit.json", "logs", "rounds",
+             "judge_cache.sqlite*", "checkpoints", "adapter", "model", "adapters", "tensorboard", "wandb", "lightning_logs",
              "hpc_ckpt_*.ckpt", ".write-test-*", ".*.tmp-*")
 """What rdpo writes at the top of a run directory (fnmatch patterns): ``run.overwrite`` deletes a
 directory holding these only."""
@@ -220,6 +220,10 @@ FREE: dict[str, str] = {
     "judge.rate_limit_retries": "how requests are sent, not what is asked",
     "judge.round_timeout": "how long judging may take, not what is asked",
     "judge.cache": "where verdicts are cached",
+    "judge.price_input_per_mtok": "what cost.json says the tokens cost, not what is asked",
+    "judge.price_output_per_mtok": "what cost.json says the tokens cost, not what is asked",
+    "judge.audit": "a second judge that watches the rounds; no pair depends on it",
+    "judge.audit_fraction": "how much the audit judge re-judges; no pair depends on it",
     "rollout.base_url": "the rollout server's address (a restarted server, a new job's node)",
     "rollout.api_key_env": "how requests are sent, not what is sampled",
     "rollout.concurrency": "how requests are sent, not what is sampled",

@@ -60,6 +60,44 @@ class ChatRequest:
 OnAnswer = Callable[[int, str], None]
 
 
+@dataclass(frozen=True)
+class RequestUsage:
+    """What one answered request cost: tokens in and out, and its seconds (an HTTP request's
+    latency, retries included; a local batch's time shared by its requests)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+
+
+class Usage:
+    """A backend's running totals of answered requests and their tokens (`RequestUsage`), safe
+    to add to from worker threads. `last`: one `RequestUsage` (None: unanswered) per request of
+    the latest ``complete`` call, for a caller that attributes cost per request (the rubric
+    builder)."""
+
+    def __init__(self) -> None:
+        self.answers = self.prompt_tokens = self.completion_tokens = 0
+        self.last: list[RequestUsage | None] = []
+        self._lock = threading.Lock()
+
+    def start(self, n: int) -> None:
+        self.last = [None] * n
+
+    def add(self, index: int, used: RequestUsage) -> None:
+        with self._lock:
+            self.answers += 1
+            self.prompt_tokens += used.prompt_tokens
+            self.completion_tokens += used.completion_tokens
+            if index < len(self.last):
+                self.last[index] = used
+
+    def totals(self) -> dict[str, int]:
+        with self._lock:
+            return {"answers": self.answers, "prompt_tokens": self.prompt_tokens,
+                    "completion_tokens": self.completion_tokens}
+
+
 def extract_json(text: str, key: str) -> dict | None:
     """The last JSON object in `text` that has `key`, or None.
 
@@ -215,6 +253,9 @@ class TransformersChat:
                 device = "cuda" if torch.cuda.is_available() else "cpu"
             self.model.to(device)
         self.batch_size, self.max_new_tokens, self.temperature = batch_size, max_new_tokens, temperature
+        self.usage = Usage()
+        """Tokens counted with the judge's own tokenizer: the prompt as encoded (image
+        placeholder tokens included), the answer as sampled (its end-of-turn id included)."""
 
     def identity(self) -> dict:
         """What decides this backend's answers besides the prompt (part of judge cache keys)."""
@@ -247,9 +288,18 @@ class TransformersChat:
         settings = RolloutConfig(samples_per_prompt=1, max_new_tokens=self.max_new_tokens,
                                  temperature=self.temperature, batch_size=self.batch_size)
         answers = []
+        prompts = _Prompts(self.processor, requests)
+        self.usage.start(len(requests))
+        mark = time.perf_counter()
         for i, rollout in enumerate(generate(self.model, self.processor, records, settings,
-                                             prompts=_Prompts(self.processor, requests))):
+                                             prompts=prompts)):
             answers.append(rollout.responses[0])
+            if i % self.batch_size == 0:  # a batch's answers arrive together: it shares its time
+                now = time.perf_counter()
+                share, mark = (now - mark) / min(self.batch_size, len(requests) - i), now
+            self.usage.add(i, RequestUsage(prompts.lengths.get(i, 0),
+                                           len(rollout.token_ids[0]) if rollout.token_ids else 0,
+                                           share))
             if on_answer is not None:
                 on_answer(i, answers[-1])
             if deadline is not None and time.monotonic() > deadline and i + 1 < len(requests):
@@ -291,6 +341,8 @@ class _Prompts:
 
     def __init__(self, processor, requests: Sequence[ChatRequest]):
         self.processor, self.requests = processor, requests
+        self.lengths: dict[int, int] = {}
+        """Request index -> its prompt's length in tokens (as encoded, before padding)."""
 
     def get(self, record) -> dict:
         from rdpo.pool import load_images
@@ -299,8 +351,10 @@ class _Prompts:
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True,
                                                   tokenize=False)
         # The template writes every special token itself (see rdpo.engine.encode.encode_prompt).
-        return dict(self.processor(text=[text], images=load_images(record) or None,
-                                   return_tensors="pt", add_special_tokens=False))
+        encoded = dict(self.processor(text=[text], images=load_images(record) or None,
+                                      return_tensors="pt", add_special_tokens=False))
+        self.lengths[int(record.id)] = int(encoded["input_ids"].shape[-1])
+        return encoded
 
 
 class OpenAIChat:
@@ -340,6 +394,10 @@ class OpenAIChat:
             base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries,
             # One connection per worker thread: the pool must not be the concurrency limit.
             http_client=openai.DefaultHttpxClient(limits=_limits(concurrency)))
+        self.usage = Usage()
+        """The tokens each response's ``usage`` reports (a server that reports none counts 0,
+        with one warning)."""
+        self._warned_usage = False
 
     def __repr__(self) -> str:
         return f"OpenAIChat(base_url={self.base_url!r}, model={self.name!r})"
@@ -363,9 +421,10 @@ class OpenAIChat:
         system = [{"role": "system", "content": req.system}] if req.system and self.system_role else []
         return [*system, {"role": "user", "content": content}]
 
-    def _one(self, req: ChatRequest) -> str:
+    def _one(self, req: ChatRequest, index: int = -1) -> str:
         import openai
 
+        start = time.perf_counter()
         kwargs = dict(model=self.name, messages=self.messages(req), max_tokens=self.max_tokens,
                       temperature=self.temperature)
         retries = self.max_retries
@@ -386,9 +445,23 @@ class OpenAIChat:
             after = f" (retry-after: {after} s; the client waits at most 120 s)" if after else ""
             raise ChatError(f"{self.base_url} answered HTTP {err.status_code} after "
                             f"{retries} retries{after}: {err.message}") from None
+        self._count(index, resp, time.perf_counter() - start)
         if not resp.choices:
             return ""
         return resp.choices[0].message.content or ""
+
+    def _count(self, index: int, resp, seconds: float) -> None:
+        usage = getattr(resp, "usage", None)
+        if usage is None and not self._warned_usage:
+            self._warned_usage = True
+            import logging
+
+            logging.getLogger("rdpo").warning(
+                "%s reports no token usage in its answers: their tokens count as 0 in cost.json",
+                self.base_url)
+        self.usage.add(index, RequestUsage(int(getattr(usage, "prompt_tokens", 0) or 0),
+                                           int(getattr(usage, "completion_tokens", 0) or 0),
+                                           seconds))
 
     def complete(self, requests: Sequence[ChatRequest], *, deadline: float | None = None,
                  on_answer: OnAnswer | None = None) -> list[str]:
@@ -399,6 +472,7 @@ class OpenAIChat:
             todo.put(i)
         done: queue.SimpleQueue[tuple[int, str | None, BaseException | None]] = queue.SimpleQueue()
         stop = threading.Event()
+        self.usage.start(len(requests))
 
         def work() -> None:
             while not stop.is_set():
@@ -407,7 +481,7 @@ class OpenAIChat:
                 except queue.Empty:
                     return
                 try:
-                    done.put((i, self._one(requests[i]), None))
+                    done.put((i, self._one(requests[i], i), None))
                 except BaseException as err:  # noqa: BLE001  (handed to the caller's thread)
                     stop.set()  # before the caller hears of it: no worker sends another
                     done.put((i, None, err))

@@ -348,7 +348,7 @@ class ChatJudge:
     logged once per round) and nothing is cached, so a later run asks again. Criteria missing
     from a parsed answer are None, and that answer is cached. Every verdict reaches the cache
     within about a second of its answer, so a failure loses none already received.
-    ``stats`` counts requests, cache hits and unparseable answers.
+    ``stats`` counts requests, cache hits and unparseable answers; `counters` adds the tokens.
 
     A round (`round`, `judge_round`) has one deadline, ``cfg.round_timeout`` from its start,
     over all its calls; a call outside a round is a round of its own.
@@ -452,6 +452,15 @@ class ChatJudge:
                 save()  # what was received stays, whatever ended the call
             self.stats["unparseable"] += len({keys[i] for i in todo})
             return results
+
+    def counters(self) -> dict[str, int]:
+        """What this judge has cost so far (`rdpo.cost`): requests sent to the backend (each
+        re-ask counted), answers read from the cache, and the backend's token counts (an
+        OpenAI-compatible server's ``usage``; a local model's own tokenizer)."""
+        usage = self.chat.usage.totals() if hasattr(self.chat, "usage") else {}
+        return {"requests": self.stats["requests"], "cache_hits": self.stats["cache_hits"],
+                "prompt_tokens": usage.get("prompt_tokens", 0),
+                "completion_tokens": usage.get("completion_tokens", 0)}
 
     def judge_many(self, items: Sequence[tuple[PromptRecord, Sequence[str]]]
                    ) -> list[list[dict[str, bool | None]]]:
