@@ -27,7 +27,7 @@ def runs(small_toy, tmp_path_factory):
     return a, b
 
 
-def _check_png(path, size=(1800, 1500)):
+def _check_png(path, size=(1800, 2000)):
     with Image.open(path) as im:
         im.verify()
     with Image.open(path) as im:

@@ -4,7 +4,8 @@
 
 Reads whatever a run has written so far (a run still going, or one with a single round):
 ``rounds/NNNN/{rollouts,pairs}.jsonl`` for the per-round numbers, ``logs/metrics.csv`` for the
-DPO step metrics and ``eval.json`` for the held-out evaluation. Several runs overlay on the
+DPO step metrics, ``eval.json`` for the held-out evaluation, ``cost.json`` for what the rounds
+cost and ``judge_audit.json`` for the audit judge's watch (`rdpo.report.tables`). Several runs overlay on the
 same axes. `--out` names the files (``FILE.png`` and ``FILE.md``); by default they are
 ``RUN_DIR/report.{png,md}`` for one run and ``report.{png,md}`` here for several.
 """
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rdpo.report.rundir import RoundStats, RunData, load_run
+from rdpo.report.tables import audit_table, cost_table, drift_table
 
 TOP_CRITERIA = 10
 MIN_JUDGED = 10  # a criterion judged fewer times than this (in either round) is too noisy to rank
@@ -167,6 +169,7 @@ def render_markdown(runs: list[RunData], moves: list[tuple[str, list[CriterionMo
         out.append("Prompts dropped (no pair), by reason: "
                    + (", ".join(f"{k} {v}" for k, v in sorted(drops.items(), key=lambda kv: -kv[1]))
                       if drops else "none") + ".")
+        out += cost_table(run) + audit_table(run) + drift_table(run, MIN_JUDGED)
         if not run_moves:
             out.append(f"\n{run.strategy} rounds judge one holistic verdict per response: no "
                        "per-criterion pass rates." if run.strategy != "rubric" else

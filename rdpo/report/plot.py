@@ -1,4 +1,4 @@
-"""The report figure: seven panels, every run in its own colour on shared axes.
+"""The report figure: ten panels, every run in its own colour on shared axes.
 
 Drawn on a bare `matplotlib.figure.Figure` (no pyplot state, no GUI backend), so it is safe to
 call from inside a training process.
@@ -173,12 +173,96 @@ def _criteria_panel(ax, runs: list[RunData], moves: list[tuple[str, list]]) -> N
     ax.grid(alpha=0.3, axis="x")
 
 
+PHASE_COLORS = {"sampling": "#1f77b4", "judging": "#ff7f0e", "reference": "#2ca02c",
+                "audit": "#9467bd", "training": "#7f7f7f"}
+
+
+def _cost_panel(ax, runs: list[RunData]) -> None:
+    """Where a round's time goes: one run, a stacked bar of its phases' seconds per round;
+    several, each run's round seconds (phases summed) and its judging seconds (dotted)."""
+    rows = [run.cost.get("rounds", []) for run in runs]
+    if not any(rows):
+        _empty(ax, "no cost.json")
+    elif len(runs) == 1:
+        x, bottom = [r["round"] for r in rows[0]], [0.0] * len(rows[0])
+        for phase, color in PHASE_COLORS.items():
+            values = [r["seconds"].get(phase, 0.0) for r in rows[0]]
+            ax.bar(x, values, bottom=bottom, color=color, label=phase)
+            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+        ax.legend(fontsize=8, loc="upper right")
+    else:
+        for color, run_rows in zip(COLORS, rows, strict=False):
+            x = [r["round"] for r in run_rows]
+            ax.plot(x, [sum(r["seconds"].values()) for r in run_rows], "o-", color=color, ms=4)
+            ax.plot(x, [r["seconds"].get("judging", 0.0) for r in run_rows], ":", color=color)
+        ax.legend(handles=[Line2D([], [], color="0.3", marker="o", label="all phases"),
+                           Line2D([], [], color="0.3", ls=":", label="judging")], fontsize=8)
+    ax.set_title("Seconds per round, by phase (phases of a pipelined round overlap)")
+    ax.set_xlabel("round")
+    ax.grid(alpha=0.3, axis="y")
+
+
+def _tokens_panel(ax, runs: list[RunData]) -> None:
+    """Where a round's tokens go: sampled by the policy, and the judges' prompt + completion."""
+    drawn = False
+    for color, run in zip(COLORS, runs, strict=False):
+        rows = run.cost.get("rounds", [])
+        if not rows:
+            continue
+        x = [r["round"] for r in rows]
+        ax.plot(x, [r["sampled_tokens"] for r in rows], "o-", color=color, ms=4)
+        ax.plot(x, [r["judge_prompt_tokens"] + r["judge_completion_tokens"] for r in rows],
+                "s--", color=color, ms=4)
+        if any(r["audit_prompt_tokens"] for r in rows):
+            ax.plot(x, [r["audit_prompt_tokens"] + r["audit_completion_tokens"] for r in rows],
+                    "^:", color=color, ms=4)
+        drawn = True
+    if not drawn:
+        _empty(ax, "no cost.json")
+    ax.legend(handles=[Line2D([], [], color="0.3", marker="o", label="sampled by the policy"),
+                       Line2D([], [], color="0.3", marker="s", ls="--",
+                              label="judge (prompt + completion)"),
+                       Line2D([], [], color="0.3", marker="^", ls=":", label="audit judge")],
+              fontsize=8, loc="upper right")
+    ax.set_title("Tokens per round")
+    ax.set_xlabel("round")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+
+
+def _audit_panel(ax, runs: list[RunData]) -> None:
+    """The audit judge's watch: both judges' chosen − rejected margins on the audited pairs,
+    and how often the audit judge agrees on the order."""
+    drawn = False
+    for color, run in zip(COLORS, runs, strict=False):
+        rows = [r for r in run.audit.get("rounds", []) if r.get("pairs")]
+        if not rows:
+            continue
+        x = [r["round"] for r in rows]
+        ax.plot(x, [r["train_margin"] for r in rows], "o-", color=color, ms=4)
+        ax.plot(x, [r["audit_margin"] for r in rows], "s--", color=color, ms=4)
+        ax.plot(x, [r["pair_agreement"] for r in rows], ":", color=color, lw=1)
+        for w in run.audit.get("warnings", []):
+            ax.axvline(w["round"], color=color, lw=0.8, ls="-.")
+        drawn = True
+    if not drawn:
+        _empty(ax, "no audit judge (judge.audit)")
+    ax.legend(handles=[Line2D([], [], color="0.3", marker="o", label="training judge margin"),
+                       Line2D([], [], color="0.3", marker="s", ls="--", label="audit judge margin"),
+                       Line2D([], [], color="0.3", ls=":", label="pair agreement"),
+                       Line2D([], [], color="0.3", ls="-.", label="watch warning")],
+              fontsize=8, loc="lower left")
+    ax.set_title("Audit judge: chosen − rejected score on audited pairs")
+    ax.set_xlabel("round")
+    ax.grid(alpha=0.3)
+
+
 def plot_runs(runs: list[RunData], moves: list[tuple[str, list]], png: Path) -> None:
     """Write the report figure for `runs` (overlaid, one colour each) to `png`."""
-    fig = Figure(figsize=(18, 15), dpi=100, layout="constrained")
+    fig = Figure(figsize=(18, 20), dpi=100, layout="constrained")
     # Two sub-figures, so the long criterion labels below do not squeeze the panels above.
-    top, bottom = fig.subfigures(2, 1, height_ratios=[2, 1.25])
-    axes = top.subplots(2, 3).ravel()
+    top, bottom = fig.subfigures(2, 1, height_ratios=[3, 1.25])
+    axes = top.subplots(3, 3).ravel()
     _score_panel(axes[0], runs, "mean_score", "rubric_score", "Mean score")
     _score_panel(axes[1], runs, "essential_pass_rate", "essential_pass_rate",
                  "Essential pass rate (all essential criteria met)")
@@ -186,7 +270,10 @@ def plot_runs(runs: list[RunData], moves: list[tuple[str, list]], png: Path) -> 
     _unknown_panel(axes[3], runs)
     _step_panel(axes[4], runs, "train/rewards/margins", "DPO reward margin (chosen − rejected)", 0.0)
     _step_panel(axes[5], runs, "train/rewards/accuracy", "DPO reward accuracy", 0.5)
-    for ax in axes[2:4]:
+    _cost_panel(axes[6], runs)
+    _tokens_panel(axes[7], runs)
+    _audit_panel(axes[8], runs)
+    for ax in (*axes[2:4], *axes[6:9]):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _criteria_panel(bottom.subplots(), runs, moves)
     top.suptitle("rdpo run report: " + ", ".join(run.name for run in runs), fontsize=15)

@@ -1,4 +1,5 @@
-"""Reading a run directory back: per-round numbers, step metrics, held-out evaluation.
+"""Reading a run directory back: per-round numbers, step metrics, held-out evaluation, what the
+rounds cost (cost.json) and the audit judge's watch (judge_audit.json).
 
 Works on a run that is still going: a round counts once its ``pairs.jsonl`` ends with the
 summary line (written last), and a half-written last line of ``metrics.csv`` is skipped. Bad
@@ -45,6 +46,13 @@ class RunData:
     """metrics.csv column → [(step, value)] of its non-empty cells."""
     eval: dict = field(default_factory=dict)
     last_step: int | None = None
+    cost: dict = field(default_factory=dict)
+    """cost.json (`rdpo.cost`); {} for a run without one."""
+    audit: dict = field(default_factory=dict)
+    """judge_audit.json (`rdpo.judging.audit`); {} without an audit judge."""
+    audit_criteria: dict[int, dict[str, tuple[int, int]]] = field(default_factory=dict)
+    """Round → criterion label → (met, judged) of the audit judge's verdicts on the audited
+    responses (rounds/NNNN/judge_audit.json)."""
 
     @property
     def strategy(self) -> str:
@@ -183,15 +191,38 @@ def load_run(path: str | Path, name: str | None = None) -> RunData:
             if stats is not None:
                 rounds.append(stats)
     series = read_metrics(metrics_file)
-    eval_file = path / "eval.json"
-    results = {}
-    if eval_file.is_file():
-        try:
-            results = json.loads(eval_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{eval_file}:{e.lineno}: invalid JSON ({e.msg})") from None
+    results = read_json(path / "eval.json")
+    audit_criteria = {r.index: read_audit_criteria(rounds_dir / f"{r.index:04d}", labels)
+                      for r in rounds}
     # The last training step: held-out results are logged at the step after the last one.
     steps = [s for name, points in series.items() if not name.startswith("heldout/")
              for s, _ in points] + [r.step for r in rounds]
     return RunData(name or path.name, path, config, rounds, series, results,
-                   max(steps) if steps else None)
+                   max(steps) if steps else None, read_json(path / "cost.json"),
+                   read_json(path / "judge_audit.json"),
+                   {i: c for i, c in audit_criteria.items() if c})
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file's object; {} when there is none; bad JSON names the file and line."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def read_audit_criteria(directory: Path, labels: dict[str, dict[str, str]]
+                        ) -> dict[str, tuple[int, int]]:
+    """Criterion label → (met, judged) of a round's audited responses, by the audit judge."""
+    counts: dict[str, list[int]] = {}
+    for pair in read_json(directory / "judge_audit.json").get("audited", []):
+        names = labels.get(pair.get("prompt_id"), {})
+        for verdicts in pair.get("audit_verdicts", []):
+            for cid, met in verdicts.items():
+                if isinstance(met, bool):
+                    c = counts.setdefault(names.get(cid, cid), [0, 0])
+                    c[0] += met
+                    c[1] += 1
+    return {k: (v[0], v[1]) for k, v in counts.items()}

@@ -6,6 +6,13 @@ again up to `attempts` times, and a record that still fails is written to the fa
 never dropped silently. Records are appended to the output as soon as they are built (flushed
 and fsynced), so an interrupted run loses at most the records in flight, and a re-run skips
 every id already in the output.
+
+What building cost goes beside the pool, in ``OUT.cost.json`` (rewritten atomically after each
+chunk, added to by a re-run): per record the generator requests (attempts), prompt and
+completion tokens (the server's ``usage``; a local model's own tokenizer) and seconds (its
+requests' latencies), built or not; in total the same summed, the wall seconds of the build
+runs and the mean per built record: the "rubric creation" side of a run's bill, beside what
+labelling costs in the run's cost.json (`rdpo.cost`).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -103,6 +111,9 @@ class BuildSummary:
     failed: list[str] = field(default_factory=list)
     criteria_per_record: list[int] = field(default_factory=list)
     failures_file: Path | None = None
+    cost_file: Path | None = None
+    cost: dict = field(default_factory=dict)
+    """The total of `cost_file` (`BuildCost.document`)."""
 
     def text(self) -> str:
         c = self.criteria_per_record
@@ -112,7 +123,54 @@ class BuildSummary:
                  f"{len(self.failed)} failed; {per}"]
         if self.failed:
             lines.append(f"failed ids listed in {self.failures_file}")
+        if self.cost:
+            c = self.cost
+            lines.append(f"generator: {c['requests']} requests, {c['prompt_tokens']} prompt + "
+                         f"{c['completion_tokens']} completion tokens, {c['wall_seconds']:.1f} s "
+                         f"in all builds ({self.cost_file})")
         return "\n".join(lines)
+
+
+class BuildCost:
+    """``OUT.cost.json``: per record and in total, what the generator was asked (see the module
+    docstring); an existing file is continued."""
+
+    KEYS = ("requests", "prompt_tokens", "completion_tokens", "seconds")
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            old = json.loads(path.read_text()) if path.is_file() else {}
+        except ValueError as err:
+            raise ValueError(f"{path}: not the JSON a build wrote ({err}); move it away to "
+                             "count the build's cost afresh") from None
+        self.records: dict[str, dict] = old.get("records", {})
+        self.wall_seconds = float(old.get("total", {}).get("wall_seconds", 0.0))
+
+    def add(self, record_id: str, used, built: bool) -> None:
+        """One request for `record_id` (`used`: its `rdpo.judging.chat.RequestUsage`, None
+        when the backend does not report one)."""
+        r = self.records.setdefault(record_id, {**dict.fromkeys(self.KEYS, 0), "built": False})
+        r["requests"] += 1
+        if used is not None:
+            r["prompt_tokens"] += used.prompt_tokens
+            r["completion_tokens"] += used.completion_tokens
+            r["seconds"] = round(r["seconds"] + used.seconds, 6)
+        r["built"] = r["built"] or built
+
+    def document(self) -> dict:
+        total = {k: sum(r[k] for r in self.records.values()) for k in self.KEYS}
+        built = sum(r["built"] for r in self.records.values())
+        total |= {"records": len(self.records), "built": built,
+                  "wall_seconds": round(self.wall_seconds, 3),
+                  "per_built_record": {k: total[k] / built for k in self.KEYS} if built else None}
+        return {"records": self.records, "total": total}
+
+    def write(self, wall_seconds: float = 0.0) -> None:
+        from rdpo.rundir import atomic_write
+
+        self.wall_seconds += wall_seconds
+        atomic_write(self.path, json.dumps(self.document(), indent=1) + "\n")
 
 
 def _done_ids(out: Path) -> set[str]:
@@ -148,8 +206,12 @@ def build_pool(input_path: str | os.PathLike, out_path: str | os.PathLike, chat,
     fail_path = Path(failures) if failures else out.with_name(out.name + ".failures.jsonl")
     done = _done_ids(out)
     todo = [p for p in prompts if p.id not in done]
-    summary = BuildSummary(len(prompts), len(prompts) - len(todo), 0, failures_file=fail_path)
+    summary = BuildSummary(len(prompts), len(prompts) - len(todo), 0, failures_file=fail_path,
+                           cost_file=out.with_name(out.name + ".cost.json"))
     fail_path.unlink(missing_ok=True)  # it lists the failures of the latest run only
+    cost = BuildCost(summary.cost_file)
+    usage = getattr(chat, "usage", None)
+    clock = time.perf_counter()
     # As many records in flight as the backend runs at once, so a remote server stays busy.
     step = max(1, getattr(chat, "concurrency", getattr(chat, "batch_size", 1)))
     out_dir = out.resolve().parent
@@ -165,8 +227,10 @@ def build_pool(input_path: str | os.PathLike, out_path: str | os.PathLike, chat,
                     break
                 batch = list(pending.values())
                 answers = chat.complete([ChatRequest(p.images, generator_prompt(p)) for p in batch])
-                for p, answer in zip(batch, answers, strict=True):
+                used = list(usage.last) if usage is not None else [None] * len(batch)
+                for p, answer, spent in zip(batch, answers, used, strict=True):
                     rubric, problems = parse_rubric(answer)
+                    cost.add(p.id, spent, rubric is not None)
                     if rubric is None:
                         last[p.id] = (answer, problems)
                     else:
@@ -193,8 +257,14 @@ def build_pool(input_path: str | os.PathLike, out_path: str | os.PathLike, chat,
                     summary.failed.append(p.id)
             f_out.flush()
             os.fsync(f_out.fileno())
+            now = time.perf_counter()
+            cost.write(now - clock)
+            clock = now
             bar.update(len(chunk))
     bar.close()
+    if not todo:
+        cost.write()
+    summary.cost = cost.document()["total"]
     return summary
 
 

@@ -25,6 +25,10 @@ criterion's regex ``check`` from the pools in ``pools``, as `rdpo.judging.judges
 the record found by its images and instruction; like a real model judge it now and then leaves
 a criterion out).
 
+Every answer reports its token ``usage`` as a real server does (`usage_of`: a token per four
+characters, 85 per image) and the server sums them (``usage`` in the state); the setting
+``usage=false`` leaves the object out of the answers.
+
 Control (JSON): ``GET /_control/state`` (what the server saw), ``POST /_control/faults``
 (queue faults), ``POST /_control/settings`` (change settings), ``POST /_control/hold``
 (let ``n`` more chat requests through, then hold the rest unanswered until released or until
@@ -75,7 +79,23 @@ SETTINGS = {
     "omit_every": 7,         # judging=rule: leave a criterion out of about 1 answer in this many
     "gate": 0,               # hold requests until this many are in flight at once (0: off)
     "gate_timeout": 10.0,    # ... or until this many seconds passed
+    "usage": True,           # report token usage in each answer (false: no usage object)
 }
+
+IMAGE_TOKENS = 85
+"""Prompt tokens an image counts for in the reported usage (a low-detail image at OpenAI)."""
+
+
+def usage_of(texts: list[str], images: int, content: str) -> dict:
+    """The ``usage`` the server reports: a token per four characters (rounded up) of each text
+    part (the system message and the user text), `IMAGE_TOKENS` per image, and the answer's
+    tokens counted the same way (at least one)."""
+    def tokens(text: str) -> int:
+        return -(-len(text) // 4)
+    prompt = sum(tokens(t) for t in texts) + IMAGE_TOKENS * images
+    completion = max(1, tokens(content))
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
 
 
 # -- the server process -----------------------------------------------------------------------
@@ -97,6 +117,7 @@ class _Server:
             self.seen: list[dict] = []
             self.problems: list[str] = []
             self.answered: list[str] = []
+            self.usage = {"prompt_tokens": 0, "completion_tokens": 0}
             self.inflight = self.max_inflight = self.held = 0
             self.gate_open = False
             self.hold_remaining: int | None = None
@@ -107,6 +128,7 @@ class _Server:
         with self.cond:  # a copy: handler threads go on appending while it is sent
             return json.loads(json.dumps({
                 "requests": self.seen, "problems": self.problems, "answered": self.answered,
+                "usage": self.usage,
                 "max_inflight": self.max_inflight, "held": self.held,
                 "faults_left": len(self.faults)}))
 
@@ -300,7 +322,7 @@ class _Server:
             text, images, system = checked
             seen = {"text": text, "system": system, "images": len(images),
                     "ids": criterion_ids(text), "fault": fault, "outcome": None,
-                    "t": time.monotonic()}
+                    "t": time.monotonic(), "usage": None}
             with self.cond:
                 self.seen.append(seen)
             if not self._admit(h):
@@ -330,14 +352,18 @@ class _Server:
                 seen["outcome"] = 429
                 return
             content = self.answer(text, images, fault, system)
+            usage = usage_of([t for t in (system, text) if t], len(images), content) \
+                if self.settings["usage"] else None
             _send(h, 200, {
                 "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
                 "model": self.settings["model"],
                 "choices": [{"index": 0, "finish_reason": "stop",
                              "message": {"role": "assistant", "content": content}}],
-                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
-            seen["outcome"] = 200
+                **({"usage": usage} if usage else {})})
+            seen["outcome"], seen["usage"] = 200, usage
             with self.cond:
+                for key in self.usage if usage else ():
+                    self.usage[key] += usage[key]
                 # What identifies a judgment (as rdpo's judge cache keys it): the images and the
                 # text. Two prompts with the same question and response about different images
                 # are different judgments.
@@ -434,6 +460,8 @@ class Seen:
     up waiting) or ``timeout`` (a `slow` fault outlasted ``slow_seconds``)."""
     t: float
     """When the request arrived (the server's monotonic clock, seconds)."""
+    usage: dict | None = None
+    """The ``usage`` answered (`usage_of`); None when unanswered or the server reports none."""
 
 
 @dataclass
@@ -560,6 +588,11 @@ class FakeOpenAIServer:
     def answered(self) -> list[str]:
         """The prompt texts answered (HTTP 200), in the order the answers went out."""
         return self.state()["answered"]
+
+    @property
+    def usage(self) -> dict:
+        """Prompt and completion tokens of every answer sent so far (`usage_of`)."""
+        return self.state()["usage"]
 
     @property
     def max_inflight(self) -> int:
