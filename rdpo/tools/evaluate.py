@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("judge", help="judge accuracy on pairwise preference data",
                        description="Judge accuracy with and without the rubric on pairwise "
-                       "preference data; ties and unknowns count as not correct; 95%% Wilson "
+                       "preference data; ties and unknowns count as not correct; 95% Wilson "
                        "interval. Prints JSON and writes it to --out.")
     p.add_argument("--data", required=True, help="preference JSONL (id, images, instruction, "
                    "responses, preferred, optional rubric)")
@@ -276,7 +276,7 @@ def _add_agreement(sub) -> None:
         allow_abbrev=False,
         description="Two judges on the same responses, criterion by criterion: Cohen's kappa "
         "and raw agreement over all criteria, essential, additional and per criterion, with a "
-        "seeded bootstrap 95%% interval (resampling prompts), and each judge's unknown rate. "
+        "seeded bootstrap 95% interval (resampling prompts), and each judge's unknown rate. "
         "Each judge is --a.OPTION / --b.OPTION (options: "
         + ", ".join(option(o)[2:] for o in SPEC_OPTIONS) + "; kind defaults to openai) "
         "and/or --a / --b YAML (a judge section or a run's config.yaml). With --run, judge a "
