@@ -326,6 +326,7 @@ class RubricScoringCallback(L.Callback):
                         *sampled_tokens(scored_all), summary.pairs)
         self.ledger.put(row)
         out = {"cost": next(r for r in self.ledger.document()["rounds"] if r["round"] == index)}
+        del out["cost"]["seconds"]["training"]  # logged when the round's training ends
         if self.audit_log is not None:
             audited = [a for p in parts for a in p[1]]
             out["audit"] = auditing.summarize(index, trainer.global_step, audited)

@@ -2,11 +2,12 @@
 
 Every logger gets the same things: the resolved config as hyperparameters (`log_config`), the
 step metrics Lightning logs (``train/*``), the round metrics of `RubricScoringCallback`
-(``round/*``, drop reasons under ``round/dropped/*``), the held-out before/after of
-`HeldoutEvaluation` (``heldout/*``) and, at the end, the gain and the run report
-(`log_results`): report.png as an image where the logger shows images (TensorBoard, W&B), and
-report.png, report.md, eval.json and config.yaml as artifacts where it keeps files (MLflow).
-The CSV logger writes run.dir/logs/metrics.csv, next to those files already.
+(``round/*``, drop reasons under ``round/dropped/*``, what the round cost under
+``round/cost/*`` as in cost.json, the audit judge's watch under ``round/audit/*``), the
+held-out before/after of `HeldoutEvaluation` (``heldout/*``) and, at the end, the gain and the
+run report (`log_results`): report.png as an image where the logger shows images (TensorBoard,
+W&B), and report.png, report.md, eval.json, config.yaml, cost.json and judge_audit.json as
+artifacts where it keeps files (MLflow). The CSV logger writes run.dir/logs/metrics.csv, next to those files already.
 
 A resumed run continues the same W&B and MLflow runs: their ids are kept in
 run.dir/loggers.json (`remember`); TensorBoard appends to its folder, and the CSV logger keeps the
@@ -167,7 +168,8 @@ def log_results(loggers: list, run_dir: Path, results: dict, step: int) -> None:
                 log.info("W&B run saved offline; upload it with: wandb sync %s",
                          Path(run_dir_wandb).parent)
         elif isinstance(logger, MLFlowLogger):
-            for name in ("report.png", "report.md", "eval.json", "config.yaml"):
+            for name in ("report.png", "report.md", "eval.json", "config.yaml", "cost.json",
+                         "judge_audit.json"):
                 if (run_dir / name).is_file():
                     logger.experiment.log_artifact(logger.run_id, str(run_dir / name))
 
