@@ -21,7 +21,14 @@ from rdpo.dev.ablation.report import (
     readme_section,
     split,
 )
-from rdpo.dev.ablation.run import collect, export_runs, main, round_summaries, run_dir
+from rdpo.dev.ablation.run import (
+    collect,
+    dirty_code,
+    export_runs,
+    main,
+    round_summaries,
+    run_dir,
+)
 
 BEFORE = {0: 0.40, 1: 0.42, 2: 0.38}
 AFTER = {("rubric", 0): 0.60, ("rubric", 1): 0.62, ("rubric", 2): 0.58,
@@ -193,3 +200,11 @@ def test_split_of_the_effect():
     data["arms"]["rubric"]["summary"]["hallucination_rate"]["mean"] = 0.50  # no effect: no shares
     assert "-10.0 points and the checklist structure (holistic → rubric) +10.0 points." \
         in split(data, "hallucination_rate")
+
+
+def test_dirty_code_leaves_out_the_evidence_being_written():
+    porcelain = (" M docs/ablation/runs/rubric-seed0/eval.json\nM  docs/ablation.md\n"
+                 " M rdpo/rounds.py\nR  a.py -> b.py\n M docs/ablation-old/x\n")
+    assert dirty_code(porcelain, ("docs/ablation", "docs/ablation.md")) == [
+        "rdpo/rounds.py", "a.py -> b.py", "docs/ablation-old/x"]
+    assert dirty_code("") == []

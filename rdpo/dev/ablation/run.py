@@ -160,8 +160,18 @@ def pair_stats(runs: Path, seeds: list[int]) -> dict:
     return out
 
 
-def machine_facts(threads: int) -> dict:
-    """What the numbers depend on besides the code: commit, torch, threads, CPU."""
+def dirty_code(porcelain: str, evidence: tuple[str, ...] = ()) -> list[str]:
+    """The paths `git status --porcelain` lists, less those under `evidence` (the ablation's own
+    output folder and page, which it has rewritten by the time the facts are taken)."""
+    paths = [line[3:] if line[2:3] == " " else line.split(maxsplit=1)[-1]
+             for line in porcelain.splitlines() if line.strip()]
+    return [p for p in paths
+            if not any(p == e or p.startswith(e.rstrip("/") + "/") for e in evidence)]
+
+
+def machine_facts(threads: int, evidence: tuple[str, ...] = ()) -> dict:
+    """What the numbers depend on besides the code: commit (and files changed since it, the
+    `evidence` paths left out), torch, threads, CPU."""
     import os
     import platform
     import subprocess
@@ -171,7 +181,7 @@ def machine_facts(threads: int) -> dict:
     def git(*args: str) -> str:
         try:
             return subprocess.run(["git", *args], capture_output=True, text=True,
-                                  check=True).stdout.strip()
+                                  check=True).stdout
         except (OSError, subprocess.CalledProcessError):
             return "unknown"
 
@@ -181,8 +191,9 @@ def machine_facts(threads: int) -> dict:
         cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines()
                     if line.startswith("model name")), cpu)
         flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
-    return {"commit": git("rev-parse", "HEAD"),
-            "dirty_files": git("status", "--porcelain", "--untracked-files=no").splitlines(),
+    return {"commit": git("rev-parse", "HEAD").strip(),
+            "dirty_files": dirty_code(git("status", "--porcelain", "--untracked-files=no"),
+                                      evidence),
             "torch": torch.__version__, "threads": threads, "cpu_count": os.cpu_count(),
             "cpu": cpu, "isa": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile")
                                 if f" {f}" in flags],
@@ -230,7 +241,8 @@ def _facts(args, seconds: float | None) -> dict:
                           "eval.samples_per_prompt": cfg.eval.samples_per_prompt,
                           "eval.max_prompts": cfg.eval.max_prompts,
                           "toy.n_heldout": cfg.toy.n_heldout},
-             "machine": machine_facts(cfg.run.threads)}
+             "machine": machine_facts(cfg.run.threads,
+                                      (str(args.docs), *([args.readme] if args.readme else [])))}
     if cfg.toy.enabled:
         facts["warm_start_sha256"] = warm_start_hash(toy_paths(cfg.toy).policy)
         if cfg.judge.kind == "rule":
