@@ -77,3 +77,30 @@ def test_bench_levers(tmp_path):
     # Checkpointing the language model leaves less saved for backward.
     assert (runs["rdpo (gc on, cache on, packed)"]["activation_mb"]
             < runs["rdpo (gc off, cache on, packed)"]["activation_mb"])
+
+
+def test_bench_round_json(small_toy, tmp_path):
+    """``python -m rdpo.bench round`` on the small toy: pipelined and sequential runs, the keys,
+    the same pairs, and the sequential round is about the sum of its phases."""
+    out = subprocess.run(
+        [sys.executable, "-m", "rdpo.bench", "round", "--json", "--small", "--rounds", "1",
+         "--judge-latency", "0.01", "--judge-concurrency", "4", "--rollout-batch", "4",
+         "--work", str(tmp_path), "--toy-cache", str(small_toy.cache)],
+        capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    for key in ("sampling_seconds", "judging_seconds", "reference_seconds", "round_seconds",
+                "overlap_ratio", "sequential_round_seconds"):
+        assert result[key] > 0, key
+    assert result["same_pairs"] is True
+    # The same judge requests either way (the same answers, asked in the same calls).
+    requests = result["judge_requests"]
+    assert 0 < requests["pipelined"] == requests["sequential"]
+    pipelined, seq = result["pipelined"], result["sequential"]
+    assert result["overlap_ratio"] == pytest.approx(pipelined["round_seconds"] / max(
+        pipelined["sampling_seconds"], pipelined["judging_seconds"] + pipelined["reference_seconds"]))
+    assert result["sequential_round_seconds"] == seq["round_seconds"]
+    # Sequential: the phases run one after another, so the round is their sum (plus writing
+    # the round's files and the bookkeeping around them).
+    phases = seq["sampling_seconds"] + seq["judging_seconds"] + seq["reference_seconds"]
+    assert phases <= seq["round_seconds"] <= 1.25 * phases + 1.0

@@ -1,4 +1,4 @@
-"""``python -m rdpo.bench {dpo,rollout}`` (also ``python -m rdpo.dev.bench``); ``_worker`` runs one
+"""``python -m rdpo.bench {dpo,rollout,round}`` (also ``python -m rdpo.dev.bench``); ``_worker`` runs one
 benchmark setting in its own process (`rdpo.dev.bench.workers`)."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import os
 import sys
 
 from rdpo.dev.bench import dpo, rollout, workers
+from rdpo.dev.bench import round as round_bench
 from rdpo.dev.bench.fixtures import SHAPES
 
 
@@ -21,9 +22,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(workers.run(json.loads(argv[1]))))
         return 0
     parser = argparse.ArgumentParser(prog="python -m rdpo.bench", description=dpo.__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["dpo", "rollout"],
+    parser.add_argument("what", choices=["dpo", "rollout", "round"],
                         help="dpo: rdpo vs TRL training; rollout: tokens/s per rollout engine "
-                        "(rdpo.dev.bench.rollout)")
+                        "(rdpo.dev.bench.rollout); round: a round's wall time with pipelining "
+                        "on and off (rdpo.dev.bench.round)")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="cpu")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -41,7 +43,15 @@ def main(argv: list[str] | None = None) -> int:
                         "checkpointing) alone and together")
     parser.add_argument("--work", help="directory for the model and data (reused when present)")
     rollout.add_arguments(parser)
+    round_bench.add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.what == "round":
+        result = round_bench.round_bench(args)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            round_bench.report(result)
+        return 0
     if args.what == "rollout":
         result = rollout.rollout(args)
         if args.json:
