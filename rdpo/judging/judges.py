@@ -499,13 +499,6 @@ class ChatJudge:
         """One holistic score 1-10 (or None) per response, without the rubric."""
         return self.outcome_many([(record, responses)])[0]
 
-
-def judge_round(judge) -> contextlib.AbstractContextManager:
-    """The judge's `ChatJudge.round` (one deadline and one log line over a round's calls); a
-    judge without one (rule judges, a user's own): nothing."""
-    round_ = getattr(judge, "round", None)
-    return round_() if callable(round_) else contextlib.nullcontext()
-
     def rubric_holistic_many(self, items: Sequence[tuple[PromptRecord, Sequence[str]]]
                              ) -> list[list[int | None]]:
         """One 1-10 score (or None) per response, asked with the rubric as context
@@ -519,6 +512,13 @@ def judge_round(judge) -> contextlib.AbstractContextManager:
             out.append(flat[pos:pos + len(responses)])
             pos += len(responses)
         return out
+
+
+def judge_round(judge) -> contextlib.AbstractContextManager:
+    """The judge's `ChatJudge.round` (one deadline and one log line over a round's calls); a
+    judge without one (rule judges, a user's own): nothing."""
+    round_ = getattr(judge, "round", None)
+    return round_() if callable(round_) else contextlib.nullcontext()
 
 
 class TransformersJudge(ChatJudge):
