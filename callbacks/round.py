@@ -235,9 +235,11 @@ class RubricScoringCallback(L.Callback):
             # stay gathered for the reference batches run between arriving prompts.
             _publish(trainer, pl_module, self.server)
             with phase(trainer, "sampling, judging, reference log-probs", len(records) * k,
-                       "responses") as shown, _gathered_for_generation(trainer, model):
-                for rollout in _server_rollouts(pl_module, records, self.rollout, seed=seed,
-                                                prompts=dm.prompts, server=self.server):
+                       "responses") as shown, _gathered_for_generation(trainer, model), \
+                    contextlib.closing(_server_rollouts(pl_module, records, self.rollout,
+                                                        seed=seed, prompts=dm.prompts,
+                                                        server=self.server)) as rollouts:
+                for rollout in rollouts:
                     pipeline.add(rollout)
                     pipeline.poll()
                     shown.update(len(rollout.responses))

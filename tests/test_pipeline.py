@@ -75,6 +75,27 @@ def test_pipeline_equals_the_sequential_round_and_judges_while_sampling(toy_pool
     assert built.seconds["judging"] > 0
 
 
+def test_poll_runs_reference_batches_while_prompts_still_arrive(toy_pools):
+    """The vLLM engine's way (`poll` between arriving prompts): reference batches run before
+    sampling ends, in the sequential round's batches."""
+    records = load_pool(toy_pools.train)
+    rollouts = _rollouts(records)
+    reference = _Recorder()
+    with RoundPipeline(RuleJudge(), "lexicographic", chunk=2, select=_select,
+                       reference=reference, batch_size=2) as pipeline:
+        for r in rollouts:
+            pipeline.add(r)
+            time.sleep(0.02)
+            pipeline.poll()
+        before_finish = len(reference.batches)
+        built = pipeline.finish()
+    expected = [(p.prompt_id, p.chosen, p.rejected)
+                for p in _select(score_rollouts(RuleJudge(), rollouts, "lexicographic")).pairs]
+    assert reference.batches == [expected[i:i + 2] for i in range(0, len(expected), 2)]
+    assert before_finish >= len(reference.batches) - 2  # all but the last chunk's, at most
+    assert len(built.train_pairs) == len(expected)
+
+
 def test_judge_error_mid_pipeline_fails_fast_and_stops_the_judge_thread(toy_pools):
     records = load_pool(toy_pools.train)
     judge = RuleJudge()
