@@ -194,8 +194,10 @@ def load_run(path: str | Path, name: str | None = None) -> RunData:
     results = read_json(path / "eval.json")
     audit_criteria = {r.index: read_audit_criteria(rounds_dir / f"{r.index:04d}", labels)
                       for r in rounds}
-    # The last training step: held-out results are logged at the step after the last one.
-    steps = [s for name, points in series.items() if not name.startswith("heldout/")
+    # The last training step: held-out results and a round's training seconds (logged when its
+    # steps end) land at the step after the last one.
+    after = ("heldout/", "round/cost/seconds/training")
+    steps = [s for name, points in series.items() if not name.startswith(after)
              for s, _ in points] + [r.step for r in rounds]
     return RunData(name or path.name, path, config, rounds, series, results,
                    max(steps) if steps else None, read_json(path / "cost.json"),
