@@ -485,15 +485,7 @@ class ChatJudge:
     def outcome_many(self, items: Sequence[tuple[PromptRecord, Sequence[str]]]
                      ) -> list[list[int | None]]:
         """`outcome` over several prompts at once."""
-        requests = [outcome_request(record, r, max_chars=self.max_response_chars,
-                                    special_tokens=self.special_tokens)
-                    for record, rs in items for r in rs]
-        flat = self._ask(requests, lambda i, text: parse_score(text))
-        out, pos = [], 0
-        for _, responses in items:
-            out.append(flat[pos:pos + len(responses)])
-            pos += len(responses)
-        return out
+        return self._scores(outcome_request, items)
 
     def outcome(self, record: PromptRecord, responses: Sequence[str]) -> list[int | None]:
         """One holistic score 1-10 (or None) per response, without the rubric."""
@@ -503,10 +495,14 @@ class ChatJudge:
                              ) -> list[list[int | None]]:
         """One 1-10 score (or None) per response, asked with the rubric as context
         (`holistic_request`)."""
-        requests = [holistic_request(record, r, max_chars=self.max_response_chars,
-                                     special_tokens=self.special_tokens)
-                    for record, rs in items for r in rs]
-        flat = self._ask(requests, lambda i, text: parse_score(text))
+        return self._scores(holistic_request, items)
+
+    def _scores(self, request, items) -> list[list[int | None]]:
+        """One 1-10 score per response of each item, asked with `request` (a request builder)."""
+        flat = self._ask([request(record, r, max_chars=self.max_response_chars,
+                                  special_tokens=self.special_tokens)
+                          for record, rs in items for r in rs],
+                         lambda i, text: parse_score(text))
         out, pos = [], 0
         for _, responses in items:
             out.append(flat[pos:pos + len(responses)])

@@ -45,19 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     rollout.add_arguments(parser)
     round_bench.add_arguments(parser)
     args = parser.parse_args(argv)
-    if args.what == "round":
-        result = round_bench.round_bench(args)
+    if args.what in ("round", "rollout"):
+        run, report = ((round_bench.round_bench, round_bench.report) if args.what == "round"
+                       else (rollout.rollout, rollout.report))
+        result = run(args)
         if args.json:
             print(json.dumps(result))
         else:
-            round_bench.report(result)
-        return 0
-    if args.what == "rollout":
-        result = rollout.rollout(args)
-        if args.json:
-            print(json.dumps(result))
-        else:
-            rollout.report(result)
+            report(result)
         return 0
     result = dpo.dpo(args)
     if args.json:
