@@ -131,7 +131,7 @@ def test_fit_rounds_sample_on_the_server(small_toy, vllm_server, tmp_path, monke
     from rdpo.fit import build, finish, train
 
     published, sampled = [], []
-    publish, sample = VLLMRollout.publish, VLLMRollout.sample
+    publish, iter_sample = VLLMRollout.publish, VLLMRollout.iter_sample
 
     def recording_publish(self, model, step, **kw):
         name = publish(self, model, step, **kw)
@@ -140,13 +140,17 @@ def test_fit_rounds_sample_on_the_server(small_toy, vllm_server, tmp_path, monke
             published.append((name, hashlib.sha256(weights.read_bytes()).hexdigest()))
         return name
 
-    def recording_sample(self, *args, **kw):
-        out = sample(self, *args, **kw)
+    def recording_iter_sample(self, *args, **kw):
+        # Every sampling goes through iter_sample (`sample` collects it; the pipelined round
+        # judges its prompts as they arrive): one list per call, in call order.
+        out = []
         sampled.append(out)
-        return out
+        for rollout in iter_sample(self, *args, **kw):
+            out.append(rollout)
+            yield rollout
 
     monkeypatch.setattr(VLLMRollout, "publish", recording_publish)
-    monkeypatch.setattr(VLLMRollout, "sample", recording_sample)
+    monkeypatch.setattr(VLLMRollout, "iter_sample", recording_iter_sample)
     run = build(_cfg(small_toy, tmp_path / "vllm", vllm_server))
     train(run)
     result = finish(run, 0.0)
@@ -158,6 +162,7 @@ def test_fit_rounds_sample_on_the_server(small_toy, vllm_server, tmp_path, monke
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "vllm" / "adapters").iterdir()) == [
         "current", "round_0003"]
     # sampled: held-out before, rounds 0-2, held-out after.
+    assert len(sampled) == 5
     for index, rollouts in enumerate(sampled[1:4]):
         rows = [json.loads(line) for line in
                 (tmp_path / "vllm" / "rounds" / f"{index:04d}" / "rollouts.jsonl").open()]
@@ -198,21 +203,21 @@ def test_server_killed_mid_round_then_resume(small_toy, vllm_server, tmp_path, m
     the server back (adapter lost), run.resume=auto finishes the run."""
     from rdpo.fit import fit
 
-    sample = VLLMRollout.sample
+    iter_sample = VLLMRollout.iter_sample
 
-    def killing_sample(self, *args, **kw):
+    def killing_iter_sample(self, *args, **kw):
         if self.current[1].endswith("-round_0001"):
             vllm_server.stop()
-        return sample(self, *args, **kw)
+        return iter_sample(self, *args, **kw)
 
-    monkeypatch.setattr(VLLMRollout, "sample", killing_sample)
+    monkeypatch.setattr(VLLMRollout, "iter_sample", killing_iter_sample)
     run_dir = tmp_path / "run"
     fast = ["rollout.max_retries=1", "rollout.timeout=5"]
     with pytest.raises(RolloutServerError, match="Last checkpoint: .*checkpoints") as err:
         fit(_cfg(small_toy, run_dir, vllm_server, *fast))
     assert "cannot reach the rollout server" in str(err.value)
     assert "run.resume=auto" in str(err.value)
-    monkeypatch.setattr(VLLMRollout, "sample", sample)
+    monkeypatch.setattr(VLLMRollout, "iter_sample", iter_sample)
     vllm_server.start()
     result = fit(_cfg(small_toy, run_dir, vllm_server, *fast, "run.resume=auto"))
     assert result.resumed_from is not None
