@@ -22,6 +22,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from rdpo.callbacks.ahead import AheadRound, Snapshot, policy_weights
 from rdpo.callbacks.progress import phase
 
 from rdpo.config import JudgeConfig, PairsConfig, RolloutConfig
@@ -87,7 +88,10 @@ class RubricScoringCallback(L.Callback):
     with ``generate``. With ``rollout.pipeline`` (the default) judging runs on a thread while
     the round samples (`_pipelined`); each rank pipelines its own shard, and the gathers of
     the round's results stay where they are. History rows carry each phase's busy seconds
-    (``sampling_seconds``, ``judging_seconds``, ``reference_seconds``) beside ``seconds``.
+    (``sampling_seconds``, ``judging_seconds``, ``reference_seconds``) beside ``seconds``, and
+    the policy that sampled the round (``policy_round``, ``policy_step``). With
+    ``rollout.async_rounds`` the next round is sampled from the policy as this round starts and
+    judged while this round trains (`rdpo.callbacks.ahead`).
     """
 
     def __init__(self, judge, rollout: RolloutConfig | None = None,
@@ -106,10 +110,20 @@ class RubricScoringCallback(L.Callback):
         self.seed = seed
         self.judge_chunk = judge_chunk
         self.history: list[dict] = []
+        self._ahead: AheadRound | None = None
+        """The next round, being built while this one trains (rollout.async_rounds)."""
+        self._restored: Snapshot | None = None
+        """A checkpoint's sampling policy for a round not yet built, until training resumes."""
         self._init_accounts(judge_settings or JudgeConfig(), audit)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dm = trainer.datamodule
+        if self._restored is not None:
+            # Resumed while the next round was being built: build it again from the same policy
+            # (the same seed: the same rollouts and pairs), round r+1 while round r trains.
+            snapshot, self._restored = self._restored, None
+            if snapshot.target in (trainer.current_epoch, trainer.current_epoch + 1):
+                self._start_ahead(trainer, pl_module, snapshot, restored=True)
         if dm.round == trainer.current_epoch:
             # Resumed from a checkpoint saved after this round was built: its pairs (with their
             # reference log-probs) came back with the checkpoint; nothing is sampled or judged.
@@ -139,11 +153,21 @@ class RubricScoringCallback(L.Callback):
     def run_round(self, trainer: L.Trainer, pl_module: L.LightningModule, index: int) -> RoundSummary:
         dm = trainer.datamodule
         start = time.perf_counter()
-        records = dm.round_prompts(index)
-        cost = RoundCost(self.judge, self.audit)  # the judges' counters as the round begins
-        seed = round_seed(self.seed, index, trainer.global_rank)
-        build = self._pipelined if self.rollout.pipeline else self._sequential
-        built = build(trainer, pl_module, records, seed)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.index == index:
+            # Sampled when the previous round started, judged while it trained.
+            cost, policy = ahead.cost, ahead.snapshot.record
+            with phase(trainer, "judging (rest), reference log-probs", 1, "rounds"):
+                built = ahead.take()
+        else:
+            if ahead is not None:
+                ahead.close()
+            records = dm.round_prompts(index)
+            cost = RoundCost(self.judge, self.audit)  # the judges' counters as the round begins
+            policy = {"round": index, "step": trainer.global_step}
+            seed = round_seed(self.seed, index, trainer.global_rank)
+            build = self._pipelined if self.rollout.pipeline else self._sequential
+            built = build(trainer, pl_module, records, seed)
         scored, selection, train_pairs = built.scored, built.selection, built.train_pairs
         dm.set_pairs(train_pairs, index)
         # Every rank gets every rank's results: the numbers are the whole round's on each rank.
@@ -154,7 +178,7 @@ class RubricScoringCallback(L.Callback):
         summary = summarize(scored_all, selection_all)
         if self.run_dir is not None and trainer.is_global_zero:
             _write_once(self.run_dir / "rounds" / f"{index:04d}", scored_all, selection_all,
-                        pairs_all, summary)
+                        pairs_all, summary, policy)
         accounts = self._account(trainer, index, cost, built, scored_all, summary)
         usage = [part[3] for part in parts]
         self._report(trainer, index, summary, selection_all, time.perf_counter() - start,
@@ -162,8 +186,57 @@ class RubricScoringCallback(L.Callback):
                          "pair_uses_min": min(u["pair_uses_min"] for u in usage),
                          "pair_uses_max": max(u["pair_uses_max"] for u in usage),
                          "pairs_unused": sum(u["pairs_unused"] for u in usage),
-                         **{f"{name}_seconds": s for name, s in built.seconds.items()}})
+                         **{f"{name}_seconds": s for name, s in built.seconds.items()},
+                         "policy_round": policy["round"], "policy_step": policy["step"]})
+        if self.rollout.async_rounds and _runs_round(trainer, index + 1, self.rollout):
+            self._start_ahead(trainer, pl_module,
+                              Snapshot.of(pl_module.model, index, trainer.global_step))
         return summary
+
+    def _start_ahead(self, trainer, pl_module, snapshot: Snapshot, *, restored: bool = False) -> None:
+        """Start building round ``snapshot.target`` from the snapshot's policy (`restored`: not
+        the model's current weights, which are loaded for the sampling and put back)."""
+        dm, model, index = trainer.datamodule, pl_module.model, snapshot.target
+        records = dm.round_prompts(index)
+        seed = round_seed(self.seed, index, trainer.global_rank)
+        weights = snapshot if restored else None
+        cost = RoundCost(self.judge, self.audit)
+        pipeline = self._pipeline(trainer, pl_module).__enter__()
+        where = f"round {index} (ahead)"
+        try:
+            if self.server is None:
+                clock = time.perf_counter()
+                with phase(trainer, "sampling", len(records) * self.rollout.samples_per_prompt,
+                           "responses", where) as shown, policy_weights(model, weights), \
+                        contextlib.closing(iter_sample(trainer, pl_module, records, self.rollout,
+                                                       seed=seed, prompts=dm.prompts)) as rollouts:
+                    for rollout in rollouts:
+                        pipeline.add(rollout)
+                        shown.update(len(rollout.responses))
+                pipeline.seconds["sampling"] = time.perf_counter() - clock
+                self._ahead = AheadRound(index, snapshot, pipeline, cost)
+                return
+            with policy_weights(model, weights):
+                _publish(trainer, pl_module, self.server, step=snapshot.step)  # collective
+        except BaseException as err:
+            pipeline.__exit__(type(err), err, err.__traceback__)
+            raise
+        # The server samples on a thread of its own, from the adapter published at the
+        # snapshot's step, with a prompt cache of its own (the trainer's is not thread-safe).
+        from rdpo.engine.encode import PromptCache
+
+        server, processor = self.server, pl_module.processor
+        rollouts = _server_rollouts(pl_module, records, self.rollout, seed=seed,
+                                    prompts=PromptCache(processor, max_mb=0), server=server)
+
+        def feed(stop) -> None:
+            with contextlib.closing(rollouts):
+                for rollout in rollouts:
+                    if stop.is_set():
+                        return
+                    pipeline.add(rollout)
+
+        self._ahead = AheadRound(index, snapshot, pipeline, cost, feed)
 
     def _sequential(self, trainer, pl_module, records, seed: int) -> BuiltRound:
         """Sample every prompt, then judge every response, then the reference pass."""
@@ -207,16 +280,7 @@ class RubricScoringCallback(L.Callback):
         """
         dm, model = trainer.datamodule, pl_module.model
         k = self.rollout.samples_per_prompt
-        # The same batches as `reference_logps`: the pipeline hands `ref_batch_size` pairs.
-        reference = functools.partial(
-            with_reference_logps, model, dm.collator, batch_size=self.ref_batch_size,
-            reference=self.reference, reference_model=self.reference_model,
-            precision=trainer.precision_plugin)
-        pipeline = RoundPipeline(self.judge, self.pairs.aggregation,
-                                 chunk=self.judge_chunk or self.rollout.batch_size,
-                                 select=self._select, reference=reference,
-                                 batch_size=self.ref_batch_size)
-        with pipeline:
+        with self._pipeline(trainer, pl_module) as pipeline:
             clock = time.perf_counter()
             if self.server is None:
                 with phase(trainer, "sampling", len(records) * k, "responses") as shown, \
@@ -245,6 +309,17 @@ class RubricScoringCallback(L.Callback):
                     shown.update(len(rollout.responses))
                 pipeline.seconds["sampling"] = time.perf_counter() - clock
                 return pipeline.finish()
+
+    def _pipeline(self, trainer, pl_module) -> RoundPipeline:
+        # The same batches as `reference_logps`: the pipeline hands `ref_batch_size` pairs.
+        reference = functools.partial(
+            with_reference_logps, pl_module.model, trainer.datamodule.collator,
+            batch_size=self.ref_batch_size, reference=self.reference,
+            reference_model=self.reference_model, precision=trainer.precision_plugin)
+        return RoundPipeline(self.judge, self.pairs.aggregation,
+                             chunk=self.judge_chunk or self.rollout.batch_size,
+                             select=self._select, reference=reference,
+                             batch_size=self.ref_batch_size)
 
     def _select(self, scored) -> PairSelection:
         return select_pairs(scored, min_margin=self.pairs.min_margin,
@@ -284,10 +359,14 @@ class RubricScoringCallback(L.Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
 
     def state_dict(self) -> dict:
+        # The next round's sampling policy (rank 0's copy: every rank trains the same weights).
+        ahead = self._ahead.snapshot if self._ahead is not None else self._restored
         return {"history": self.history, "cost": self.ledger.state(),
-                "audit": self.audit_log.state() if self.audit_log else None}
+                "audit": self.audit_log.state() if self.audit_log else None,
+                "ahead": ahead.state() if ahead is not None else None}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        self._restored = Snapshot.from_state(state_dict.get("ahead"))
         self.history = list(state_dict.get("history", []))
         self.ledger.load(state_dict.get("cost"))
         if self.audit_log is not None:
@@ -372,6 +451,17 @@ class RubricScoringCallback(L.Callback):
             self.ledger.continue_file()
             self.ledger.write()
 
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                     exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, "fit")
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # A run that stops (an error, preemption, max_steps inside a round) abandons the round
+        # it was building; a resume builds it again from the checkpoint's snapshot.
+        if self._ahead is not None:
+            self._ahead.close()
+            self._ahead = None
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The held-out evaluation ran before this (`HeldoutEvaluation` comes first): what the
         # judges did in this process, less the rounds, over every rank (collective).
@@ -441,10 +531,15 @@ def iter_sample(trainer: L.Trainer, pl_module: L.LightningModule, records,
                             num_samples=num_samples, prompts=prompts)
 
 
-def _publish(trainer, pl_module, server) -> None:
+def _publish(trainer, pl_module, server, step: int | None = None) -> None:
     with _gathered_for_generation(trainer, pl_module.model):
-        server.publish(pl_module.model, trainer.global_step, is_main=trainer.is_global_zero,
-                       barrier=trainer.strategy.barrier)
+        server.publish(pl_module.model, trainer.global_step if step is None else step,
+                       is_main=trainer.is_global_zero, barrier=trainer.strategy.barrier)
+
+
+def _runs_round(trainer: L.Trainer, index: int, rollout: RolloutConfig) -> bool:
+    """Whether the run reaches round `index` (it starts at step index × every_n_steps)."""
+    return trainer.max_steps < 0 or index * rollout.every_n_steps < trainer.max_steps
 
 
 def _server_rollouts(pl_module, records, rollout, *, seed, prompts, server,
@@ -467,12 +562,12 @@ def gather_objects(trainer: L.Trainer, obj) -> list:
     return out
 
 
-def _write_once(directory: Path, scored, selection, train_pairs, summary) -> None:
+def _write_once(directory: Path, scored, selection, train_pairs, summary, policy=None) -> None:
     """Write the round's files next to `directory`, then move them in: a reader (or a resumed
     run) sees a round's folder complete or not at all."""
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    write_round(tmp, scored, selection, train_pairs, summary)
+    write_round(tmp, scored, selection, train_pairs, summary, policy=policy)
     shutil.rmtree(directory, ignore_errors=True)  # a round a killed run had already written
     tmp.rename(directory)
 

@@ -258,6 +258,12 @@ class RolloutConfig:
     """Judge a round's prompts while the rest are sampled, and compute reference log-probs as
     judged prompts yield pairs (false: sample all, then judge all, then the reference pass).
     Same rollouts, pairs and losses either way; only the round's wall time differs."""
+    async_rounds: bool = False
+    """Build round r+1 while round r trains: its prompts are sampled from the policy as it was
+    when round r started (one round off-policy; the round files record which), judged in the
+    background, and given reference log-probs when round r+1 starts. Hides the judge's time
+    (and, with rollout.engine=vllm, the sampling) behind training; docs/rollout.md says when it
+    pays. LoRA only, not with DeepSpeed ZeRO-3."""
     truncated: str = setting("drop", choices=("drop", "keep"))
     """A response cut at max_new_tokens (finish reason length): drop (never a pair member; its
     prompt may still pair two finished responses) or keep (trained on as sampled, no end of
@@ -480,6 +486,14 @@ def _config_rules(cfg, name: Callable[[str], str]) -> list[str]:
         # push into the running engine, which rdpo does not do.
         problems.append(f"{name('rollout.engine')}: vllm serves the policy as a LoRA adapter; "
                         f"{name('model.finetune')}=full needs rollout.engine=transformers")
+    if cfg.rollout.async_rounds and cfg.model.finetune == "full":
+        # The policy a round is sampled from is kept (in the checkpoint too) as its adapter.
+        problems.append(f"{name('rollout.async_rounds')}: the sampling policy is kept as a LoRA "
+                        f"adapter; {name('model.finetune')}=full needs rollout.async_rounds=false")
+    if cfg.rollout.async_rounds and cfg.run.strategy.startswith(DEEPSPEED) \
+            and cfg.run.deepspeed_stage == 3:
+        problems.append(f"{name('rollout.async_rounds')}: ZeRO-3 shards the adapter the next round "
+                        f"samples from; use {name('run.deepspeed_stage')}=2 or run.strategy=ddp")
     if cfg.rollout.engine == "vllm" and cfg.toy.enabled and cfg.toy.head_dim < 32:
         problems.append(f"{name('toy.head_dim')}: {cfg.toy.head_dim} is below the head sizes "
                         "vLLM's CPU attention serves; set toy.head_dim=32 with rollout.engine=vllm")

@@ -251,9 +251,11 @@ def _to(batch: dict, device) -> dict:
 
 
 def write_round(directory: Path, scored: Sequence[ScoredRollout], selection: PairSelection,
-                train_pairs: Sequence[TrainPair], summary: RoundSummary) -> None:
+                train_pairs: Sequence[TrainPair], summary: RoundSummary, *,
+                policy: dict | None = None) -> None:
     """rollouts.jsonl (every response, its verdicts and score) and pairs.jsonl (kept pairs,
-    then one summary line with the drop counts by reason)."""
+    then one summary line with the drop counts by reason and `policy`, the policy that sampled
+    the round: ``{"round": r, "step": s}``, r = the round itself unless rollout.async_rounds)."""
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / "rollouts.jsonl", "w") as f:
         for item in scored:
@@ -281,7 +283,8 @@ def write_round(directory: Path, scored: Sequence[ScoredRollout], selection: Pai
         f.write(json.dumps({"summary": {"prompts": summary.prompts, "kept": summary.pairs,
                                         "dropped": selection.dropped,
                                         "dropped_ids": selection.dropped_ids,
-                                        "truncated_responses": summary.truncated}}) + "\n")
+                                        "truncated_responses": summary.truncated,
+                                        **({"policy": policy} if policy else {})}}) + "\n")
 
 
 # -- the pipelined round: judge while sampling, reference passes as pairs appear -------------
