@@ -262,7 +262,7 @@ class RolloutConfig:
     """Build round r+1 while round r trains: its prompts are sampled from the policy as it was
     when round r started (one round off-policy; the round files record which), judged in the
     background, and given reference log-probs when round r+1 starts. Hides the judge's time
-    (and, with rollout.engine=vllm, the sampling) behind training; docs/rollout.md says when it
+    (and, with rollout.engine=vllm, the sampling) behind training; docs/engine.md says when it
     pays. LoRA only, not with DeepSpeed ZeRO-3."""
     truncated: str = setting("drop", choices=("drop", "keep"))
     """A response cut at max_new_tokens (finish reason length): drop (never a pair member; its

@@ -80,10 +80,12 @@ def test_bench_levers(tmp_path):
 
 
 def test_bench_round_json(small_toy, tmp_path):
-    """``python -m rdpo.bench round`` on the small toy: pipelined and sequential runs, the keys,
-    the same pairs, and the sequential round is about the sum of its phases."""
+    """``python -m rdpo.bench round --async`` on the small toy: pipelined, sequential and async
+    runs, the keys, the same pairs, the sequential round is about the sum of its phases, and
+    the async run's second round was sampled by the first round's policy."""
     out = subprocess.run(
-        [sys.executable, "-m", "rdpo.bench", "round", "--json", "--small", "--rounds", "1",
+        [sys.executable, "-m", "rdpo.bench", "round", "--json", "--small", "--rounds", "2",
+         "--async",
          "--judge-latency", "0.01", "--judge-concurrency", "4", "--rollout-batch", "4",
          "--work", str(tmp_path), "--toy-cache", str(small_toy.cache)],
         capture_output=True, text=True, timeout=900)
@@ -95,7 +97,12 @@ def test_bench_round_json(small_toy, tmp_path):
     assert result["same_pairs"] is True
     # The same judge requests either way (the same answers, asked in the same calls).
     requests = result["judge_requests"]
-    assert 0 < requests["pipelined"] == requests["sequential"]
+    assert 0 < requests["pipelined"] == requests["sequential"] == requests["async"]
+    ahead = result["async"]
+    assert ahead["policy_rounds"] == [0, 0] and ahead["steps"] == 4
+    assert ahead["speedup"] == pytest.approx(
+        result["run_seconds"]["pipelined"] / result["run_seconds"]["async"])
+    assert ahead["async_steps_per_second"] == pytest.approx(4 / result["run_seconds"]["async"])
     pipelined, seq = result["pipelined"], result["sequential"]
     assert result["overlap_ratio"] == pytest.approx(pipelined["round_seconds"] / max(
         pipelined["sampling_seconds"], pipelined["judging_seconds"] + pipelined["reference_seconds"]))

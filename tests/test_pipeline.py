@@ -2,6 +2,7 @@
 passes as judged prompts yield pairs, and the results are the sequential round's, byte for byte."""
 
 import csv
+import json
 import threading
 import time
 
@@ -157,6 +158,11 @@ def test_pipelined_fit_equals_sequential(small_toy, tmp_path, judge):
             server.stop()
     _same_rounds(on, off)
     assert len(losses_on) == 4 and losses_on == losses_off
+    # A synchronous round is sampled by the policy as it starts (rollout.async_rounds: the
+    # previous round's), and its files say so.
+    summary = json.loads((on.run_dir / "rounds/0001/pairs.jsonl").read_text().splitlines()[-1])
+    assert summary["summary"]["policy"] == {"round": 1, "step": 2}
+    assert [r["policy_step"] for r in on.rounds] == [0, 2]
     assert on.rounds[0]["pairs"] > 0
     for row in on.rounds:
         assert row["judging_seconds"] > 0 and row["sampling_seconds"] > 0

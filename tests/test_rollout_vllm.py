@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -196,6 +197,37 @@ def test_fit_rounds_sample_on_the_server(small_toy, vllm_server, tmp_path, monke
                 "fields": sorted(json.loads(next(rows)))}
 
     assert shape(tmp_path / "vllm") == shape(tmp_path / "hf")
+
+
+def test_async_rounds_sample_from_the_round_start_adapter(small_toy, vllm_server, tmp_path,
+                                                         monkeypatch):
+    """rollout.async_rounds on the server: round r+1 is sampled on a thread of its own, while
+    round r trains, from the adapter published when round r started; the round files say so."""
+    from rdpo.fit import fit
+
+    adapters = []
+    iter_sample = VLLMRollout.iter_sample
+
+    def recording(self, *args, **kw):
+        name = self.current[1]
+        for i, rollout in enumerate(iter_sample(self, *args, **kw)):
+            if i == 0:  # where the answers are read: the round's thread
+                adapters.append((name.rsplit("-", 1)[1], threading.current_thread().name))
+            yield rollout
+
+    monkeypatch.setattr(VLLMRollout, "iter_sample", recording)
+    run_dir = tmp_path / "run"
+    result = fit(_cfg(small_toy, run_dir, vllm_server, "rollout.async_rounds=true"))
+    # Held-out before and round 0 on the trainer's thread; rounds 1 and 2 ahead, each from the
+    # adapter of the previous round's start; held-out after from the final adapter (step 6).
+    assert adapters == [("round_0000", "MainThread"), ("round_0000", "MainThread"),
+                        ("round_0000", "rdpo-ahead-1"), ("round_0001", "rdpo-ahead-2"),
+                        ("round_0003", "MainThread")]
+    policies = [json.loads((run_dir / f"rounds/{i:04d}/pairs.jsonl").read_text().splitlines()[-1])
+                ["summary"]["policy"] for i in range(3)]
+    assert policies == [{"round": 0, "step": 0}, {"round": 0, "step": 0}, {"round": 1, "step": 2}]
+    assert [r["policy_step"] for r in result.rounds] == [0, 0, 2]
+    assert not any(str(run_dir) in root for root in _adapters(vllm_server).values())
 
 
 def test_server_killed_mid_round_then_resume(small_toy, vllm_server, tmp_path, monkeypatch):

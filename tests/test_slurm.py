@@ -1,7 +1,7 @@
 """slurm/fit.sbatch on a real SLURM cluster of two nodes on this machine (scripts/slurm_cluster.sh
 start DIR 2: munged, slurmctld and two slurmd): 2 nodes x 2 CPU tasks, DDP over gloo, every
 task exiting k seconds after its run returns (rank k; tests/slurm_task.py), so the tasks never
-stop together. Preempted four times in one job (three times through the batch shell, once
+stop together. Preempted three times in one job (twice through the batch shell, once
 through the tasks), the job finishes where an uninterrupted one does; a task SIGKILLed fails
 the job at once, and submitting the same command again finishes it. DeepSpeed ZeRO-2 on one
 node x 2 tasks, preempted once, ends as the same run started without SLURM."""
@@ -128,14 +128,14 @@ def _losses(run: Path) -> list[tuple[int, float]]:
             if r.get("train/dpo_loss_step")]
 
 
-PREEMPTIONS = [(1, True), (3, True), (6, False), (9, True)]
+PREEMPTIONS = [(1, True), (3, True), (6, False)]
 """(step, to the batch shell?): the signal arrives while every task waits after that step."""
-SAVED = [2, 4, 7, 10]
+SAVED = [2, 4, 7]
 """Where the tasks stop: the next step boundary (4: a round's end, saved at the epoch's end)."""
 
 
-def test_preempted_four_times_ends_like_an_uninterrupted_run(cluster, small_toy, reference,
-                                                             tmp_path):
+def test_preempted_three_times_ends_like_an_uninterrupted_run(cluster, small_toy, reference,
+                                                              tmp_path):
     holds = ",".join(str(step) for step, _ in PREEMPTIONS)
     job = Job(cluster, tmp_path / "run", small_toy.cache, tmp_path / "marks", "--hold", holds)
     deadline = time.monotonic() + 360
@@ -150,15 +150,15 @@ def test_preempted_four_times_ends_like_an_uninterrupted_run(cluster, small_toy,
     starts = [line for line in log.splitlines() if line.startswith("rdpo-fit: job ")]
     assert starts == [f"rdpo-fit: job {job.id}, start {k}, 2 node(s) x 2 task(s)"
                       for k in range(len(PREEMPTIONS) + 1)], log
-    assert log.count("rdpo-fit: preemption signal") == 3  # the fourth went to the tasks only
+    assert log.count("rdpo-fit: preemption signal") == 2  # the third went to the tasks only
     saved = re.findall(rf"rdpo-fit: preemption checkpoint saved at step (\d+); requeueing job "
                        rf"{job.id}\n", log)
     assert [int(s) for s in saved] == SAVED, log
     # Every task of every start exited 0, one second apart; srun never reported a failure.
     assert "srun: error" not in log and "not requeued" not in log, log
     for k in range(4):
-        assert log.count(f"slurm_task: rank {k} exits with status 0 after {k} s") == 5
-    assert log.count(f"resuming from {tmp_path / 'run/checkpoints/last.ckpt'}") == 4 * 4
+        assert log.count(f"slurm_task: rank {k} exits with status 0 after {k} s") == 4
+    assert log.count(f"resuming from {tmp_path / 'run/checkpoints/last.ckpt'}") == 3 * 4
     _same_run(tmp_path / "run", reference)
 
 

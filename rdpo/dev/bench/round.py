@@ -16,6 +16,12 @@ round they overlap), ``round_seconds`` (the round's wall time, its files written
 1.0 when the round takes no longer than its longest chain; ``sequential_round_seconds`` is
 the same work with pipelining off (about the sum of the phases). Both runs train on the same
 pairs (`tests/test_pipeline.py`): ``same_pairs`` checks it here too.
+
+``--async`` adds a third run, pipelined with rollout.async_rounds=true (round r+1 sampled
+when round r starts and judged while it trains), and reports training steps per second of
+wall time (the whole ``fit`` call: model loading, every round, every step) for it and for the
+synchronous pipelined run: ``async`` holds both, their ratio and the async run's mean wait at
+a round's start. `--steps-per-round` sets how much training there is to hide the judge behind.
 """
 
 from __future__ import annotations
@@ -47,6 +53,11 @@ def add_arguments(parser) -> None:
                         help="round: prompts per generation batch (rollout.batch_size)")
     parser.add_argument("--toy-cache", help="round: toy.cache_dir (default: WORK/toy with "
                         "--work, else the config's)")
+    parser.add_argument("--async", dest="async_rounds", action="store_true",
+                        help="round: also run with rollout.async_rounds=true and report training "
+                        "steps per second of wall time, sync vs async")
+    parser.add_argument("--steps-per-round", type=int, default=2,
+                        help="round: optimizer steps per round (rollout.every_n_steps)")
     parser.add_argument("--small", action="store_true",
                         help="round: the tests' small toy (16 prompts, K = 4) instead of the "
                         "quickstart's")
@@ -73,7 +84,8 @@ def round_bench(args) -> dict:
     from rdpo.fit import fit
 
     work = Path(args.work or tempfile.mkdtemp(prefix="rdpo-bench-round-"))
-    base = [f"dpo.max_steps={2 * args.rounds}", "rollout.every_n_steps=2",
+    steps = args.steps_per_round * args.rounds
+    base = [f"dpo.max_steps={steps}", f"rollout.every_n_steps={args.steps_per_round}",
             f"rollout.batch_size={args.rollout_batch}", f"run.threads={args.threads}",
             "run.progress_bar=false",
             "data.heldout_pool=null", "judge.cache=null", "run.overwrite=true",
@@ -89,9 +101,12 @@ def round_bench(args) -> dict:
                           latency=args.judge_latency) as server:
         judge = [*server.judge_overrides(args.judge_concurrency), "judge.max_retries=2"]
         requests = {}
-        for name, pipeline in (("pipelined", True), ("sequential", False)):
-            cfg = load_config(QUICKSTART, [*base, *judge, f"run.dir={work / name}",
-                                           f"rollout.pipeline={str(pipeline).lower()}"])
+        settings = [("pipelined", ["rollout.pipeline=true"]),
+                    ("sequential", ["rollout.pipeline=false"])]
+        if args.async_rounds:
+            settings.append(("async", ["rollout.pipeline=true", "rollout.async_rounds=true"]))
+        for name, extra in settings:
+            cfg = load_config(QUICKSTART, [*base, *judge, f"run.dir={work / name}", *extra])
             before, start = server.request_count, time.perf_counter()
             result = fit(cfg)
             runs[name] = (result, time.perf_counter() - start)
@@ -101,7 +116,7 @@ def round_bench(args) -> dict:
                == (off.run_dir / f"rounds/{i:04d}/pairs.jsonl").read_bytes()
                for i in range(args.rounds))
     seq = _summary(off.rounds)
-    return {
+    out = {
         "bench": "round", "toy": "small" if args.small else "quickstart",
         "judge_latency": args.judge_latency, "judge_concurrency": args.judge_concurrency,
         "rounds": args.rounds, "rollout_batch_size": args.rollout_batch, "threads": args.threads,
@@ -116,6 +131,18 @@ def round_bench(args) -> dict:
         "same_pairs": same,
         "run_seconds": {"pipelined": on_s, "sequential": off_s},
     }
+    if args.async_rounds:
+        ahead, ahead_s = runs["async"]
+        out["run_seconds"]["async"] = ahead_s
+        out["async"] = {
+            "steps": steps, "steps_per_round": args.steps_per_round,
+            "sync_steps_per_second": steps / on_s, "async_steps_per_second": steps / ahead_s,
+            "speedup": on_s / ahead_s,
+            "sync_round_seconds": _mean(on.rounds, "seconds"),
+            "async_round_seconds": _mean(ahead.rounds, "seconds"),
+            "policy_rounds": [r["policy_round"] for r in ahead.rounds],
+        }
+    return out
 
 
 def report(result: dict) -> None:
@@ -128,3 +155,9 @@ def report(result: dict) -> None:
         print(f"{name:12} {r['sampling_seconds']:9.2f} {r['judging_seconds']:9.2f} "
               f"{r['reference_seconds']:9.2f} {r['round_seconds']:9.2f} {r['overlap_ratio']:8.2f}")
     print(f"speedup {result['speedup']:.2f}x; same pairs: {result['same_pairs']}")
+    if "async" in result:
+        a = result["async"]
+        print(f"training steps per second of wall time ({a['steps']} steps, "
+              f"{a['steps_per_round']} per round): sync {a['sync_steps_per_second']:.3f}, "
+              f"async {a['async_steps_per_second']:.3f} ({a['speedup']:.2f}x); wait at a round's "
+              f"start {a['sync_round_seconds']:.2f} s vs {a['async_round_seconds']:.2f} s")
