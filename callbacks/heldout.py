@@ -14,7 +14,8 @@ from pathlib import Path
 
 import lightning as L
 from rdpo.callbacks.progress import phase
-from rdpo.callbacks.round import gather_objects, sample, score_chunks
+from rdpo.callbacks.round import gather_objects, score_chunks
+from rdpo.callbacks.sampling import sample
 
 from rdpo.config import RolloutConfig
 from rdpo.pool import PromptRecord

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import logging
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -24,6 +22,14 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from rdpo.callbacks.ahead import AheadRound, Snapshot, policy_weights
 from rdpo.callbacks.progress import phase
+from rdpo.callbacks.sampling import (
+    gathered_for_generation,
+    iter_sample,
+    publish,
+    round_seed,
+    sample,
+    server_rollouts,
+)
 
 from rdpo.config import JudgeConfig, PairsConfig, RolloutConfig
 from rdpo.cost import FILE as COST_FILE
@@ -32,7 +38,6 @@ from rdpo.engine.encode import end_of_turn_id
 from rdpo.judging import audit as auditing
 from rdpo.judging.judges import judge_round
 from rdpo.pairs import PairSelection, TrainPair
-from rdpo.rollout import Rollout, generate
 from rdpo.rounds import (
     BuiltRound,
     RoundPipeline,
@@ -45,20 +50,9 @@ from rdpo.rounds import (
     with_reference_logps,
     write_round,
 )
-from rdpo.strategy import full_weights, is_deepspeed
+from rdpo.strategy import is_deepspeed
 
 log = logging.getLogger("rdpo")
-
-
-def round_seed(seed: int, round_index: int, rank: int) -> int:
-    """The sampling seed of one rank's rollout in one round.
-
-    Sampling draws from a generator seeded here rather than from the global stream, so a round's
-    responses depend only on (seed, round, rank) and the policy's weights: a run resumed from a
-    checkpoint samples exactly what the uninterrupted run sampled.
-    """
-    digest = hashlib.sha256(f"{seed}:{round_index}:{rank}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def merge_selections(selections: list[PairSelection]) -> PairSelection:
@@ -217,7 +211,7 @@ class RubricScoringCallback(L.Callback):
                 self._ahead = AheadRound(index, snapshot, pipeline, cost)
                 return
             with policy_weights(model, weights):
-                _publish(trainer, pl_module, self.server, step=snapshot.step)  # collective
+                publish(trainer, pl_module, self.server, step=snapshot.step)  # collective
         except BaseException as err:
             pipeline.__exit__(type(err), err, err.__traceback__)
             raise
@@ -226,7 +220,7 @@ class RubricScoringCallback(L.Callback):
         from rdpo.engine.encode import PromptCache
 
         server, processor = self.server, pl_module.processor
-        rollouts = _server_rollouts(pl_module, records, self.rollout, seed=seed,
+        rollouts = server_rollouts(pl_module, records, self.rollout, seed=seed,
                                     prompts=PromptCache(processor, max_mb=0), server=server)
 
         def feed(stop) -> None:
@@ -254,7 +248,7 @@ class RubricScoringCallback(L.Callback):
         selection = self._select(scored)
         # Under ZeRO-3, gathered: each rank computes its own pairs, as many batches as it kept.
         with phase(trainer, "reference log-probs", len(selection.pairs), "pairs") as shown, \
-                _gathered_for_generation(trainer, pl_module.model):
+                gathered_for_generation(trainer, pl_module.model):
             train_pairs = reference_logps(pl_module.model, dm.collator, scored, selection,
                                           self.ref_batch_size, reference=self.reference,
                                           reference_model=self.reference_model,
@@ -291,16 +285,16 @@ class RubricScoringCallback(L.Callback):
                         shown.update(len(rollout.responses))
                 pipeline.seconds["sampling"] = time.perf_counter() - clock
                 with phase(trainer, "judging, reference log-probs", len(records) * k,
-                           "responses") as shown, _gathered_for_generation(trainer, model):
+                           "responses") as shown, gathered_for_generation(trainer, model):
                     shown.update(pipeline.judged)
                     pipeline.on_judged = shown.update
                     return pipeline.finish()
             # vLLM: publishing is collective (as in `sample`); then, under ZeRO-3, the weights
             # stay gathered for the reference batches run between arriving prompts.
-            _publish(trainer, pl_module, self.server)
+            publish(trainer, pl_module, self.server)
             with phase(trainer, "sampling, judging, reference log-probs", len(records) * k,
-                       "responses") as shown, _gathered_for_generation(trainer, model), \
-                    contextlib.closing(_server_rollouts(pl_module, records, self.rollout,
+                       "responses") as shown, gathered_for_generation(trainer, model), \
+                    contextlib.closing(server_rollouts(pl_module, records, self.rollout,
                                                         seed=seed, prompts=dm.prompts,
                                                         server=self.server)) as rollouts:
                 for rollout in rollouts:
@@ -491,66 +485,9 @@ ROUND_METRICS = ("mean_score", "essential_pass_rate", "pairs", "unknown_verdicts
                  "truncated", "pair_uses_min", "pair_uses_max", "pairs_unused", "seconds")
 
 
-def sample(trainer: L.Trainer, pl_module: L.LightningModule, records, rollout: RolloutConfig, *,
-           seed: int, num_samples: int | None = None, prompts=None, server=None,
-           progress=None) -> list:
-    """Rollouts of `records` from the policy as it trains: in the trainer's precision context,
-    weights gathered under ZeRO-3, from a generator seeded with `seed` (the global RNG is left
-    as it was). With `server` (a `VLLMRollout`), the policy's adapter is published to the
-    server (collective: every rank calls this) and the server samples, seeded per prompt.
-    `progress(n)` is told of every n responses sampled (the console's progress display)."""
-    if server is not None:
-        _publish(trainer, pl_module, server)
-        rollouts = _server_rollouts(pl_module, records, rollout, seed=seed,
-                                    num_samples=num_samples, prompts=prompts, server=server)
-    else:
-        rollouts = iter_sample(trainer, pl_module, records, rollout, seed=seed,
-                               num_samples=num_samples, prompts=prompts)
-    out = []
-    with contextlib.closing(rollouts):
-        for r in rollouts:
-            out.append(r)
-            if progress is not None:
-                progress(len(r.responses))
-    return out
-
-
-def iter_sample(trainer: L.Trainer, pl_module: L.LightningModule, records,
-                rollout: RolloutConfig, *, seed: int, num_samples: int | None = None,
-                prompts=None) -> Iterator[Rollout]:
-    """`sample` with the transformers engine, one `Rollout` at a time (a generation batch's
-    prompts come together). The precision context, the gathered weights and the seeded
-    generator hold while it is suspended: close it (``contextlib.closing``) if it is left
-    before its end."""
-    device = next(pl_module.model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
-            _gathered_for_generation(trainer, pl_module.model), \
-            trainer.precision_plugin.forward_context():
-        torch.manual_seed(seed)
-        yield from generate(pl_module.model, pl_module.processor, records, rollout,
-                            num_samples=num_samples, prompts=prompts)
-
-
-def _publish(trainer, pl_module, server, step: int | None = None) -> None:
-    with _gathered_for_generation(trainer, pl_module.model):
-        server.publish(pl_module.model, trainer.global_step if step is None else step,
-                       is_main=trainer.is_global_zero, barrier=trainer.strategy.barrier)
-
-
 def _runs_round(trainer: L.Trainer, index: int, rollout: RolloutConfig) -> bool:
     """Whether the run reaches round `index` (it starts at step index × every_n_steps)."""
     return trainer.max_steps < 0 or index * rollout.every_n_steps < trainer.max_steps
-
-
-def _server_rollouts(pl_module, records, rollout, *, seed, prompts, server,
-                     num_samples=None) -> Iterator[Rollout]:
-    from rdpo.rollout import stop_token_ids, suppressed_token_ids
-
-    model, processor = pl_module.model, pl_module.processor
-    return server.iter_sample(processor, records, rollout,
-                              stop_ids=stop_token_ids(processor, model),
-                              suppress_ids=suppressed_token_ids(processor), seed=seed,
-                              num_samples=num_samples, prompts=prompts)
 
 
 def gather_objects(trainer: L.Trainer, obj) -> list:
@@ -586,12 +523,4 @@ def score_chunks(judge, rollouts, aggregation: str, chunk: int, *, strategy: str
     return scored
 
 
-def _gathered_for_generation(trainer: L.Trainer, model):
-    """Under DeepSpeed ZeRO-3 each rank holds a slice of every weight, and each rank samples
-    its own prompts for as many tokens as they take: the weights are gathered once for the
-    whole rollout (`rdpo.strategy.full_weights`)."""
-    return full_weights(trainer, model)
-
-
-__all__ = ["RubricScoringCallback", "iter_sample", "merge_selections", "round_seed", "sample",
-           "score_chunks"]
+__all__ = ["RubricScoringCallback", "gather_objects", "merge_selections", "score_chunks"]

@@ -5,7 +5,7 @@ with a probe callback for tests/test_deepspeed.py, on every rank:
   weights ZeRO-3 slices, how many of their values this rank holds (0: released), and how many
   module hooks ZeRO-3 has (its per-module gathering is on again after a rollout);
 - after training, the policy's greedy answers to the first two held-out prompts, sampled inside
-  the trainer as rollouts are (`rdpo.callbacks.round.sample`: weights gathered under ZeRO-3).
+  the trainer as rollouts are (`rdpo.callbacks.sampling.sample`: weights gathered under ZeRO-3).
 
 Each rank writes ``DIR/probe-rank-K.json``.
 """
@@ -45,7 +45,7 @@ class Probe(L.Callback):
         self.state["start"] = zero3_state(trainer, pl_module.model)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        from rdpo.callbacks.round import sample
+        from rdpo.callbacks.sampling import sample
 
         from rdpo.config import RolloutConfig
 

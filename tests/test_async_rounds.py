@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 from rdpo.callbacks.ahead import Snapshot, policy_weights
-from rdpo.callbacks.round import round_seed
+from rdpo.callbacks.sampling import round_seed
 from scale_runs import fit_cli, log_text
 
 from rdpo.config import ConfigError, load_config
