@@ -8,6 +8,7 @@ grading each criterion with its regex as the rule judge does) that answers every
 `--judge-latency` seconds, `--judge-concurrency` requests in flight. `rdpo.fit` runs `--rounds`
 rounds of 2 training steps with pipelining on, then the same run with it off, in this process;
 no held-out evaluation and no judge cache (the second run must ask what the first asked).
+A one-round run first warms the process up, unmeasured.
 
 Per round (means over the rounds, each run's own rows): ``sampling_seconds``,
 ``judging_seconds``, ``reference_seconds`` (the seconds each phase was busy; in the pipelined
@@ -100,6 +101,10 @@ def round_bench(args) -> dict:
     with FakeOpenAIServer(judging="rule", pools=[str(paths.train_pool)],
                           latency=args.judge_latency) as server:
         judge = [*server.judge_overrides(args.judge_concurrency), "judge.max_retries=2"]
+        # A one-round, one-step warm-up (not measured): the process's one-time costs (first
+        # model load, first generate, kernel set-up) would otherwise fall on the first run.
+        fit(load_config(QUICKSTART, [*base, *judge, f"run.dir={work / 'warmup'}",
+                                     "dpo.max_steps=1"]))
         requests = {}
         settings = [("pipelined", ["rollout.pipeline=true"]),
                     ("sequential", ["rollout.pipeline=false"])]
