@@ -174,6 +174,11 @@ class RubricScoringCallback(L.Callback):
             _write_once(self.run_dir / "rounds" / f"{index:04d}", scored_all, selection_all,
                         pairs_all, summary, policy)
         accounts = self._account(trainer, index, cost, built, scored_all, summary)
+        if self.rollout.async_rounds and _runs_round(trainer, index + 1, self.rollout):
+            # Before the round's seconds are taken: with the transformers engine the next
+            # round's sampling runs here, and training waits for it.
+            self._start_ahead(trainer, pl_module,
+                              Snapshot.of(pl_module.model, index, trainer.global_step))
         usage = [part[3] for part in parts]
         self._report(trainer, index, summary, selection_all, time.perf_counter() - start,
                      [len(part[2]) for part in parts], {**accounts,
@@ -182,9 +187,6 @@ class RubricScoringCallback(L.Callback):
                          "pairs_unused": sum(u["pairs_unused"] for u in usage),
                          **{f"{name}_seconds": s for name, s in built.seconds.items()},
                          "policy_round": policy["round"], "policy_step": policy["step"]})
-        if self.rollout.async_rounds and _runs_round(trainer, index + 1, self.rollout):
-            self._start_ahead(trainer, pl_module,
-                              Snapshot.of(pl_module.model, index, trainer.global_step))
         return summary
 
     def _start_ahead(self, trainer, pl_module, snapshot: Snapshot, *, restored: bool = False) -> None:

@@ -112,3 +112,19 @@ def test_matches_single_process_where_it_should(runs):
         chosen, rejected = pair_logps(model, batch)
     assert chosen.tolist() == pytest.approx([p["ref_chosen_logp"] for p in pairs], abs=1e-4)
     assert rejected.tolist() == pytest.approx([p["ref_rejected_logp"] for p in pairs], abs=1e-4)
+
+
+def test_async_rounds_on_two_ranks(runs, small_toy, tmp_path):
+    """rollout.async_rounds under DDP: each rank builds its shard of round 1 while round 0
+    trains (its judge on a thread beside gloo's collectives), the round files hold both shards
+    once; round 0 is the synchronous run's, round 1 was sampled by the initial policy."""
+    ddp, _ = runs
+    run = tmp_path / "async"
+    proc = fit_cli(run, small_toy.cache, "run.devices=2", "run.strategy=ddp",
+                   "run.accelerator=cpu", "data.prompts_per_round=8", "rollout.async_rounds=true")
+    assert proc.returncode == 0, log_text(run)
+    assert jsonl(run / "rounds/0000/rollouts.jsonl") == jsonl(ddp / "rounds/0000/rollouts.jsonl")
+    rollouts = jsonl(run / "rounds/0001/rollouts.jsonl")
+    assert len(rollouts) == 16 * 4 and rollouts != jsonl(ddp / "rounds/0001/rollouts.jsonl")
+    policies = [jsonl(r / "rounds/0001/pairs.jsonl")[-1]["summary"]["policy"] for r in (run, ddp)]
+    assert policies == [{"round": 0, "step": 0}, {"round": 1, "step": 4}]

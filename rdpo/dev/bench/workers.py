@@ -49,12 +49,15 @@ def _lora_init(model, path: Path) -> None:
 
 
 class VocabFlops:
-    """Matrix-product FLOPs with the vocabulary as one of their dimensions: the output layer's
-    share of a step, forward and backward (a dispatch mode, nested inside torch's FlopCounterMode).
-    On CPU TRL 1.16 projects every position through the output layer (its fused, completion-only
-    path needs Triton); this count is what lets the bench say what a GPU run would not pay."""
+    """Matrix-product FLOPs of the output layer, forward and backward (a dispatch mode, nested
+    inside torch's FlopCounterMode): products with the vocabulary as one of their dimensions, or
+    with an operand that is (a slice of) the output layer's weight — at Qwen's vocabulary
+    transformers projects the logits in slices of the vocabulary, whose products never show
+    its full size. On CPU TRL 1.16 projects every position through the output layer (its
+    fused, completion-only path needs Triton); this count is what lets the bench say what a GPU
+    run would not pay."""
 
-    def __init__(self, vocab: int):
+    def __init__(self, weight):
         from torch.utils._python_dispatch import TorchDispatchMode
 
         counter = self
@@ -64,7 +67,8 @@ class VocabFlops:
                 counter.add(func, args)
                 return func(*args, **(kwargs or {}))
 
-        self.vocab, self.flops, self.mode = vocab, 0, Mode()
+        self.vocab, self.flops, self.mode = weight.shape[0], 0, Mode()
+        self._storage = weight.untyped_storage().data_ptr()
 
     def add(self, func, args) -> None:
         import torch
@@ -78,7 +82,8 @@ class VocabFlops:
         else:
             return
         m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
-        if self.vocab in (m, k, n):
+        if self.vocab in (m, k, n) or any(t.untyped_storage().data_ptr() == self._storage
+                                          for t in (a, b)):
             self.flops += 2 * m * k * n * (a.shape[0] if a.dim() == 3 else 1)
 
     def __enter__(self):
@@ -89,10 +94,10 @@ class VocabFlops:
         self.mode.__exit__(*exc)
 
 
-def _vocab_size(model) -> int:
+def _output_weight(model):
     from rdpo.engine.logps import unwrap
 
-    return unwrap(model).get_output_embeddings().weight.shape[0]
+    return unwrap(model).get_output_embeddings().weight
 
 
 def _vision_module(model):
@@ -146,7 +151,7 @@ def _run_rdpo(spec: dict, work: Path) -> dict:
     # backward, and of the whole reference pass: the model FLOPs a pair costs (with
     # checkpointing, the step's count also holds what it recomputes).
     step_counter, flops = FlopCounterMode(display=False), {}
-    vocab_step, vocab_reference = VocabFlops(_vocab_size(model)), VocabFlops(_vocab_size(model))
+    vocab_step, vocab_reference = VocabFlops(_output_weight(model)), VocabFlops(_output_weight(model))
     vision_calls = []
     hook = _vision_module(model).register_forward_hook(lambda *a: vision_calls.append(1))
 
@@ -229,7 +234,7 @@ def _run_trl(spec: dict, work: Path) -> dict:
             # One whole step (policy and reference forwards, backward): TRL's FLOPs per pair.
             if self.state.global_step != METER_STEP or flops or spec["gc"]:
                 return super().training_step(*args, **kwargs)
-            vocab = VocabFlops(_vocab_size(self.model))
+            vocab = VocabFlops(_output_weight(self.model))
             with FlopCounterMode(display=False) as counter, vocab:
                 loss = super().training_step(*args, **kwargs)
             flops.update(step=counter.get_total_flops(), vocab=vocab.flops)
