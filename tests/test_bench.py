@@ -97,7 +97,9 @@ def test_bench_round_json(small_toy, tmp_path):
     assert result["same_pairs"] is True
     # The same judge requests either way (the same answers, asked in the same calls).
     requests = result["judge_requests"]
-    assert 0 < requests["pipelined"] == requests["sequential"] == requests["async"]
+    assert 0 < requests["pipelined"] == requests["sequential"]
+    # Async: round 1's answers are the initial policy's, not the same answers (requests differ).
+    assert requests["async"] > 0
     ahead = result["async"]
     assert ahead["policy_rounds"] == [0, 0] and ahead["steps"] == 4
     assert ahead["speedup"] == pytest.approx(
