@@ -201,15 +201,8 @@ class RubricScoringCallback(L.Callback):
         where = f"round {index} (ahead)"
         try:
             if self.server is None:
-                clock = time.perf_counter()
-                with phase(trainer, "sampling", len(records) * self.rollout.samples_per_prompt,
-                           "responses", where) as shown, policy_weights(model, weights), \
-                        contextlib.closing(iter_sample(trainer, pl_module, records, self.rollout,
-                                                       seed=seed, prompts=dm.prompts)) as rollouts:
-                    for rollout in rollouts:
-                        pipeline.add(rollout)
-                        shown.update(len(rollout.responses))
-                pipeline.seconds["sampling"] = time.perf_counter() - clock
+                with policy_weights(model, weights):
+                    self._sample_into(pipeline, trainer, pl_module, records, seed, where)
                 self._ahead = AheadRound(index, snapshot, pipeline, cost)
                 return
             with policy_weights(model, weights):
@@ -279,13 +272,7 @@ class RubricScoringCallback(L.Callback):
         with self._pipeline(trainer, pl_module) as pipeline:
             clock = time.perf_counter()
             if self.server is None:
-                with phase(trainer, "sampling", len(records) * k, "responses") as shown, \
-                        contextlib.closing(iter_sample(trainer, pl_module, records, self.rollout,
-                                                       seed=seed, prompts=dm.prompts)) as rollouts:
-                    for rollout in rollouts:
-                        pipeline.add(rollout)
-                        shown.update(len(rollout.responses))
-                pipeline.seconds["sampling"] = time.perf_counter() - clock
+                self._sample_into(pipeline, trainer, pl_module, records, seed)
                 with phase(trainer, "judging, reference log-probs", len(records) * k,
                            "responses") as shown, gathered_for_generation(trainer, model):
                     shown.update(pipeline.judged)
@@ -305,6 +292,20 @@ class RubricScoringCallback(L.Callback):
                     shown.update(len(rollout.responses))
                 pipeline.seconds["sampling"] = time.perf_counter() - clock
                 return pipeline.finish()
+
+    def _sample_into(self, pipeline: RoundPipeline, trainer, pl_module, records, seed: int,
+                     where: str | None = None) -> None:
+        """Sample `records` with the transformers engine on this thread, each prompt handed to
+        `pipeline` as it comes (its judge thread starts on it); the seconds go to its account."""
+        clock = time.perf_counter()
+        with phase(trainer, "sampling", len(records) * self.rollout.samples_per_prompt,
+                   "responses", where) as shown, \
+                contextlib.closing(iter_sample(trainer, pl_module, records, self.rollout, seed=seed,
+                                               prompts=trainer.datamodule.prompts)) as rollouts:
+            for rollout in rollouts:
+                pipeline.add(rollout)
+                shown.update(len(rollout.responses))
+        pipeline.seconds["sampling"] = time.perf_counter() - clock
 
     def _pipeline(self, trainer, pl_module) -> RoundPipeline:
         # The same batches as `reference_logps`: the pipeline hands `ref_batch_size` pairs.
